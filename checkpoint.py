@@ -1,0 +1,91 @@
+"""Atomic writes of run files, and checkpoints that carry everything needed to rebuild the models.
+
+A checkpoint is one dict of tensors and plain values (nanoGPT style), so `torch.load(weights_only=True)`
+reads it without executing any pickled code.
+"""
+import json
+import os
+import tempfile
+
+import torch
+
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def _atomic_write(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a run's files should read like any other
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path, data):
+    """Write a file so that readers see the old or the new content, never half of it."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path, obj):
+    """JSON counterpart of atomic_write_bytes."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save through a temporary file and os.replace."""
+    _atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path):
+    """Load a checkpoint dict with weights_only=True; raises CheckpointError with the fix."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: train first (python train_rlhf.py) or pass --model PATH")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}): "
+                              "pass the checkpoint.pt of a run") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a checkpoint dict: pass the checkpoint.pt of a run")
+    return ckpt
+
+
+def update_latest_link(run_dir):
+    """Point <parent of run_dir>/latest at run_dir (a symlink, or a text file where links fail)."""
+    run_dir = os.path.abspath(run_dir)
+    parent = os.path.dirname(run_dir)
+    latest = os.path.join(parent, "latest")
+    tmp = os.path.join(parent, f".latest.{os.getpid()}.tmp")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(os.path.basename(run_dir), tmp)
+        os.replace(tmp, latest)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        if os.path.isdir(latest) and not os.path.islink(latest):
+            return  # a real folder named latest is a user's run: leave it alone
+        atomic_write_bytes(latest, (run_dir + "\n").encode("utf-8"))
+
+
+def resolve_run_dir(path):
+    """A run folder from a run folder, a `latest` link or a `latest` text file."""
+    if os.path.isfile(path) and os.path.basename(path) == "latest":
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    return os.path.realpath(path)

@@ -1,0 +1,180 @@
+"""The learning side of RLHF: policy and reward model, their optimisers, and one update step.
+
+Shared by the headless loop (train_rlhf.py) and the labeling window's worker (feedback_gui.py).
+The update functions take everything they need as arguments, so they run unchanged in N processes.
+
+BatchNorm: the policy trains in train mode (statistics of each minibatch), and ppo_update scores the
+old policy on the very same minibatches, so the first PPO ratio is exactly 1. Frozen parts
+(--finetune layer4/head) stay in eval mode so their ImageNet statistics are kept. A minibatch of one
+image runs in eval mode: one image has no batch statistics at small spatial sizes.
+"""
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from models import PolicyModel, RewardModel, frozen_modules, set_finetune
+from ppo import PPOConfig, ppo_update
+
+
+@dataclass
+class RewardModelConfig:
+    rm_learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the reward model"})
+    rm_batch_size: int = field(default=32, metadata={"help": "answers per reward-model step: the newest batch plus a replay of older answers"})
+    rm_steps: int = field(default=2, metadata={"help": "reward-model gradient steps per update"})
+    rm_min_answers: int = field(default=16, metadata={"help": "answers the reward model must have seen before its rewards train the policy"})
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def one_hot_rewards(answers, num_classes):
+    """The +1/-1 rule for every class at once: +1 for the person's answer, -1 for every other class."""
+    return 2.0 * F.one_hot(answers, num_classes).float() - 1.0
+
+
+def set_train_mode(model, frozen, batch_size):
+    """Train mode for the parts that learn (eval for frozen parts, and for batches of one)."""
+    model.train(batch_size >= 2)
+    for m in frozen:
+        m.eval()
+
+
+def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, generator, frozen=()):
+    """`steps` cross-entropy steps on the reward model; x, answers: every answered image to draw from.
+
+    The first minibatch always starts with the first rows (the caller puts the newest answers there).
+    Returns the mean loss.
+    """
+    n = x.shape[0]
+    losses = []
+    for step in range(steps):
+        if step == 0:
+            idx = torch.arange(min(n, batch_size))
+        else:
+            idx = torch.randperm(n, generator=generator)[:batch_size]
+        set_train_mode(reward_model, frozen, idx.numel())
+        loss = F.cross_entropy(reward_model(x[idx]), answers[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    reward_model.eval()
+    return sum(losses) / max(1, len(losses))
+
+
+class Learner:
+    """Policy, reward model, frozen reference policy and their optimisers, on one device."""
+
+    def __init__(self, num_classes, backbone_state=None, finetune="all", ppo_cfg=None, rm_cfg=None,
+                 device="cpu", seed=0):
+        self.num_classes = num_classes
+        self.finetune = finetune
+        self.ppo_cfg = ppo_cfg or PPOConfig()
+        self.rm_cfg = rm_cfg or RewardModelConfig()
+        self.device = torch.device(device)
+        torch.manual_seed(seed)
+        self.policy = PolicyModel(num_classes, backbone_state).to(self.device).eval()
+        self.reward_model = RewardModel(num_classes, backbone_state).to(self.device).eval()
+        self.reference = copy.deepcopy(self.policy).requires_grad_(False)
+        self.policy_opt = torch.optim.Adam(set_finetune(self.policy, finetune), lr=self.ppo_cfg.learning_rate)
+        self.rm_opt = torch.optim.Adam(set_finetune(self.reward_model, finetune), lr=self.rm_cfg.rm_learning_rate)
+        self.policy_frozen = frozen_modules(self.policy, finetune)
+        self.rm_frozen = frozen_modules(self.reward_model, finetune)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.version = 0  # policy updates so far: recorded with each answer
+
+    @torch.no_grad()
+    def policy_probs(self, x):
+        """Class probabilities of the current policy (eval mode) for a normalised batch."""
+        self.policy.eval()
+        return torch.softmax(self.policy(x.to(self.device)).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def predicted_rewards(self, x):
+        """The reward model's predicted human reward of every class, (N, K) in [-1, 1]."""
+        self.reward_model.eval()
+        return RewardModel.rewards_from_logits(self.reward_model(x.to(self.device)).float()).cpu()
+
+    def sample(self, probs):
+        """Sample one class per row with the learner's own seeded generator."""
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+    def ppo_step(self, x, rewards):
+        """One PPO update of the policy on images x with reward vectors (N, K); returns statistics."""
+        x, rewards = x.to(self.device), rewards.to(self.device)
+        with torch.no_grad():
+            ref_logprobs = F.log_softmax(self.reference(x).float(), dim=-1)
+        mb_size = -(-x.shape[0] // max(1, self.ppo_cfg.num_minibatches))
+        set_train_mode(self.policy, self.policy_frozen, mb_size)
+        stats = ppo_update(self.policy, self.policy_opt, x, rewards, self.ppo_cfg,
+                           ref_logprobs=ref_logprobs, generator=self.generator)
+        self.policy.eval()
+        self.version += 1
+        return stats
+
+    def update(self, x_new, answers_new, x_replay=None, answers_replay=None, x_unanswered=None):
+        """Fit the reward model on the newest answers (plus replay), then one PPO step on the answered
+        images with the person's rewards and on x_unanswered (if given) with the reward model's.
+
+        Returns a dict of metrics: reward-model accuracy is measured on the new answers before fitting.
+        """
+        stats = {}
+        k = self.num_classes
+        if x_new.shape[0]:
+            with torch.no_grad():
+                rm_pred = self.predicted_rewards(x_new).argmax(dim=1)
+            stats["rm_acc"] = (rm_pred == answers_new).float().mean().item()
+            x_all, a_all = x_new, answers_new
+            if x_replay is not None and x_replay.shape[0]:
+                x_all, a_all = torch.cat([x_new, x_replay]), torch.cat([answers_new, answers_replay])
+            stats["rm_loss"] = reward_model_update(
+                self.reward_model, self.rm_opt, x_all.to(self.device), a_all.to(self.device),
+                self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator, self.rm_frozen)
+        xs, rewards = [x_new], [one_hot_rewards(answers_new, k)]
+        use_rm = x_unanswered is not None and x_unanswered.shape[0] > 0
+        if use_rm:
+            xs.append(x_unanswered)
+            rewards.append(self.predicted_rewards(x_unanswered))
+        stats["rm_images"] = int(x_unanswered.shape[0]) if use_rm else 0
+        x, r = torch.cat(xs), torch.cat(rewards)
+        if x.shape[0] == 0:
+            return stats
+        if x_new.shape[0]:
+            probs = self.policy_probs(x_new)
+            stats["agreement"] = (probs.argmax(1) == answers_new).float().mean().item()
+            guess = self.sample(probs)
+            stats["mean_reward"] = one_hot_rewards(answers_new, k).gather(1, guess[:, None]).mean().item()
+        stats.update(self.ppo_step(x, r))
+        return stats
+
+    def state_dict(self):
+        return {"policy": self.policy.state_dict(), "reward_model": self.reward_model.state_dict(),
+                "reference": self.reference.state_dict(), "policy_opt": self.policy_opt.state_dict(),
+                "reward_opt": self.rm_opt.state_dict(), "generator": self.generator.get_state(),
+                "version": self.version}
+
+    def load_state_dict(self, state):
+        self.policy.load_state_dict(state["policy"])
+        self.reward_model.load_state_dict(state["reward_model"])
+        self.reference.load_state_dict(state["reference"])
+        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.rm_opt.load_state_dict(state["reward_opt"])
+        self.generator.set_state(state["generator"])
+        self.version = int(state["version"])
+
+
+@torch.no_grad()
+def evaluate_accuracy(policy, x_uint8_batches, labels, device="cpu"):
+    """Accuracy of the policy's argmax on (normalised) batches against labels; -1 labels are ignored."""
+    policy.eval()
+    correct = total = 0
+    for x, y in zip(x_uint8_batches, labels):
+        keep = y >= 0
+        if not keep.any():
+            continue
+        pred = policy(x.to(device)).argmax(dim=1).cpu()
+        correct += (pred[keep] == y[keep]).sum().item()
+        total += keep.sum().item()
+    return correct / total if total else float("nan")

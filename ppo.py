@@ -1,0 +1,120 @@
+"""PPO for one-step episodes (a contextual bandit): an image is the state, a class the action.
+
+Pure functions on tensors: no I/O, no tkinter, no module-level state, so they run unchanged in
+several processes. Each answer tells the reward of every class (+1 for the class the person gave,
+-1 for the others), so by default the clipped surrogate is taken in expectation over all classes
+under the old policy (`surrogate="expected"`), which is the exact expectation of the usual sampled
+surrogate and far less noisy. `surrogate="sampled"` is textbook PPO on the sampled class alone.
+"""
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PPOConfig:
+    learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the policy"})
+    clip_coef: float = field(default=0.2, metadata={"help": "the surrogate is clipped where the probability ratio leaves [1 - clip_coef, 1 + clip_coef]"})
+    ent_coef: float = field(default=0.01, metadata={"help": "weight of the entropy bonus, which keeps the policy from collapsing early"})
+    kl_coef: float = field(default=0.0, metadata={"help": "weight of KL(policy || reference), the reference being the policy at the start of the run"})
+    update_epochs: int = field(default=4, metadata={"help": "passes over each batch of answers"})
+    num_minibatches: int = field(default=1, metadata={"help": "shuffled minibatches per pass"})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
+    target_kl: Optional[float] = field(default=None, metadata={"help": "stop the passes early once KL(old || new) exceeds this (None: never)"})
+    norm_adv: bool = field(default=False, metadata={"help": "scale advantages to unit size within a minibatch of more than one image (off: rewards are already in [-1, 1], and scaling blows up the reward model's faint preferences)"})
+    surrogate: str = field(default="expected", metadata={"help": "'expected': surrogate over every class weighted by the old policy; 'sampled': sampled class only"})
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def advantages(rewards, old_probs):
+    """Reward of every class minus the baseline, the expected reward of the image under the old policy."""
+    baseline = (old_probs * rewards).sum(dim=-1, keepdim=True)
+    return rewards - baseline
+
+
+def normalize_advantages(adv, weights):
+    """Divide by the weighted RMS; mean-zero is already guaranteed by the baseline (weights: (N, K))."""
+    rms = torch.sqrt((weights * adv.pow(2)).sum() / weights.sum().clamp_min(1e-12))
+    return adv / (rms + 1e-8)
+
+
+def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None):
+    """Clipped-surrogate PPO loss for one minibatch and the statistics CleanRL logs.
+
+    new_logits, old_logprobs, rewards: (N, K); actions: (N,) sampled classes (used when surrogate is
+    'sampled'); ref_logprobs: (N, K) or None. Returns (loss, dict of floats).
+    """
+    new_logprobs = F.log_softmax(new_logits, dim=-1)
+    old_probs = old_logprobs.exp()
+    adv = advantages(rewards, old_probs)
+    if cfg.surrogate == "expected":
+        weights = old_probs
+    elif cfg.surrogate == "sampled":
+        weights = F.one_hot(actions, rewards.shape[-1]).to(adv.dtype)
+    else:
+        raise ValueError(f"surrogate must be 'expected' or 'sampled', not {cfg.surrogate!r}")
+    if cfg.norm_adv and adv.shape[0] > 1:
+        adv = normalize_advantages(adv, weights)
+    log_ratio = new_logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    surr1 = ratio * adv
+    surr2 = torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef) * adv
+    pg_loss = -(weights * torch.min(surr1, surr2)).sum(dim=-1).mean()
+    new_probs = new_logprobs.exp()
+    entropy = -(new_probs * new_logprobs).sum(dim=-1).mean()
+    loss = pg_loss - cfg.ent_coef * entropy
+    kl_ref = torch.zeros(())
+    if ref_logprobs is not None:
+        kl_ref = (new_probs * (new_logprobs - ref_logprobs)).sum(dim=-1).mean()
+        if cfg.kl_coef:
+            loss = loss + cfg.kl_coef * kl_ref
+    with torch.no_grad():
+        approx_kl = (old_probs * (old_logprobs - new_logprobs)).sum(dim=-1).mean()
+        clipped = ((ratio - 1.0).abs() > cfg.clip_coef).to(adv.dtype)
+        clipfrac = (weights * clipped).sum() / weights.sum()
+    stats = {"policy_loss": pg_loss.item(), "entropy": entropy.item(), "approx_kl": approx_kl.item(),
+             "kl_ref": kl_ref.item(), "clipfrac": clipfrac.item()}
+    return loss, stats
+
+
+def ppo_update(policy, optimizer, x, rewards, cfg, ref_logprobs=None, generator=None):
+    """Score the batch with the current policy (the old policy), then run `update_epochs` passes over
+    shuffled minibatches; returns the mean statistics.
+
+    The minibatch split is drawn once per update and only the order of minibatches is shuffled each pass,
+    so that a BatchNorm policy in train mode (statistics of the minibatch) sees each image with the same
+    companions as when it was scored: the first ratio is exactly 1.
+    """
+    n = x.shape[0]
+    mb_size = max(1, -(-n // max(1, cfg.num_minibatches)))
+    parts = torch.randperm(n, generator=generator).split(mb_size)
+    old_logprobs = torch.empty_like(rewards)
+    with torch.no_grad():
+        for mb in parts:
+            old_logprobs[mb] = F.log_softmax(policy(x[mb]).float(), dim=-1)
+    actions = torch.multinomial(old_logprobs.exp().cpu(), 1, generator=generator).squeeze(1).to(x.device)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    totals, count, epochs_run = {}, 0, 0
+    for _ in range(cfg.update_epochs):
+        for j in torch.randperm(len(parts), generator=generator).tolist():
+            mb = parts[j]
+            loss, stats = ppo_loss(policy(x[mb]).float(), old_logprobs[mb], rewards[mb], actions[mb], cfg,
+                                   None if ref_logprobs is None else ref_logprobs[mb])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            count += 1
+        epochs_run += 1
+        if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
+            break
+    out = {k: v / count for k, v in totals.items()}
+    out["update_epochs_run"] = epochs_run
+    out["sampled_reward"] = rewards.gather(1, actions[:, None]).mean().item()
+    return out

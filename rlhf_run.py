@@ -1,0 +1,178 @@
+"""One RLHF run on disk: the image pool, the feedback store, the learner, metrics and checkpoints.
+
+The feedback source (simulated labeler or the labeling window) hands answers to `RLHFRun.record`;
+every `batch_size` answered images an update runs. Images without an answer are trained with the
+reward model's predicted rewards once it has seen `rm_min_answers` answers; a person's answer always
+wins over the reward model for the images they answered.
+
+Run folder:
+    config.json       the run's configuration        feedback.sqlite   every answer, committed at once
+    checkpoint.pt     models + optimisers + config   metrics.jsonl     one JSON line per update
+    training_data.json  export in the original script's shape (episodes, human_feedback)
+"""
+import json
+import os
+import random
+import time
+
+import torch
+
+from checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, atomic_write_json, save_checkpoint, update_latest_link
+from learner import evaluate_accuracy
+
+SKIP = None
+
+
+class RLHFRun:
+    """Glue between a pool of images, a FeedbackStore, a Learner and the run folder."""
+
+    def __init__(self, cfg, dataset, learner, store, run_dir, weights_origin, val_dataset=None, log=print):
+        self.cfg = cfg
+        self.ds = dataset
+        self.learner = learner
+        self.store = store
+        self.run_dir = run_dir
+        self.weights_origin = weights_origin
+        self.val = val_dataset
+        self.log = log
+        self.epoch = 0                 # completed epochs
+        self.asked_this_run = 0
+        self.pending = []              # pool positions answered and waiting for the next update
+        self.unanswered = []           # pool positions with no answer, for reward-model updates
+        self.episode_rewards = []      # +1/-1 of the shown guesses this epoch (training_data.json)
+        self.episodes = []
+        self.rng = random.Random(cfg["seed"])
+        by_hash = store.answers()
+        self.answer_of = {}            # pool position -> class index or SKIP, for every image asked
+        for i, h in enumerate(dataset.hashes):
+            if h in by_hash:
+                self.answer_of[i] = by_hash[h]
+        self.last_metrics = {}
+
+    # --- questions and answers -------------------------------------------------------------
+    def answered_count(self):
+        return sum(1 for a in self.answer_of.values() if a is not SKIP)
+
+    def can_ask(self):
+        limit = self.cfg.get("max_answers")
+        return limit is None or len(self.answer_of) < limit
+
+    def epoch_order(self, epoch):
+        """Pool positions in the order they are visited in this epoch (seeded, repeatable)."""
+        order = list(range(len(self.ds)))
+        if self.cfg.get("order", "random") == "random":
+            random.Random(self.cfg["seed"] * 1000 + epoch).shuffle(order)
+        return order
+
+    def record(self, index, answer, probs, sampled):
+        """Commit a person's answer (class index or SKIP) about pool image `index` and queue it."""
+        reward = None if answer is SKIP else (1.0 if int(sampled) == answer else -1.0)
+        predicted = int(probs.argmax())
+        self.store.add(self.ds.hashes[index], self.ds.paths[index], answer, predicted=predicted,
+                       probability=float(probs[predicted]), sampled=int(sampled), reward=reward,
+                       policy_version=self.learner.version, epoch=self.epoch)
+        self.answer_of[index] = answer
+        self.asked_this_run += 1
+        if reward is not None:
+            self.episode_rewards.append(reward)
+
+    def undo(self, index):
+        """Forget the answer about pool image `index`: removed from the store and from the queue."""
+        removed = self.store.remove(self.ds.hashes[index])
+        self.answer_of.pop(index, None)
+        if index in self.pending:
+            self.pending.remove(index)
+        self.asked_this_run -= 1 if removed else 0
+        return removed
+
+    def visit(self, index):
+        """Queue an image already known to the run for the next update; True when an update is due."""
+        answer = self.answer_of.get(index, SKIP)
+        (self.unanswered if answer is SKIP else self.pending).append(index)
+        return len(self.pending) >= self.cfg["batch_size"]
+
+    # --- updates ----------------------------------------------------------------------------
+    def update(self, rm_only=False):
+        """One update on the pending answers plus some unanswered images; writes metrics and checkpoint."""
+        t0 = time.perf_counter()
+        new = [] if rm_only else self.pending[:self.cfg["batch_size"]]
+        self.pending = [] if rm_only else self.pending[len(new):]
+        n_unans = self.cfg["rm_per_update"] if not rm_only else self.cfg["batch_size"]
+        take, self.unanswered = self.unanswered[:n_unans], self.unanswered[n_unans:]
+        answered = [i for i, a in self.answer_of.items() if a is not SKIP and i not in new]
+        replay = self.rng.sample(answered, min(len(answered), max(0, self.learner.rm_cfg.rm_batch_size - len(new))))
+        rm_ready = self.answered_count() >= self.learner.rm_cfg.rm_min_answers
+        a_new = torch.tensor([self.answer_of[i] for i in new], dtype=torch.long)
+        a_replay = torch.tensor([self.answer_of[i] for i in replay], dtype=torch.long)
+        stats = self.learner.update(self.ds.batch(new), a_new, self.ds.batch(replay), a_replay,
+                                    self.ds.batch(take) if (take and rm_ready) else None)
+        stats["update_s"] = time.perf_counter() - t0
+        metrics = {"update": self.learner.version, "epoch": self.epoch + 1, "answers": self.answered_count(),
+                   "asked": len(self.answer_of), "asked_this_run": self.asked_this_run,
+                   "human_images": len(new), **stats}
+        if self.val is not None and (self.cfg["val_every"] and self.learner.version % self.cfg["val_every"] == 0):
+            metrics["val_acc"] = self.validate()
+        self.write_metrics(metrics)
+        if self.cfg["checkpoint_every"] and self.learner.version % self.cfg["checkpoint_every"] == 0:
+            self.save()
+        return metrics
+
+    def finish_epoch(self):
+        """Train on the leftover answers, then the unanswered images (reward model), save, export."""
+        while self.pending:
+            self.update()
+        if self.answered_count() >= self.learner.rm_cfg.rm_min_answers:
+            while self.unanswered:
+                self.update(rm_only=True)
+        self.unanswered = []
+        self.episodes.append({"epoch": self.epoch + 1,
+                              "mean_reward": (sum(self.episode_rewards) / len(self.episode_rewards)
+                                              if self.episode_rewards else 0.0),
+                              "total_samples": len(self.episode_rewards)})
+        self.episode_rewards = []
+        self.epoch += 1
+        self.export_training_data()
+        self.save()
+
+    def validate(self):
+        return evaluate_accuracy(self.learner.policy,
+                                 (self.val.batch(list(range(s, min(s + 64, len(self.val)))))
+                                  for s in range(0, len(self.val), 64)),
+                                 (torch.tensor(self.val.labels[s:s + 64]) for s in range(0, len(self.val), 64)),
+                                 self.learner.device)
+
+    # --- files ------------------------------------------------------------------------------
+    def write_metrics(self, metrics):
+        self.last_metrics = metrics
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+        parts = [f"update {metrics['update']:4d}", f"epoch {metrics['epoch']}", f"answers {metrics['answers']}"]
+        for key, fmt in (("mean_reward", "reward {:+.2f}"), ("agreement", "agree {:.2f}"),
+                         ("approx_kl", "kl {:.4f}"), ("rm_acc", "rm_acc {:.2f}"), ("val_acc", "val_acc {:.3f}"),
+                         ("update_s", "{:.2f}s")):
+            if key in metrics:
+                parts.append(fmt.format(metrics[key]))
+        self.log("  ".join(parts))
+
+    def checkpoint_dict(self):
+        return {"format_version": FORMAT_VERSION, **self.learner.state_dict(),
+                "class_names": list(self.ds.class_names), "image_size": self.ds.image_size,
+                "normalization": {"mean": list(self.ds.mean), "std": list(self.ds.std)},
+                "weights_origin": self.weights_origin, "arch": "resnet18", "finetune": self.learner.finetune,
+                "epoch": self.epoch, "step": self.learner.version, "episodes": self.episodes,
+                "config": dict(self.cfg)}
+
+    def save(self):
+        save_checkpoint(os.path.join(self.run_dir, CHECKPOINT_NAME), self.checkpoint_dict())
+        update_latest_link(self.run_dir)
+
+    def restore(self, ckpt):
+        self.learner.load_state_dict(ckpt)
+        self.epoch = int(ckpt["epoch"])
+        self.episodes = list(ckpt.get("episodes", []))
+
+    def export_training_data(self):
+        feedback = {row["path"]: row["answer"] for row in self.store.rows() if row["answer"] is not None}
+        atomic_write_json(os.path.join(self.run_dir, "training_data.json"),
+                          {"episodes": self.episodes, "human_feedback": feedback,
+                           "class_names": list(self.ds.class_names)})

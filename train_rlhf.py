@@ -1,0 +1,226 @@
+"""Train a ResNet18 image classifier from human feedback with PPO and a learned reward model.
+
+    python train_rlhf.py                                   # labeling window on data/hymenoptera_data/train
+    python train_rlhf.py --images DIR --feedback folder --epochs 3 --out runs/demo   # simulated labeler
+    python train_rlhf.py --out runs/demo --resume          # continue; nothing already answered is asked again
+"""
+import argparse
+import dataclasses
+import json
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+
+import torch
+
+from checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_json, load_checkpoint, resolve_run_dir
+from data_download import DEFAULT_IMAGES, DownloadError, ensure_default_data
+from dataset import AntBeeDataset, DatasetError
+from feedback_store import FeedbackStore, StoreError
+from learner import Learner, RewardModelConfig
+from models import FINETUNE_CHOICES, WeightsError, resolve_backbone_weights
+from ppo import PPOConfig
+from rlhf_run import SKIP, RLHFRun
+
+# Flags that decide the shape of the models or the meaning of the answers: fixed for a run's lifetime.
+RUN_SHAPE = ("images", "classes", "image_size", "weights", "finetune")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--images", default=DEFAULT_IMAGES, help="folder of images, one subfolder per class "
+                   "(default %(default)s; offered for download when missing)")
+    p.add_argument("--classes", nargs="+", help="class names in key order (default: the subfolder names)")
+    p.add_argument("--val", help="labelled folder (one subfolder per class) scored as val_acc in the metrics")
+    p.add_argument("--out", help="run folder (default runs/rlhf__SEED__TIME; with --resume, runs/latest)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (or runs/latest)")
+    p.add_argument("--feedback", choices=("gui", "folder"), default="gui",
+                   help="who answers: the labeling window, or a simulated labeler using the class folders")
+    p.add_argument("--feedback-noise", type=float, default=0.0, help="simulated labeler: P(wrong answer)")
+    p.add_argument("--feedback-skip", type=float, default=0.0, help="simulated labeler: P(skip)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the image pool (total, across resumes)")
+    p.add_argument("--batch-size", type=int, default=8, help="answers per PPO update")
+    p.add_argument("--rm-per-update", type=int, default=8,
+                   help="unanswered images trained with reward-model rewards in each update")
+    p.add_argument("--max-answers", type=int, help="most questions the run may ask (default: no limit)")
+    p.add_argument("--order", choices=("random", "sequential"), default="random",
+                   help="order in which images are visited each epoch")
+    p.add_argument("--weights", default="auto", help="auto|imagenet|none|PATH: backbone initialisation")
+    p.add_argument("--finetune", choices=FINETUNE_CHOICES, default="all", help="which layers train")
+    p.add_argument("--image-size", type=int, default=224, help="model input size in pixels")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    p.add_argument("--seed", type=int, default=1, help="seed of every random choice: same command, same metrics")
+    p.add_argument("--val-every", type=int, default=1, help="score --val every N updates (0: at epoch end)")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="write the checkpoint every N updates")
+    p.add_argument("--download", action="store_true", help="download the default data set without asking")
+    p.add_argument("--blind", action="store_true", help="labeling window: hide the model's guess")
+    for cls in (PPOConfig, RewardModelConfig):
+        for f in dataclasses.fields(cls):
+            p.add_argument("--" + f.name.replace("_", "-"), type=FLAG_TYPES[str(f.type)], default=f.default,
+                           metavar=f.name.upper(), help=f"{f.metadata['help']} (default %(default)s)")
+    return p
+
+
+def parse_bool(text):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def parse_optional_float(text):
+    return None if text.lower() == "none" else float(text)
+
+
+FLAG_TYPES = {"<class 'float'>": float, "<class 'int'>": int, "<class 'str'>": str,
+              "<class 'bool'>": parse_bool, "typing.Optional[float]": parse_optional_float}
+
+
+def given_flags(argv):
+    """Destinations of the flags written on the command line (so --resume keeps the others)."""
+    p = build_parser()
+    for a in p._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def pick_device(choice):
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here: use --device cpu or auto")
+    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def prepare_run_dir(args, argv):
+    """The run folder and the configuration, merged with the saved one on --resume."""
+    cfg = vars(args).copy()
+    if args.resume:
+        run_dir = resolve_run_dir(args.out or os.path.join("runs", "latest"))
+        saved = os.path.join(run_dir, "config.json")
+        if not os.path.isfile(saved):
+            raise UsageError(f"--resume: {run_dir} holds no run (no config.json): pass --out with a run folder")
+        with open(saved, encoding="utf-8") as f:
+            old = json.load(f)
+        given = given_flags(argv)
+        for key in RUN_SHAPE:
+            if key in given and cfg[key] != old.get(key):
+                raise UsageError(f"--resume: --{key.replace('_', '-')} {cfg[key]} differs from {old.get(key)} "
+                                 f"in {saved}: drop the flag or start a new --out")
+        cfg = {**old, **{k: v for k, v in cfg.items() if k in given}, "resume": True}
+    else:
+        run_dir = args.out or os.path.join("runs", f"rlhf__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        if os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise UsageError(f"{run_dir} already holds a run: add --resume to continue it or pick a new --out")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"cannot write to run folder {run_dir} ({err.strerror}): pass a writable --out") from None
+    return run_dir, cfg
+
+
+class FolderLabeler:
+    """Simulated person: answers with the image's class folder, wrong with P(noise), skipping with P(skip)."""
+
+    def __init__(self, dataset, noise=0.0, skip=0.0, seed=0):
+        missing = [p for p, y in zip(dataset.paths, dataset.labels) if y < 0]
+        if missing:
+            raise UsageError(f"--feedback folder needs every image in a class folder; {missing[0]} is not: "
+                             "move it into one of " + ", ".join(dataset.class_names))
+        self.labels, self.k = dataset.labels, dataset.num_classes
+        self.noise, self.skip = noise, skip
+        self.rng = random.Random(seed)
+
+    def ask(self, index, probs, sampled):
+        if self.rng.random() < self.skip:
+            return SKIP
+        if self.rng.random() < self.noise:
+            return self.rng.choice([c for c in range(self.k) if c != self.labels[index]])
+        return self.labels[index]
+
+
+def run_headless(run, learner, ds, feedback, epochs):
+    """The RLHF loop: visit every image each epoch, ask about new ones, update every batch_size answers."""
+    for epoch in range(run.epoch, epochs):
+        for index in run.epoch_order(epoch):
+            if index not in run.answer_of and run.can_ask():
+                probs = learner.policy_probs(ds.batch([index]))[0]
+                sampled = int(learner.sample(probs[None])[0])
+                run.record(index, feedback.ask(index, probs, sampled), probs, sampled)
+            if run.visit(index):
+                run.update()
+        run.finish_epoch()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    run_dir, cfg = prepare_run_dir(args, argv)
+    if cfg["feedback"] == "gui":
+        raise UsageError("--feedback gui: the labeling window is not built yet: use --feedback folder "
+                         "(the simulated labeler) for now")
+    if cfg["images"] == DEFAULT_IMAGES:
+        ensure_default_data(download=cfg["download"], interactive=sys.stdin.isatty())
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = AntBeeDataset(cfg["images"], cfg["image_size"], cfg["classes"])
+        val = AntBeeDataset(cfg["val"], cfg["image_size"], ds.class_names) if cfg.get("val") else None
+        backbone, origin = resolve_backbone_weights(cfg["weights"])
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    device = pick_device(cfg["device"])
+    ppo_cfg = PPOConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(PPOConfig)})
+    rm_cfg = RewardModelConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(RewardModelConfig)})
+    learner = Learner(ds.num_classes, backbone, cfg["finetune"], ppo_cfg, rm_cfg, device, cfg["seed"])
+    store = FeedbackStore(os.path.join(run_dir, "feedback.sqlite"))
+    store.check_classes(ds.class_names)
+    store.check_image_set(ds.hashes)
+    run = RLHFRun(cfg, ds, learner, store, run_dir, origin, val)
+    ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
+    if cfg["resume"] and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("class_names") != ds.class_names:
+            raise UsageError(f"{ckpt_path} was trained on classes {ckpt.get('class_names')}, not "
+                             f"{ds.class_names}: pass the run's --images/--classes or a new --out")
+        run.restore(ckpt)
+    atomic_write_json(os.path.join(run_dir, "config.json"), cfg)
+    answered, skipped = store.counts()
+    print(f"run {run_dir}: {len(ds)} images, classes {ds.class_names}, weights {origin}, device {device}, "
+          f"{answered} answers and {skipped} skips stored, epoch {run.epoch + 1}/{cfg['epochs']}")
+    feedback = FolderLabeler(ds, cfg["feedback_noise"], cfg["feedback_skip"], cfg["seed"])
+    run_headless(run, learner, ds, feedback, cfg["epochs"])
+    run.save()
+    if val is not None and "val_acc" not in run.last_metrics:
+        print(f"val_acc {run.validate():.3f}")
+    answered, skipped = store.counts()
+    print(f"done: {answered} answers, {skipped} skips, {learner.version} updates; checkpoint {ckpt_path}")
+    store.close()
+    return 0
+
+
+def cli():
+    # SIGTERM exits through the normal path so SQLite closes cleanly; answers are committed already.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        sys.exit(main())
+    except (UsageError, DatasetError, StoreError, CheckpointError, WeightsError, DownloadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: every answer given so far is saved; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()
