@@ -151,14 +151,13 @@ class Learner:
 
     def state_dict(self):
         return {"policy": self.policy.state_dict(), "reward_model": self.reward_model.state_dict(),
-                "reference": self.reference.state_dict(), "policy_opt": self.policy_opt.state_dict(),
+                "policy_opt": self.policy_opt.state_dict(),
                 "reward_opt": self.rm_opt.state_dict(), "generator": self.generator.get_state(),
                 "version": self.version}
 
     def load_state_dict(self, state):
         self.policy.load_state_dict(state["policy"])
         self.reward_model.load_state_dict(state["reward_model"])
-        self.reference.load_state_dict(state["reference"])
         self.policy_opt.load_state_dict(state["policy_opt"])
         self.rm_opt.load_state_dict(state["reward_opt"])
         self.generator.set_state(state["generator"])

@@ -8,6 +8,7 @@ wins over the reward model for the images they answered.
 Run folder:
     config.json       the run's configuration        feedback.sqlite   every answer, committed at once
     checkpoint.pt     models + optimisers + config   metrics.jsonl     one JSON line per update
+    reference.pt      the policy at the start of the run (the KL reference), written once
     training_data.json  export in the original script's shape (episodes, human_feedback)
 """
 import json
@@ -17,7 +18,10 @@ import time
 
 import torch
 
-from checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, atomic_write_json, save_checkpoint, update_latest_link
+from checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, atomic_write_json, load_checkpoint, save_checkpoint,
+                        update_latest_link)
+
+REFERENCE_NAME = "reference.pt"
 from learner import evaluate_accuracy
 
 SKIP = None
@@ -64,24 +68,35 @@ class RLHFRun:
             random.Random(self.cfg["seed"] * 1000 + epoch).shuffle(order)
         return order
 
-    def record(self, index, answer, probs, sampled):
-        """Commit a person's answer (class index or SKIP) about pool image `index` and queue it."""
-        reward = None if answer is SKIP else (1.0 if int(sampled) == answer else -1.0)
+    def answer_row(self, index, answer, probs, sampled, policy_version):
+        """The store row of an answer: keyword arguments for FeedbackStore.add."""
         predicted = int(probs.argmax())
-        self.store.add(self.ds.hashes[index], self.ds.paths[index], answer, predicted=predicted,
-                       probability=float(probs[predicted]), sampled=int(sampled), reward=reward,
-                       policy_version=self.learner.version, epoch=self.epoch)
+        return dict(sha1=self.ds.hashes[index], path=self.ds.paths[index], answer=answer, predicted=predicted,
+                    probability=float(probs[predicted]), sampled=int(sampled),
+                    reward=None if answer is SKIP else (1.0 if int(sampled) == answer else -1.0),
+                    policy_version=policy_version, epoch=self.epoch)
+
+    def record(self, index, answer, probs, sampled, policy_version=None, commit=True):
+        """Note a person's answer (class index or SKIP) about pool image `index`; commit=False when the
+        caller (the labeling window) has already committed the same row to the store itself."""
+        version = self.learner.version if policy_version is None else policy_version
+        row = self.answer_row(index, answer, probs, sampled, version)
+        if commit:
+            self.store.add(**row)
+        reward = row["reward"]
         self.answer_of[index] = answer
         self.asked_this_run += 1
         if reward is not None:
             self.episode_rewards.append(reward)
 
-    def undo(self, index):
-        """Forget the answer about pool image `index`: removed from the store and from the queue."""
-        removed = self.store.remove(self.ds.hashes[index])
+    def undo(self, index, commit=True):
+        """Forget the answer about pool image `index`: removed from the store and from the queues;
+        commit=False when the caller (the labeling window) has already removed the row itself."""
+        removed = self.store.remove(self.ds.hashes[index]) if commit else index in self.answer_of
         self.answer_of.pop(index, None)
-        if index in self.pending:
-            self.pending.remove(index)
+        for queued in (self.pending, self.unanswered):
+            if index in queued:
+                queued.remove(index)
         self.asked_this_run -= 1 if removed else 0
         return removed
 
@@ -131,6 +146,9 @@ class RLHFRun:
                               "total_samples": len(self.episode_rewards)})
         self.episode_rewards = []
         self.epoch += 1
+        if self.val is not None:
+            self.write_metrics({"update": self.learner.version, "epoch": self.epoch, "epoch_end": True,
+                                "answers": self.answered_count(), "val_acc": self.validate()})
         self.export_training_data()
         self.save()
 
@@ -166,8 +184,18 @@ class RLHFRun:
         save_checkpoint(os.path.join(self.run_dir, CHECKPOINT_NAME), self.checkpoint_dict())
         update_latest_link(self.run_dir)
 
+    def save_reference(self):
+        """Write the KL reference once, when the run starts: it never changes afterwards."""
+        path = os.path.join(self.run_dir, REFERENCE_NAME)
+        if not os.path.isfile(path):
+            save_checkpoint(path, {"format_version": FORMAT_VERSION, "policy": self.learner.reference.state_dict()})
+
     def restore(self, ckpt):
+        """Continue from a checkpoint (and the run's reference policy)."""
         self.learner.load_state_dict(ckpt)
+        ref_path = os.path.join(self.run_dir, REFERENCE_NAME)
+        if os.path.isfile(ref_path):
+            self.learner.reference.load_state_dict(load_checkpoint(ref_path)["policy"])
         self.epoch = int(ckpt["epoch"])
         self.episodes = list(ckpt.get("episodes", []))
 

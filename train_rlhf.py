@@ -58,7 +58,7 @@ def build_parser():
     p.add_argument("--image-size", type=int, default=224, help="model input size in pixels")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     p.add_argument("--seed", type=int, default=1, help="seed of every random choice: same command, same metrics")
-    p.add_argument("--val-every", type=int, default=1, help="score --val every N updates (0: at epoch end)")
+    p.add_argument("--val-every", type=int, default=1, help="score --val every N updates (0: only at the end of each epoch)")
     p.add_argument("--checkpoint-every", type=int, default=1, help="write the checkpoint every N updates")
     p.add_argument("--download", action="store_true", help="download the default data set without asking")
     p.add_argument("--blind", action="store_true", help="labeling window: hide the model's guess")
@@ -166,8 +166,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     run_dir, cfg = prepare_run_dir(args, argv)
     if cfg["feedback"] == "gui":
-        raise UsageError("--feedback gui: the labeling window is not built yet: use --feedback folder "
-                         "(the simulated labeler) for now")
+        try:
+            import feedback_gui  # only here, so that the headless path never imports tkinter
+        except ImportError as err:
+            raise UsageError(f"--feedback gui needs tkinter ({err}): install python3-tk, or use --feedback "
+                             "folder (the simulated labeler)") from None
+        try:
+            root = feedback_gui.open_root()  # before the images load: no display fails at once
+        except feedback_gui.NoDisplayError as err:
+            raise UsageError(str(err)) from None
     if cfg["images"] == DEFAULT_IMAGES:
         ensure_default_data(download=cfg["download"], interactive=sys.stdin.isatty())
     torch.manual_seed(cfg["seed"])
@@ -194,15 +201,19 @@ def main(argv=None):
             raise UsageError(f"{ckpt_path} was trained on classes {ckpt.get('class_names')}, not "
                              f"{ds.class_names}: pass the run's --images/--classes or a new --out")
         run.restore(ckpt)
+    run.save_reference()
     atomic_write_json(os.path.join(run_dir, "config.json"), cfg)
     answered, skipped = store.counts()
     print(f"run {run_dir}: {len(ds)} images, classes {ds.class_names}, weights {origin}, device {device}, "
           f"{answered} answers and {skipped} skips stored, epoch {run.epoch + 1}/{cfg['epochs']}")
-    feedback = FolderLabeler(ds, cfg["feedback_noise"], cfg["feedback_skip"], cfg["seed"])
-    run_headless(run, learner, ds, feedback, cfg["epochs"])
+    if cfg["feedback"] == "gui":
+        if feedback_gui.run_session(root, run, learner, store, cfg):
+            store.close()  # training failed: the answers are stored, the last good checkpoint stays
+            return 1
+    else:
+        feedback = FolderLabeler(ds, cfg["feedback_noise"], cfg["feedback_skip"], cfg["seed"])
+        run_headless(run, learner, ds, feedback, cfg["epochs"])
     run.save()
-    if val is not None and "val_acc" not in run.last_metrics:
-        print(f"val_acc {run.validate():.3f}")
     answered, skipped = store.counts()
     print(f"done: {answered} answers, {skipped} skips, {learner.version} updates; checkpoint {ckpt_path}")
     store.close()

@@ -1,0 +1,163 @@
+"""train_rlhf.py as a user runs it: the files a run leaves, --resume, repeatability and every bad input."""
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import DIGITS, HYMENOPTERA, ROOT, assert_user_error, make_subset, run_cli
+
+TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4"]
+
+
+def store_rows(run_dir):
+    with sqlite3.connect(os.path.join(run_dir, "feedback.sqlite")) as db:
+        return db.execute("SELECT sha1, path, answer, policy_version FROM answers ORDER BY id").fetchall()
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_headless_run_leaves_its_files_and_resume_asks_nothing_twice(tmp_path, small_pool):
+    out = tmp_path / "runs" / "demo"
+    proc = run_cli("train_rlhf.py", "--images", small_pool, "--val", small_pool, "--out", out,
+                   "--epochs", "2", "--max-answers", "12", "--rm-min-answers", "8", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("config.json", "feedback.sqlite", "checkpoint.pt", "reference.pt", "metrics.jsonl",
+                 "training_data.json"):
+        assert (out / name).is_file(), name
+    assert os.path.realpath(tmp_path / "runs" / "latest") == str(out)
+    rows = store_rows(out)
+    assert len(rows) == 12 and len({r[0] for r in rows}) == 12
+    lines = metrics(out)
+    updates = [m for m in lines if not m.get("epoch_end")]
+    for key in ("answers", "mean_reward", "agreement", "policy_loss", "approx_kl", "kl_ref", "clipfrac",
+                "entropy", "rm_loss", "rm_acc", "val_acc"):
+        assert key in updates[0], key
+    assert any(m["rm_images"] > 0 for m in updates), "the reward model never trained the policy"
+    assert [m["epoch"] for m in lines if m.get("epoch_end")] == [1, 2]
+    exported = json.loads((out / "training_data.json").read_text())
+    assert len(exported["episodes"]) == 2 and len(exported["human_feedback"]) == 12
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["class_names"] == ["ants", "bees"] and ckpt["image_size"] == 32 and ckpt["epoch"] == 2
+    assert ckpt["step"] == updates[-1]["update"] and ckpt["config"]["max_answers"] == 12
+    assert "update" in proc.stdout and "val_acc" in proc.stdout
+
+    proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert store_rows(out) == rows
+    assert metrics(out)[-2]["asked_this_run"] == 0
+
+    proc = run_cli("train_rlhf.py", "--resume", "--epochs", "4", "--max-answers", "16", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # runs/latest found from the working folder
+    new_rows = store_rows(out)
+    assert new_rows[:12] == rows and len(new_rows) == 16
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 4
+
+
+def test_same_command_twice_gives_the_same_metrics(tmp_path, small_pool):
+    results = []
+    for name in ("a", "b"):
+        proc = run_cli("train_rlhf.py", "--images", small_pool, "--out", tmp_path / name, "--epochs", "1",
+                       "--seed", "7", "--feedback-noise", "0.2", "--feedback-skip", "0.1", *TINY)
+        assert proc.returncode == 0, proc.stderr
+        results.append([{k: v for k, v in m.items() if k != "update_s"} for m in metrics(tmp_path / name)])
+        results[-1].append([r[2] for r in store_rows(tmp_path / name)])
+    assert results[0] == results[1]
+
+
+def test_kill_9_mid_run_loses_no_answer_and_resume_asks_none_again(tmp_path):
+    out = tmp_path / "run"
+    pool = make_subset(tmp_path / "pool", HYMENOPTERA, 40)
+    args = [sys.executable, os.path.join(ROOT, "train_rlhf.py"), "--images", pool, "--out", str(out),
+            "--epochs", "3", *TINY]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / "feedback.sqlite"
+    deadline = time.time() + 240
+    count = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as conn:
+                    count = conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            except sqlite3.OperationalError:
+                count = 0
+            if count >= 20:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    after_kill = store_rows(out)
+    assert len(after_kill) >= 20
+
+    proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "1", "--max-answers", "60")
+    assert proc.returncode == 0, proc.stderr
+    final = store_rows(out)
+    assert final[:len(after_kill)] == after_kill
+    assert len(final) == 60 and len({r[0] for r in final}) == 60
+    asked = [m["asked_this_run"] for m in metrics(out)]
+    assert asked[-1] == 60 - len(after_kill)
+
+
+def test_missing_empty_and_default_image_folders_are_one_line_errors(tmp_path):
+    assert_user_error(run_cli("train_rlhf.py", "--images", tmp_path / "nope", "--out", tmp_path / "r", *TINY),
+                      "nope", "--images")
+    (tmp_path / "empty" / "ants").mkdir(parents=True)
+    assert_user_error(run_cli("train_rlhf.py", "--images", tmp_path / "empty", "--classes", "ants", "bees",
+                              "--out", tmp_path / "r", *TINY), "empty", "holds no images")
+    # no data/ folder in the working directory and no network question possible (stdin is not a tty)
+    proc = run_cli("train_rlhf.py", "--feedback", "folder", "--out", tmp_path / "r2", cwd=tmp_path)
+    assert_user_error(proc, "hymenoptera_data", "--images DIR")
+
+
+def test_unwritable_out_and_resume_without_run_are_one_line_errors(tmp_path, small_pool):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(run_cli("train_rlhf.py", "--images", small_pool, "--out", blocker / "run", *TINY),
+                      "run", "--out")
+    assert_user_error(run_cli("train_rlhf.py", "--resume", "--out", tmp_path / "nothing"),
+                      "nothing", "holds no run")
+    assert_user_error(run_cli("train_rlhf.py", "--images", small_pool, "--out", tmp_path / "w", *TINY,
+                              "--weights", tmp_path / "missing.pth"), "missing.pth", "--weights")
+
+
+def test_checkpoint_with_another_class_count_is_refused(tmp_path, small_pool):
+    digits = make_subset(tmp_path / "digits", DIGITS, 3, classes=["0", "1", "2"])
+    for name, images in (("two", small_pool), ("three", digits)):
+        proc = run_cli("train_rlhf.py", "--images", images, "--out", tmp_path / name, "--epochs", "1",
+                       "--max-answers", "4", *TINY)
+        assert proc.returncode == 0, proc.stderr
+    before = store_rows(tmp_path / "two")
+    shutil.copy(tmp_path / "three" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")
+    proc = run_cli("train_rlhf.py", "--out", tmp_path / "two", "--resume", "--epochs", "2")
+    assert_user_error(proc, "checkpoint.pt", "classes")
+    assert store_rows(tmp_path / "two") == before
+
+
+def test_feedback_database_from_another_image_set_is_refused(tmp_path):
+    first = make_subset(tmp_path / "first", HYMENOPTERA, 4)
+    second = make_subset(tmp_path / "second", HYMENOPTERA, 4, offset=20)
+    proc = run_cli("train_rlhf.py", "--images", first, "--out", tmp_path / "a", "--epochs", "1", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    before = store_rows(tmp_path / "a")
+    os.makedirs(tmp_path / "b")
+    shutil.copy(tmp_path / "a" / "feedback.sqlite", tmp_path / "b" / "feedback.sqlite")
+    proc = run_cli("train_rlhf.py", "--images", second, "--out", tmp_path / "b", "--epochs", "1", *TINY)
+    assert_user_error(proc, "feedback.sqlite", "other images")
+    assert store_rows(tmp_path / "b") == before
+
+
+def test_help_documents_every_flag():
+    proc = run_cli("train_rlhf.py", "--help")
+    assert proc.returncode == 0
+    for flag in ("--images", "--feedback-noise", "--max-answers", "--clip-coef", "--kl-coef", "--target-kl",
+                 "--rm-min-answers", "--weights", "--finetune", "--device", "--seed", "--resume"):
+        assert flag in proc.stdout
