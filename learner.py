@@ -3,10 +3,14 @@
 Shared by the headless loop (train_rlhf.py) and the labeling window's worker (feedback_gui.py).
 The update functions take everything they need as arguments, so they run unchanged in N processes.
 
-BatchNorm: the policy trains in train mode (statistics of each minibatch), and ppo_update scores the
-old policy on the very same minibatches, so the first PPO ratio is exactly 1. Frozen parts
-(--finetune layer4/head) stay in eval mode so their ImageNet statistics are kept. A minibatch of one
-image runs in eval mode: one image has no batch statistics at small spatial sizes.
+Inputs: with --finetune layer4 or head, the frozen layers of the policy, the reward model and the reference
+are identical (the reward model starts from the policy's backbone), so every method here takes *inputs*:
+the frozen layers' output (`Learner.encode`, cached per image by feature_cache.py) rather than pixels.
+With --finetune all, inputs are the normalised images themselves.
+
+BatchNorm: the trainable layers train in train mode (statistics of each minibatch), and ppo_update scores
+the old policy on the very same minibatches, so the first PPO ratio is exactly 1. A minibatch of one image
+runs in eval mode: one image has no batch statistics at small spatial sizes.
 """
 import copy
 from dataclasses import asdict, dataclass, field
@@ -14,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from models import PolicyModel, RewardModel, frozen_modules, set_finetune
+from models import PolicyModel, RewardModel, frozen_part, set_finetune, trainable_part
 from ppo import PPOConfig, ppo_update
 
 
@@ -34,14 +38,12 @@ def one_hot_rewards(answers, num_classes):
     return 2.0 * F.one_hot(answers, num_classes).float() - 1.0
 
 
-def set_train_mode(model, frozen, batch_size):
-    """Train mode for the parts that learn (eval for frozen parts, and for batches of one)."""
+def set_train_mode(model, batch_size):
+    """Train mode for BatchNorm statistics, except for batches of one."""
     model.train(batch_size >= 2)
-    for m in frozen:
-        m.eval()
 
 
-def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, generator, frozen=()):
+def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, generator):
     """`steps` cross-entropy steps on the reward model; x, answers: every answered image to draw from.
 
     The first minibatch always starts with the first rows (the caller puts the newest answers there).
@@ -54,7 +56,7 @@ def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, 
             idx = torch.arange(min(n, batch_size))
         else:
             idx = torch.randperm(n, generator=generator)[:batch_size]
-        set_train_mode(reward_model, frozen, idx.numel())
+        set_train_mode(reward_model, idx.numel())
         loss = F.cross_entropy(reward_model(x[idx]), answers[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -76,39 +78,49 @@ class Learner:
         self.device = torch.device(device)
         torch.manual_seed(seed)
         self.policy = PolicyModel(num_classes, backbone_state).to(self.device).eval()
-        self.reward_model = RewardModel(num_classes, backbone_state).to(self.device).eval()
+        self.reward_model = RewardModel(num_classes).to(self.device).eval()
+        backbone = {k: v for k, v in self.policy.state_dict().items() if not k.startswith("model.fc.")}
+        self.reward_model.load_state_dict(backbone, strict=False)  # same start, so frozen layers are shared
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
         self.policy_opt = torch.optim.Adam(set_finetune(self.policy, finetune), lr=self.ppo_cfg.learning_rate)
         self.rm_opt = torch.optim.Adam(set_finetune(self.reward_model, finetune), lr=self.rm_cfg.rm_learning_rate)
-        self.policy_frozen = frozen_modules(self.policy, finetune)
-        self.rm_frozen = frozen_modules(self.reward_model, finetune)
+        self.encoder = frozen_part(self.policy, finetune).eval()
+        self.policy_net = trainable_part(self.policy, finetune)
+        self.rm_net = trainable_part(self.reward_model, finetune)
+        self.reference_net = trainable_part(self.reference, finetune)
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0  # policy updates so far: recorded with each answer
 
     @torch.no_grad()
-    def policy_probs(self, x):
-        """Class probabilities of the current policy (eval mode) for a normalised batch."""
-        self.policy.eval()
-        return torch.softmax(self.policy(x.to(self.device)).float(), dim=-1).cpu()
+    def encode(self, images):
+        """Inputs of the trainable layers for a normalised image batch (identity with --finetune all)."""
+        self.encoder.eval()
+        return self.encoder(images.to(self.device)).cpu()
 
     @torch.no_grad()
-    def predicted_rewards(self, x):
+    def policy_probs(self, inputs):
+        """Class probabilities of the current policy (eval mode) for a batch of inputs."""
+        self.policy.eval()
+        return torch.softmax(self.policy_net(inputs.to(self.device)).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def predicted_rewards(self, inputs):
         """The reward model's predicted human reward of every class, (N, K) in [-1, 1]."""
         self.reward_model.eval()
-        return RewardModel.rewards_from_logits(self.reward_model(x.to(self.device)).float()).cpu()
+        return RewardModel.rewards_from_logits(self.rm_net(inputs.to(self.device)).float()).cpu()
 
     def sample(self, probs):
         """Sample one class per row with the learner's own seeded generator."""
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
     def ppo_step(self, x, rewards):
-        """One PPO update of the policy on images x with reward vectors (N, K); returns statistics."""
+        """One PPO update of the policy on inputs x with reward vectors (N, K); returns statistics."""
         x, rewards = x.to(self.device), rewards.to(self.device)
         with torch.no_grad():
-            ref_logprobs = F.log_softmax(self.reference(x).float(), dim=-1)
+            ref_logprobs = F.log_softmax(self.reference_net(x).float(), dim=-1)
         mb_size = -(-x.shape[0] // max(1, self.ppo_cfg.num_minibatches))
-        set_train_mode(self.policy, self.policy_frozen, mb_size)
-        stats = ppo_update(self.policy, self.policy_opt, x, rewards, self.ppo_cfg,
+        set_train_mode(self.policy_net, mb_size)
+        stats = ppo_update(self.policy_net, self.policy_opt, x, rewards, self.ppo_cfg,
                            ref_logprobs=ref_logprobs, generator=self.generator)
         self.policy.eval()
         self.version += 1
@@ -130,8 +142,8 @@ class Learner:
             if x_replay is not None and x_replay.shape[0]:
                 x_all, a_all = torch.cat([x_new, x_replay]), torch.cat([answers_new, answers_replay])
             stats["rm_loss"] = reward_model_update(
-                self.reward_model, self.rm_opt, x_all.to(self.device), a_all.to(self.device),
-                self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator, self.rm_frozen)
+                self.rm_net, self.rm_opt, x_all.to(self.device), a_all.to(self.device),
+                self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator)
         xs, rewards = [x_new], [one_hot_rewards(answers_new, k)]
         use_rm = x_unanswered is not None and x_unanswered.shape[0] > 0
         if use_rm:

@@ -118,3 +118,13 @@ def ppo_update(policy, optimizer, x, rewards, cfg, ref_logprobs=None, generator=
     out["update_epochs_run"] = epochs_run
     out["sampled_reward"] = rewards.gather(1, actions[:, None]).mean().item()
     return out
+
+
+def original_design_loss(new_probs, old_probs, rewards, clip_coef=0.2):
+    """The first version's update, kept as a baseline: -min(ratio * r, clip(ratio) * r) on the sampled
+    class, with the ratio of probabilities (not log-probs), no baseline, no entropy and no KL.
+
+    new_probs, old_probs: (N,) probabilities of the sampled classes; rewards: (N,) +1/-1.
+    """
+    ratio = new_probs / old_probs
+    return -torch.min(ratio * rewards, torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef) * rewards).mean()

@@ -22,9 +22,17 @@ from checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, atomic_write_json, load
                         update_latest_link)
 
 REFERENCE_NAME = "reference.pt"
+from feature_cache import FeatureCache, weights_digest
 from learner import evaluate_accuracy
 
 SKIP = None
+
+
+def question_order(indices, margins, disagree, disagree_bonus=0.5):
+    """Order images for asking: smallest margin between the two likeliest classes first, and an image
+    on which the policy and the reward model disagree counts as `disagree_bonus` less sure."""
+    keyed = sorted(zip(indices, margins, disagree), key=lambda t: (t[1] - disagree_bonus * bool(t[2]), t[0]))
+    return [i for i, _, _ in keyed]
 
 
 class RLHFRun:
@@ -52,10 +60,25 @@ class RLHFRun:
             if h in by_hash:
                 self.answer_of[i] = by_hash[h]
         self.last_metrics = {}
+        self.cache = None
+        if learner.finetune != "all":
+            key = f"{learner.finetune}-{dataset.image_size}-{weights_digest(learner.encoder)}"
+            self.cache = FeatureCache(run_dir, learner.encode, key)
+
+    def inputs(self, indices):
+        """What the learner takes for these pool images: cached frozen-layer features, or the images."""
+        if self.cache is not None:
+            return self.cache.batch(self.ds, list(indices))
+        return self.ds.batch(list(indices))
 
     # --- questions and answers -------------------------------------------------------------
     def answered_count(self):
         return sum(1 for a in self.answer_of.values() if a is not SKIP)
+
+    def reward_model_ready(self):
+        """The reward model's rewards train the policy once it has seen enough answers (and is wanted)."""
+        return (not self.cfg.get("no_reward_model")
+                and self.answered_count() >= self.learner.rm_cfg.rm_min_answers)
 
     def can_ask(self):
         limit = self.cfg.get("max_answers")
@@ -64,9 +87,52 @@ class RLHFRun:
     def epoch_order(self, epoch):
         """Pool positions in the order they are visited in this epoch (seeded, repeatable)."""
         order = list(range(len(self.ds)))
-        if self.cfg.get("order", "random") == "random":
+        if self.cfg.get("order", "random") != "sequential":
             random.Random(self.cfg["seed"] * 1000 + epoch).shuffle(order)
         return order
+
+    def epoch_visits(self, epoch):
+        """Yield (pool position, ask?) for every image once in this epoch.
+
+        With --order uncertain the images still to ask come first, most informative first, re-ranked
+        whenever the policy changed; the rest of the pool follows in the epoch's random order.
+        """
+        order = self.epoch_order(epoch)
+        if self.cfg.get("order") != "uncertain":
+            for i in order:
+                yield i, i not in self.answer_of and self.can_ask()
+            return
+        visited, ranking, ranked_at = set(), [], None
+        rng = random.Random(self.cfg["seed"] * 7919 + epoch)
+        while self.can_ask():
+            unasked = [i for i in order if i not in self.answer_of and i not in visited]
+            if not unasked:
+                break
+            ranking = [i for i in ranking if i in unasked]
+            if ranked_at != self.learner.version or not ranking:
+                ranking, ranked_at = self.rank_questions(unasked, rng), self.learner.version
+            index = rng.choice(unasked) if rng.random() < self.cfg.get("explore", 0.0) else ranking[0]
+            visited.add(index)
+            yield index, True
+        for i in order:
+            if i not in visited:
+                yield i, i not in self.answer_of and self.can_ask()
+
+    def rank_questions(self, unasked, rng):
+        """Score a sample of the unasked images with the current models; most informative first."""
+        limit = self.cfg.get("score_pool") or (len(unasked) if self.cache is not None else 64)
+        pool = unasked if len(unasked) <= limit else rng.sample(unasked, limit)
+        probs, disagree = [], []
+        use_rm = self.answered_count() >= self.learner.rm_cfg.rm_min_answers
+        for start in range(0, len(pool), 64):
+            x = self.inputs(pool[start:start + 64])
+            p = self.learner.policy_probs(x)
+            probs.append(p)
+            rm = self.learner.predicted_rewards(x).argmax(1) if use_rm else p.argmax(1)
+            disagree.append(rm != p.argmax(1))
+        probs, disagree = torch.cat(probs), torch.cat(disagree)
+        top2 = probs.topk(2, dim=1).values
+        return question_order(pool, (top2[:, 0] - top2[:, 1]).tolist(), disagree.tolist())
 
     def answer_row(self, index, answer, probs, sampled, policy_version):
         """The store row of an answer: keyword arguments for FeedbackStore.add."""
@@ -116,11 +182,11 @@ class RLHFRun:
         take, self.unanswered = self.unanswered[:n_unans], self.unanswered[n_unans:]
         answered = [i for i, a in self.answer_of.items() if a is not SKIP and i not in new]
         replay = self.rng.sample(answered, min(len(answered), max(0, self.learner.rm_cfg.rm_batch_size - len(new))))
-        rm_ready = self.answered_count() >= self.learner.rm_cfg.rm_min_answers
+        rm_ready = self.reward_model_ready()
         a_new = torch.tensor([self.answer_of[i] for i in new], dtype=torch.long)
         a_replay = torch.tensor([self.answer_of[i] for i in replay], dtype=torch.long)
-        stats = self.learner.update(self.ds.batch(new), a_new, self.ds.batch(replay), a_replay,
-                                    self.ds.batch(take) if (take and rm_ready) else None)
+        stats = self.learner.update(self.inputs(new), a_new, self.inputs(replay), a_replay,
+                                    self.inputs(take) if (take and rm_ready) else None)
         stats["update_s"] = time.perf_counter() - t0
         metrics = {"update": self.learner.version, "epoch": self.epoch + 1, "answers": self.answered_count(),
                    "asked": len(self.answer_of), "asked_this_run": self.asked_this_run,
@@ -136,7 +202,7 @@ class RLHFRun:
         """Train on the leftover answers, then the unanswered images (reward model), save, export."""
         while self.pending:
             self.update()
-        if self.answered_count() >= self.learner.rm_cfg.rm_min_answers:
+        if self.reward_model_ready():
             while self.unanswered:
                 self.update(rm_only=True)
         self.unanswered = []
@@ -182,6 +248,8 @@ class RLHFRun:
 
     def save(self):
         save_checkpoint(os.path.join(self.run_dir, CHECKPOINT_NAME), self.checkpoint_dict())
+        if self.cache is not None:
+            self.cache.save()
         update_latest_link(self.run_dir)
 
     def save_reference(self):

@@ -50,9 +50,17 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=8, help="answers per PPO update")
     p.add_argument("--rm-per-update", type=int, default=8,
                    help="unanswered images trained with reward-model rewards in each update")
+    p.add_argument("--no-reward-model", action="store_true",
+                   help="train the policy on the person's answers only (no reward-model rewards; for comparisons)")
     p.add_argument("--max-answers", type=int, help="most questions the run may ask (default: no limit)")
-    p.add_argument("--order", choices=("random", "sequential"), default="random",
-                   help="order in which images are visited each epoch")
+    p.add_argument("--order", choices=("uncertain", "random", "sequential"), default="uncertain",
+                   help="which image to ask next: the policy's least sure first (uncertain), or the epoch's "
+                   "random or folder order")
+    p.add_argument("--explore", type=float, default=0.1,
+                   help="--order uncertain: share of questions picked at random from the unasked images")
+    p.add_argument("--score-pool", type=int, default=None,
+                   help="--order uncertain: unasked images scored after each update (default: all with "
+                   "--finetune layer4/head, whose features are cached; 64 with --finetune all)")
     p.add_argument("--weights", default="auto", help="auto|imagenet|none|PATH: backbone initialisation")
     p.add_argument("--finetune", choices=FINETUNE_CHOICES, default="all", help="which layers train")
     p.add_argument("--image-size", type=int, default=224, help="model input size in pixels")
@@ -151,14 +159,44 @@ class FolderLabeler:
 def run_headless(run, learner, ds, feedback, epochs):
     """The RLHF loop: visit every image each epoch, ask about new ones, update every batch_size answers."""
     for epoch in range(run.epoch, epochs):
-        for index in run.epoch_order(epoch):
-            if index not in run.answer_of and run.can_ask():
-                probs = learner.policy_probs(ds.batch([index]))[0]
+        for index, ask in run.epoch_visits(epoch):
+            if ask:
+                probs = learner.policy_probs(run.inputs([index]))[0]
                 sampled = int(learner.sample(probs[None])[0])
                 run.record(index, feedback.ask(index, probs, sampled), probs, sampled)
             if run.visit(index):
                 run.update()
         run.finish_epoch()
+
+
+def default_config(**overrides):
+    """The configuration of a run with every flag at its default, then `overrides` (for scripts)."""
+    cfg = vars(build_parser().parse_args([]))
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise KeyError(f"unknown settings: {sorted(unknown)}")
+    return {**cfg, **overrides}
+
+
+def open_run(cfg, run_dir, ds, val, backbone, origin, device):
+    """Learner, feedback store and RLHFRun for a run folder, resumed from its checkpoint when asked."""
+    ppo_cfg = PPOConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(PPOConfig)})
+    rm_cfg = RewardModelConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(RewardModelConfig)})
+    learner = Learner(ds.num_classes, backbone, cfg["finetune"], ppo_cfg, rm_cfg, device, cfg["seed"])
+    store = FeedbackStore(os.path.join(run_dir, "feedback.sqlite"))
+    store.check_classes(ds.class_names)
+    store.check_image_set(ds.hashes)
+    run = RLHFRun(cfg, ds, learner, store, run_dir, origin, val)
+    ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
+    if cfg["resume"] and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("class_names") != ds.class_names:
+            raise UsageError(f"{ckpt_path} was trained on classes {ckpt.get('class_names')}, not "
+                             f"{ds.class_names}: pass the run's --images/--classes or a new --out")
+        run.restore(ckpt)
+    run.save_reference()
+    atomic_write_json(os.path.join(run_dir, "config.json"), cfg)
+    return run, learner, store
 
 
 def main(argv=None):
@@ -187,22 +225,8 @@ def main(argv=None):
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     device = pick_device(cfg["device"])
-    ppo_cfg = PPOConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(PPOConfig)})
-    rm_cfg = RewardModelConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(RewardModelConfig)})
-    learner = Learner(ds.num_classes, backbone, cfg["finetune"], ppo_cfg, rm_cfg, device, cfg["seed"])
-    store = FeedbackStore(os.path.join(run_dir, "feedback.sqlite"))
-    store.check_classes(ds.class_names)
-    store.check_image_set(ds.hashes)
-    run = RLHFRun(cfg, ds, learner, store, run_dir, origin, val)
+    run, learner, store = open_run(cfg, run_dir, ds, val, backbone, origin, device)
     ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    if cfg["resume"] and os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("class_names") != ds.class_names:
-            raise UsageError(f"{ckpt_path} was trained on classes {ckpt.get('class_names')}, not "
-                             f"{ds.class_names}: pass the run's --images/--classes or a new --out")
-        run.restore(ckpt)
-    run.save_reference()
-    atomic_write_json(os.path.join(run_dir, "config.json"), cfg)
     answered, skipped = store.counts()
     print(f"run {run_dir}: {len(ds)} images, classes {ds.class_names}, weights {origin}, device {device}, "
           f"{answered} answers and {skipped} skips stored, epoch {run.epoch + 1}/{cfg['epochs']}")

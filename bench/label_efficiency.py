@@ -1,0 +1,245 @@
+"""Label efficiency: validation accuracy against the number of answers, for this tool and its baselines.
+
+    python bench/label_efficiency.py --out bench/out/label_efficiency           # the README's table
+    python bench/label_efficiency.py --budgets 16 all --seeds 0 --out /tmp/le    # a quick look
+
+Every method sees the same simulated labeler (answers from the class folders, optionally noisy) and is
+scored on a labelled validation folder. By default the training half of the shared hymenoptera set is
+split here: every fifth image of each class is held out for validation.
+Methods:
+  rlhf_uncertain   this tool: PPO + reward model, --order uncertain
+  rlhf_random      the same with --order random
+  ppo_human_only   PPO on the person's rewards only, no reward model (--order random)
+  original         the original design's update, reproduced: sample, +1/-1, one step per 8 answers on
+                   -min(ratio*r, clip(ratio)*r) with probability ratios, no baseline/reward model/KL, and
+                   every image asked again each epoch (its budget counts distinct images)
+  supervised       cross-entropy on the same answers, same network, same epochs
+"""
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset import AntBeeDataset  # noqa: E402
+from learner import evaluate_accuracy  # noqa: E402
+from models import PolicyModel, resolve_backbone_weights  # noqa: E402
+from ppo import original_design_loss  # noqa: E402
+from train_rlhf import FolderLabeler, default_config, open_run, run_headless  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      "shared", "data", "hymenoptera_data", "train")
+METHODS = ("rlhf_uncertain", "rlhf_random", "ppo_human_only", "original", "supervised")
+NOISY_METHODS = ("rlhf_uncertain", "supervised")
+
+
+def split_folder(source, dest, every=5):
+    """Symlinked train/val folders: every `every`-th image of each class (sorted) goes to val."""
+    for part in ("train", "val"):
+        for cls in sorted(os.listdir(source)):
+            if os.path.isdir(os.path.join(source, cls)):
+                os.makedirs(os.path.join(dest, part, cls), exist_ok=True)
+    for cls in sorted(os.listdir(source)):
+        folder = os.path.join(source, cls)
+        if not os.path.isdir(folder):
+            continue
+        for i, name in enumerate(sorted(os.listdir(folder))):
+            part = "val" if i % every == 0 else "train"
+            os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(dest, part, cls, name))
+    return os.path.join(dest, "train"), os.path.join(dest, "val")
+
+
+def val_accuracy(policy, val):
+    idx = list(range(len(val)))
+    return evaluate_accuracy(policy, (val.batch(idx[s:s + 64]) for s in range(0, len(idx), 64)),
+                             (torch.tensor(val.labels[s:s + 64]) for s in range(0, len(idx), 64)))
+
+
+def answered_subset(ds, budget, seed):
+    """The images the random-order runs ask first: the first `budget` of epoch 0's order."""
+    order = list(range(len(ds)))
+    random.Random(seed * 1000).shuffle(order)
+    return order[:budget]
+
+
+def run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
+    with tempfile.TemporaryDirectory() as out:
+        config = default_config(images=ds.root, feedback="folder", epochs=args.epochs, image_size=args.image_size,
+                                weights=args.weights, finetune=args.finetune, seed=seed, max_answers=budget,
+                                feedback_noise=noise, checkpoint_every=0, val_every=0, out=out, **cfg)
+        run, learner, store = open_run(config, out, ds, None, backbone, origin, "cpu")
+        run_headless(run, learner, ds, FolderLabeler(ds, noise, 0.0, seed), args.epochs)
+        store.close()
+        return val_accuracy(learner.policy, val), len(run.answer_of)
+
+
+def run_original(ds, val, backbone, args, seed, budget, noise):
+    torch.manual_seed(seed)
+    policy = PolicyModel(ds.num_classes, backbone)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
+    labeler = FolderLabeler(ds, noise, 0.0, seed)
+    subset = answered_subset(ds, budget, seed)
+    rng = random.Random(seed)
+    asked = 0
+    policy.train()  # the original never switched to eval mode
+    for _ in range(args.epochs):
+        states, actions, rewards, old = [], [], [], []
+        for i in rng.sample(subset, len(subset)):
+            x = ds.batch([i])
+            with torch.no_grad():
+                probs = torch.softmax(policy(x), dim=1)[0]
+            a = int(torch.multinomial(probs, 1))
+            answer = labeler.ask(i, probs, a)
+            asked += 1
+            states.append(x[0]), actions.append(a), old.append(probs[a])
+            rewards.append(1.0 if answer == a else -1.0)
+            if len(states) >= 8:
+                new = torch.softmax(policy(torch.stack(states)), dim=1)[torch.arange(len(actions)), actions]
+                loss = original_design_loss(new, torch.stack(old), torch.tensor(rewards))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                states, actions, rewards, old = [], [], [], []
+    return val_accuracy(policy, val), asked
+
+
+def run_supervised(ds, val, backbone, args, seed, budget, noise):
+    torch.manual_seed(seed)
+    policy = PolicyModel(ds.num_classes, backbone)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
+    labeler = FolderLabeler(ds, noise, 0.0, seed)
+    subset = answered_subset(ds, budget, seed)
+    labels = torch.tensor([labeler.ask(i, None, None) for i in subset])
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(args.epochs):
+        perm = torch.randperm(len(subset), generator=gen)
+        for s in range(0, len(subset), 8):
+            mb = perm[s:s + 8]
+            policy.train(len(mb) > 1)
+            loss = F.cross_entropy(policy(ds.batch([subset[j] for j in mb])), labels[mb])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return val_accuracy(policy, val), len(subset)
+
+
+def run_method(method, ds, val, backbone, origin, args, seed, budget, noise):
+    if method == "rlhf_uncertain":
+        return run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, order="uncertain")
+    if method == "rlhf_random":
+        return run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, order="random")
+    if method == "ppo_human_only":
+        return run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, order="random", no_reward_model=True)
+    if method == "original":
+        return run_original(ds, val, backbone, args, seed, budget, noise)
+    return run_supervised(ds, val, backbone, args, seed, budget, noise)
+
+
+def summarize(results, budgets, labels):
+    """Markdown table: one row per method, mean ± standard deviation over seeds for each budget."""
+    head = "| method | " + " | ".join(str(b) for b in labels) + " |"
+    lines = [head, "|" + "---|" * (len(labels) + 1)]
+    for name in results:
+        cells = []
+        for b in budgets:
+            accs = [acc for acc, _ in results[name][b]]
+            asked = statistics.mean(q for _, q in results[name][b])
+            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            cell = f"{statistics.mean(accs):.3f} ± {spread:.3f}"
+            if name.startswith("original"):
+                cell += f" ({asked:.0f} q)"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results, budgets, x_values, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in results:
+        means = [statistics.mean(a for a, _ in results[name][b]) for b in budgets]
+        errs = [statistics.stdev([a for a, _ in results[name][b]]) if len(results[name][b]) > 1 else 0
+                for b in budgets]
+        ax.errorbar(x_values, means, yerr=errs, marker="o", capsize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("answers (distinct images)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(results, budgets, n_train, n_val, args, origin, t0):
+    """results.md (markdown table) and accuracy.png in args.out; returns (table, header)."""
+    labels = [f"{b} (all)" if b == n_train else str(b) for b in budgets]
+    table = summarize(results, budgets, labels)
+    header = (f"{n_train} training / {n_val} validation images, {args.image_size} px, {args.epochs} epochs, "
+              f"weights {origin}, finetune {args.finetune}, seeds {args.seeds}; mean ± std of val accuracy "
+              f"(original: questions asked in brackets); {(time.time() - t0) / 60:.1f} min on "
+              f"{os.cpu_count()} CPU cores")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    plot(results, budgets, budgets, os.path.join(args.out, "accuracy.png"), header)
+    return table, header
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=SHARED, help="labelled folder to split into train/val (default %(default)s)")
+    p.add_argument("--images", help="labelled training folder (with --val; overrides --data)")
+    p.add_argument("--val", help="labelled validation folder")
+    p.add_argument("--budgets", nargs="+", default=["16", "32", "64", "128", "all"],
+                   help="answer budgets (numbers or 'all')")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per cell")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
+    p.add_argument("--noise", type=float, default=0.1, help="labeler noise for the extra rows (0: none)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of every method")
+    p.add_argument("--image-size", type=int, default=64, help="input size (small, so the table fits a CPU)")
+    p.add_argument("--weights", default="none", help="backbone start: none|auto|imagenet|PATH")
+    p.add_argument("--finetune", default="all", choices=("all", "layer4", "head"), help="what trains (RLHF rows)")
+    p.add_argument("--out", required=True, help="folder for results.md and accuracy.png")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_dir, val_dir = (args.images, args.val) if args.images else split_folder(args.data, tmp)
+        ds = AntBeeDataset(train_dir, args.image_size)
+        val = AntBeeDataset(val_dir, args.image_size, ds.class_names)
+        backbone, origin = resolve_backbone_weights(args.weights)
+        budgets = [len(ds) if b == "all" else min(int(b), len(ds)) for b in args.budgets]
+        rows = [(m, 0.0) for m in args.methods]
+        if args.noise:
+            rows += [(m, args.noise) for m in NOISY_METHODS if m in args.methods]
+        results = {}
+        t0 = time.time()
+        for method, noise in rows:
+            name = method if not noise else f"{method} (noise {noise})"
+            results[name] = {b: [] for b in budgets}
+            for b in budgets:
+                for seed in args.seeds:
+                    acc, asked = run_method(method, ds, val, backbone, origin, args, seed, b, noise)
+                    results[name][b].append((acc, asked))
+                    print(f"{name:32s} budget {b:4d} seed {seed}: val_acc {acc:.3f}  questions {asked}"
+                          f"  [{time.time() - t0:.0f}s]", flush=True)
+            # written after every method, so a long benchmark leaves its finished rows behind
+            table, header = write_results(results, budgets, len(ds), len(val), args, origin, t0)
+    print(header)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

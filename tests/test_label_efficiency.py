@@ -1,0 +1,137 @@
+"""Which image is asked next, the frozen-feature cache, and a tiny run of the label-efficiency benchmark."""
+import os
+import random
+import shutil
+import sys
+
+import torch
+
+from conftest import DIGITS, HYMENOPTERA, ROOT, make_subset
+from dataset import AntBeeDataset
+from feature_cache import FeatureCache, weights_digest
+from feedback_store import FeedbackStore
+from learner import Learner
+from rlhf_run import RLHFRun, question_order
+from train_rlhf import default_config
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+
+def test_least_sure_first_and_disagreement_counts_as_less_sure():
+    order = question_order([10, 11, 12, 13], margins=[0.5, 0.1, 0.9, 0.3], disagree=[False, False, False, True])
+    assert order == [13, 11, 10, 12]
+
+
+def make_run(tmp_path, explore, n_per_class=10, **cfg):
+    ds = AntBeeDataset(make_subset(tmp_path / "pool", DIGITS, n_per_class, classes=["3", "8"]), image_size=32)
+    config = default_config(images=ds.root, order="uncertain", explore=explore, seed=3, out=str(tmp_path), **cfg)
+    learner = Learner(2, None, "all", seed=0)
+    return RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
+
+
+def test_uncertain_order_asks_the_ranking_with_a_random_share(tmp_path):
+    run = make_run(tmp_path, explore=0.0)
+    ranking = list(reversed(range(len(run.ds))))  # a known "least sure first" order
+    run.rank_questions = lambda unasked, rng: [i for i in ranking if i in unasked]
+    asked = []
+    for index, ask in run.epoch_visits(0):
+        if ask:
+            asked.append(index)
+            run.answer_of[index] = 0
+    assert asked == ranking
+
+    run = make_run(tmp_path / "b", explore=0.5)
+    run.rank_questions = lambda unasked, rng: [i for i in ranking if i in unasked]
+    asked = []
+    for index, ask in run.epoch_visits(0):
+        if ask:
+            asked.append(index)
+            run.answer_of[index] = 0
+    assert sorted(asked) == sorted(ranking)  # every image exactly once
+    heads = sum(1 for k, i in enumerate(asked) if i == max(set(ranking) - set(asked[:k])))
+    assert 0 < len(asked) - heads < len(asked)  # some questions came from the random share, most did not
+
+
+def test_uncertain_ranking_uses_the_policy_margins(tmp_path):
+    run = make_run(tmp_path, explore=0.0)
+    x = run.inputs(range(len(run.ds)))
+    probs = run.learner.policy_probs(x)
+    top2 = probs.topk(2, dim=1).values
+    margins = (top2[:, 0] - top2[:, 1]).tolist()
+    ranked = run.rank_questions(list(range(len(run.ds))), random.Random(0))
+    assert ranked == sorted(range(len(run.ds)), key=lambda i: (margins[i], i))
+
+
+def test_budget_stops_questions_and_every_image_is_still_visited(tmp_path):
+    run = make_run(tmp_path, explore=0.1, max_answers=5)
+    visits = []
+    for index, ask in run.epoch_visits(0):
+        visits.append(index)
+        if ask:
+            run.answer_of[index] = 1
+    assert len(run.answer_of) == 5
+    assert sorted(visits) == list(range(len(run.ds)))
+
+
+def test_feature_cache_hits_and_is_rebuilt_when_weights_or_a_file_change(tmp_path):
+    pool = make_subset(tmp_path / "pool", HYMENOPTERA, 3)
+    ds = AntBeeDataset(pool, image_size=32)
+    calls = []
+
+    def encode(x):
+        calls.append(x.shape[0])
+        return x.mean(dim=(2, 3))
+
+    cache = FeatureCache(str(tmp_path), encode, "key-a")
+    assert cache.fill(ds) == 6
+    cache.save()
+    again = FeatureCache(str(tmp_path), encode, "key-a")
+    assert again.fill(ds) == 0  # a hit: loaded from the run folder
+    assert torch.allclose(again.batch(ds, [0, 5]), cache.batch(ds, [0, 5]))
+
+    other = FeatureCache(str(tmp_path), encode, "key-b")  # other frozen weights
+    assert other.fill(ds) == 6
+    other.save()
+    assert [n for n in os.listdir(tmp_path) if n.startswith("features-")] == [os.path.basename(other.path)]
+
+    # one file replaced by another picture: only it is recomputed
+    target = os.path.join(pool, "ants", sorted(os.listdir(os.path.join(pool, "ants")))[0])
+    os.unlink(target)
+    shutil.copy(os.path.join(HYMENOPTERA, "ants", sorted(os.listdir(os.path.join(HYMENOPTERA, "ants")))[50]),
+                target)
+    changed = AntBeeDataset(pool, image_size=32)
+    assert FeatureCache(str(tmp_path), encode, "key-b").fill(changed) == 1
+
+
+def test_weights_digest_follows_the_weights():
+    net = torch.nn.Linear(3, 2)
+    before = weights_digest(net)
+    assert weights_digest(net) == before
+    with torch.no_grad():
+        net.weight[0, 0] += 1e-3
+    assert weights_digest(net) != before
+
+
+def test_head_finetuning_trains_on_cached_features(tmp_path):
+    run = make_run(tmp_path, explore=0.0, finetune="head")
+    run.learner = Learner(2, None, "head", seed=0)
+    run.cache = FeatureCache(str(tmp_path), run.learner.encode, "head-test")
+    x = run.inputs(range(len(run.ds)))
+    assert x.shape == (len(run.ds), 512)
+    stats = run.learner.update(x[:8], torch.tensor(run.ds.labels[:8]))
+    assert "policy_loss" in stats
+
+
+def test_benchmark_writes_its_table_and_plot(tmp_path):
+    import label_efficiency
+    train = make_subset(tmp_path / "train", HYMENOPTERA, 6)
+    val = make_subset(tmp_path / "val", HYMENOPTERA, 3, offset=40)
+    out = tmp_path / "out"
+    assert label_efficiency.main(["--images", train, "--val", val, "--budgets", "4", "all", "--seeds", "0",
+                                  "--epochs", "1", "--image-size", "64", "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    for name in ("rlhf_uncertain", "rlhf_random", "ppo_human_only", "original", "supervised",
+                 "rlhf_uncertain (noise 0.1)", "supervised (noise 0.1)"):
+        assert f"| {name} |" in table
+    assert "| 4 | 12 (all) |" in table
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
