@@ -1,0 +1,674 @@
+"""The labeling window: one Tk root for the whole session, in which a person teaches the model by keyboard.
+
+Three threads; only the Tk thread touches a widget:
+  Tk thread  shows the prepared question; commits each answer to SQLite (its own connection) the moment
+             its key is pressed, then hands it to the trainer; drains the outbox with after().
+  guesser    picks the next images to ask (as run.epoch_visits does) and prepares LOOKAHEAD of them: the
+             guess of a snapshot of the policy (its version is stored with the answer) and the picture
+             decoded and fitted, so that a key never waits for either, nor for an update.
+  trainer    owns the Learner and the RLHFRun: records the answers in order, visits the images as the
+             headless loop does and runs every update, however far behind the person it falls.
+RLHF_GUI_EVENTS=FILE appends one JSON line per event (key, shown, update...), for tests and bench/.
+"""
+import collections
+import copy
+import json
+import os
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+import tkinter as tk
+import traceback
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageTk
+
+from learner import reward_model_update
+from rlhf_run import SKIP
+
+TITLE = "rlhf-imgcls"
+LOOKAHEAD = 8       # questions ready beyond the one shown: the guesser needs ~0.1 s for one
+POLL_MS = 40
+POLL_BATCH = 20     # outbox messages handled per tick, so that a burst never holds up a key
+RECENT = 20
+UNDO_DEPTH = 20     # answers u can take back, each holding its picture
+NO_DISPLAY = ("--feedback gui needs a display and {why}: use --feedback folder (the simulated labeler), "
+              "or run under a virtual display: xvfb-run python train_rlhf.py ...")
+
+
+class NoDisplayError(Exception):
+    """There is no display to open the window on; the message names the ways out."""
+
+
+def open_root():
+    """The session's one Tk root, withdrawn until the session starts, so a missing display fails early."""
+    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
+        raise NoDisplayError(NO_DISPLAY.format(why="DISPLAY is not set"))
+    try:
+        root = tk.Tk(className=TITLE)
+    except tk.TclError as err:
+        raise NoDisplayError(NO_DISPLAY.format(why=f"cannot open {os.environ.get('DISPLAY')} ({err})")) from None
+    root.withdraw()
+    return root
+
+
+@dataclass
+class Question:
+    """What the window needs to show one image at once; seq numbers the session's questions and pos
+    places the image in the pool (the title's 12/245); probs is numpy, picture PIL or None."""
+    seq: int
+    index: int
+    epoch: int
+    pos: int
+    left: int
+    path: str
+    probs: object
+    sampled: int
+    version: int
+    picture: object
+    fitted: object
+    box: tuple
+    problem: str = ""
+
+
+def fit(picture, box):
+    """The picture scaled to fit box, aspect ratio kept (small images are enlarged, pixels kept sharp)."""
+    w, h = picture.size
+    scale = min(box[0] / w, box[1] / h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return picture.resize(size, Image.NEAREST if scale >= 3 else Image.BILINEAR)
+
+
+def load_picture(path, screen):
+    """An image decoded for display, at most screen-sized (a JPEG decodes at 1/2..1/8 scale for free)."""
+    with Image.open(path) as img:
+        img.draft("RGB", screen)
+        picture = img.convert("RGB")
+    picture.thumbnail(screen)
+    return picture
+
+
+def failure(what, err):
+    traceback.print_exc()
+    return f"{what} stopped: {type(err).__name__}: {err}"
+
+
+class Guesser(threading.Thread):
+    """Picks the images to ask about, as run.epoch_visits does, and prepares them as questions, never
+    more than LOOKAHEAD beyond the one shown. Every question falls in the session's first epoch: after
+    it, every image is answered or --max-answers is reached."""
+
+    def __init__(self, run, outbox, trainer_inbox, policy, version, screen):
+        super().__init__(name="rlhf-guesser", daemon=True)
+        self.ds, self.outbox, self.trainer_inbox, self.screen = run.ds, outbox, trainer_inbox, screen
+        self.epoch, self.explore = run.epoch, run.cfg.get("explore", 0.0)
+        self.asked = set(run.answer_of)
+        self.order = [i for i in run.epoch_order(run.epoch) if i not in self.asked]
+        limit = run.cfg.get("max_answers")
+        self.total = len(self.order) if limit is None else max(0, min(len(self.order), limit - len(self.asked)))
+        # --order uncertain: the trainer ranks the unasked images after each update; None until the first.
+        self.ranking = None if run.cfg.get("order") == "uncertain" and self.total else []
+        self.snapshot = (policy, version)  # replaced whole by the trainer after each update
+        self.rng = random.Random(run.cfg["seed"] * 7919 + run.epoch)
+        # Its own generator: which class is sampled must not depend on how far training has got.
+        self.generator = torch.Generator().manual_seed(run.cfg["seed"] + 7919)
+        self.box, self.shown, self.stopping = (720, 480), 0, False
+        self.cond = threading.Condition()
+
+    def tell(self, **state):
+        """shown=seq (the window shows it), stopping=True, or ranking=[...] (from the trainer)."""
+        with self.cond:
+            for name, value in state.items():
+                setattr(self, name, value)
+            self.cond.notify()
+
+    def next_index(self):
+        unasked = [i for i in self.order if i not in self.asked]
+        if self.ranking and self.rng.random() < self.explore:
+            return self.rng.choice(unasked)  # --explore: a share of the questions picked at random
+        ranked = [i for i in self.ranking if i not in self.asked]
+        return ranked[0] if ranked else unasked[0]  # a used-up ranking: the epoch's order till the next
+
+    def run(self):
+        try:
+            for seq in range(self.total):
+                with self.cond:
+                    self.cond.wait_for(lambda: self.stopping or (seq <= self.shown + LOOKAHEAD
+                                                                 and self.ranking is not None))
+                    if self.stopping:
+                        return
+                    index = self.next_index()
+                    self.asked.add(index)
+                self.outbox.put(("question", self.prepare(seq, index)))
+            self.outbox.put(("no_more_questions", None))
+            self.trainer_inbox.put(("questions_end", self.total))
+        except Exception as err:
+            self.outbox.put(("error", failure("preparing images", err)))
+
+    def prepare(self, seq, index):
+        policy, version = self.snapshot
+        with torch.inference_mode():
+            x = self.ds.batch([index]).to(next(policy.parameters()).device)
+            probs = torch.softmax(policy(x).float(), dim=-1)[0].cpu()
+        sampled = int(torch.multinomial(probs, 1, generator=self.generator))
+        path, box, picture, fitted, problem = self.ds.paths[index], self.box, None, None, ""
+        try:
+            picture = load_picture(path, self.screen)
+            fitted = fit(picture, box)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            problem = f"cannot show {os.path.basename(path)} ({err})"
+        pos = len(self.ds) - len(self.order) + seq + 1
+        return Question(seq, index, self.epoch, pos, self.total - seq, path, probs.numpy(), sampled, version,
+                        picture, fitted, box, problem)
+
+
+class Trainer(threading.Thread):
+    """Owns the Learner and the RLHFRun: records answers in order, visits images, runs the updates."""
+
+    def __init__(self, rlhf, learner, outbox, epochs):
+        super().__init__(name="rlhf-trainer", daemon=True)
+        self.rlhf, self.learner, self.outbox, self.epochs = rlhf, learner, outbox, epochs
+        self.guesser = None
+        self.inbox = queue.Queue()
+        self.stopping, self.updating = threading.Event(), threading.Event()
+        self.given = {}       # seq -> the answer it holds now
+        self.index_of = {}    # seq -> pool position
+        self.passed = set()   # seqs of the questions the visits have gone past
+        self.questions = None  # how many the guesser asks, once it has asked them all
+        self.failed = False
+        self.rank_rng = random.Random(rlhf.cfg["seed"] * 7919 + rlhf.epoch + 1)
+
+    def stop(self):
+        """Finish the running update, start no other, and end (the caller saves the checkpoint)."""
+        self.stopping.set()
+        self.inbox.put(("stop", None))
+
+    def run(self):
+        if sys.platform.startswith("linux"):  # this thread alone (a Linux thread id) yields the CPU to keys
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        try:
+            if self.train():
+                self.outbox.put(("done", self.learner.version))
+        except Exception as err:
+            self.failed = True
+            self.outbox.put(("error", failure("training", err) + ". Every answer given is saved: quit, "
+                             "and continue with --resume once the cause is fixed"))
+
+    def train(self):
+        run, first = self.rlhf, self.rlhf.epoch
+        self.rank()
+        for epoch in range(first, self.epochs):
+            visits = self.first_epoch() if epoch == first else ((i, None) for i in run.epoch_order(epoch))
+            for index, seq in visits:
+                self.passed.add(seq)
+                if run.visit(index):
+                    self.update()
+            if not self.finish_epoch():
+                return False
+        return True
+
+    def first_epoch(self):
+        """As run.epoch_visits: the asked images in the order they were asked, then the rest of the pool."""
+        run, seq = self.rlhf, 0
+        while not self.stopping.is_set():
+            while seq not in self.given and self.questions != seq and not self.stopping.is_set():
+                self.handle(*self.inbox.get())  # the person has not answered it yet
+                if len(run.pending) >= run.cfg["batch_size"]:
+                    self.update()  # answers given again after an undo made one due
+            self.drain()
+            if seq not in self.given:
+                break
+            yield self.index_of[seq], seq
+            seq += 1
+        asked = set(self.index_of.values())
+        for i in run.epoch_order(run.epoch):
+            if i not in asked and not self.stopping.is_set():
+                yield i, None
+
+    def finish_epoch(self):
+        # run.finish_epoch's updates one at a time, so that a quit need not wait for all of them.
+        run = self.rlhf
+        while run.pending and not self.stopping.is_set():
+            self.update()
+        if run.reward_model_ready():
+            while run.unanswered and not self.stopping.is_set():
+                self.update(rm_only=True)
+        if self.stopping.is_set():
+            return False
+        run.finish_epoch()
+        self.outbox.put(("epoch", run.epoch))
+        self.drain()
+        return True
+
+    def drain(self):
+        while True:
+            try:
+                self.handle(*self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def handle(self, kind, message):
+        run = self.rlhf
+        if kind == "questions_end":
+            self.questions = message
+        elif kind == "answer":
+            q, answer = message
+            self.given[q.seq], self.index_of[q.seq] = answer, q.index
+            run.record(q.index, answer, q.probs, q.sampled, policy_version=q.version, commit=False)
+            if q.seq in self.passed:  # answered again after an undo: queue it as its first visit did
+                run.visit(q.index)
+        elif kind == "undo" and message.seq in self.given:
+            q, old = message, self.given.pop(message.seq)
+            trained = q.seq in self.passed and q.index not in run.pending
+            run.undo(q.index, commit=False)
+            if old is not SKIP:
+                reward = 1.0 if q.sampled == old else -1.0
+                if reward in run.episode_rewards:
+                    run.episode_rewards.remove(reward)
+                if trained and not run.cfg.get("no_reward_model"):
+                    self.refit_reward_model()
+
+    def update(self, rm_only=False):
+        if self.stopping.is_set():
+            return
+        self.updating.set()
+        self.outbox.put(("update_started", {"update": self.learner.version + 1}))
+        try:
+            metrics = self.rlhf.update(rm_only=rm_only)
+        finally:
+            self.updating.clear()
+        policy = copy.deepcopy(self.learner.policy).eval().requires_grad_(False)
+        self.guesser.snapshot = (policy, self.learner.version)
+        self.outbox.put(("metrics", metrics))
+        self.rank()
+        self.drain()
+
+    def rank(self):
+        """--order uncertain: rank the images still to ask with the current models, for the guesser."""
+        g = self.guesser
+        if g.ranking is None or g.ranking and self.questions is None:
+            with g.cond:
+                asked = set(g.asked)
+            unasked = [i for i in g.order if i not in asked]
+            if unasked:
+                g.tell(ranking=self.rlhf.rank_questions(unasked, self.rank_rng))
+
+    def refit_reward_model(self):
+        """A few reward-model steps on the answers that remain, after undoing an answer it has learnt."""
+        run, lrn = self.rlhf, self.learner
+        answered = [i for i, a in run.answer_of.items() if a is not SKIP]
+        if not answered or self.stopping.is_set():
+            return
+        pick = run.rng.sample(answered, min(len(answered), lrn.rm_cfg.rm_batch_size))
+        self.updating.set()
+        self.outbox.put(("update_started", {"update": None}))
+        try:
+            reward_model_update(lrn.rm_net, lrn.rm_opt, run.inputs(pick).to(lrn.device),
+                                torch.tensor([run.answer_of[i] for i in pick], device=lrn.device),
+                                lrn.rm_cfg.rm_steps, lrn.rm_cfg.rm_batch_size, lrn.generator)
+        finally:
+            self.updating.clear()
+        self.outbox.put(("refit", len(answered)))
+
+
+class LabelingWindow:
+    """The Tk side: widgets, keys, the prepared questions and the poll of the workers' outbox."""
+
+    def __init__(self, root, rlhf, store, cfg, guesser, trainer, outbox):
+        self.root, self.rlhf, self.store, self.cfg = root, rlhf, store, cfg
+        self.guesser, self.trainer, self.outbox = guesser, trainer, outbox
+        self.names = rlhf.ds.class_names
+        self.ready = collections.deque()   # prepared questions not shown yet, in order
+        self.current, self.photos, self.on_canvas = None, {}, None
+        self.history = collections.deque(maxlen=UNDO_DEPTH)  # (question, answer, row added)
+        self.answered, self.skipped = store.counts()
+        self.agree = [r["predicted"] == r["answer"] for r in store.rows() if r["answer"] is not None]
+        self.metrics, self.running, self.key_t, self.after_id, self.note = {}, None, None, None, None
+        self.closing = self.finished = self.no_more = False
+        self.signals, self.box, self.epoch = 0, guesser.box, rlhf.epoch
+        path = os.environ.get("RLHF_GUI_EVENTS")
+        self.events = open(path, "a", buffering=1, encoding="utf-8") if path else None
+        root.title(TITLE)
+        root.geometry("960x840")
+        root.minsize(480, 480)
+        root.protocol("WM_DELETE_WINDOW", lambda: self.quit("window closed"))
+        root.report_callback_exception = self.callback_error
+        root.bind("<KeyPress>", self.on_key)
+        self.message = tk.Label(root, anchor="w", justify="left", padx=10, pady=6, fg="white", wraplength=920)
+        self.chart = tk.Canvas(root, height=96, bg="white", highlightthickness=0)
+        self.status = tk.Label(root, anchor="w", justify="left", padx=10, font=("TkFixedFont", 10))
+        keys = tk.Frame(root)
+        self.buttons = [tk.Button(keys, text=f"{c}  {name}", command=lambda c=c: self.answer(c))
+                        for c, name in enumerate(self.names)]
+        self.buttons += [tk.Button(keys, text="s  skip", command=lambda: self.answer(SKIP)),
+                         tk.Button(keys, text="u  undo", command=self.undo),
+                         tk.Button(keys, text="q  quit", command=lambda: self.quit("quit button"))]
+        for i, b in enumerate(self.buttons):
+            b.grid(row=i // 8, column=i % 8, padx=3, pady=3, sticky="ew")
+        self.bars = tk.Canvas(root, height=20 * len(self.names) + 4, highlightthickness=0)
+        self.guess = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 11))
+        self.file = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 12, "bold"))
+        for w in (self.chart, self.status, keys, self.bars, self.guess, self.file):
+            w.pack(side="bottom", fill="x", pady=2)
+        self.canvas = tk.Canvas(root, width=self.box[0], height=self.box[1], bg="#202020", highlightthickness=0)
+        self.canvas.pack(side="top", fill="both", expand=True)
+        self.image_item = self.canvas.create_image(0, 0, anchor="center")
+        self.text_item = self.canvas.create_text(0, 0, fill="#dddddd", font=("TkDefaultFont", 14), justify="center")
+        self.warmer = tk.Label(root)  # never shown: giving it a photo makes Tk convert the pixels ahead
+        self.canvas.bind("<Configure>", self.on_resize)
+        self.chart.bind("<Configure>", lambda e: self.draw_chart())
+        self.bars.bind("<Configure>", lambda e: self.current and self.draw_guess(self.current))
+
+    def say(self, text, kind="note"):
+        """The message bar: errors (red) stay; notes (blue) go with the next answer."""
+        if not text:
+            if self.note == "note":
+                self.message.pack_forget()
+                self.note = None
+            return
+        self.note = kind
+        self.message.configure(text=text, bg={"error": "#b00020", "done": "#1b5e20"}.get(kind, "#0d47a1"))
+        self.message.pack(side="top", fill="x", before=self.canvas)
+
+    def callback_error(self, exc, value, tb):
+        traceback.print_exception(exc, value, tb)
+        self.say(f"window error: {exc.__name__}: {value} (every answer is saved; details on the console)", "error")
+
+    def log(self, kind, **fields):
+        if self.events:
+            self.events.write(json.dumps({"kind": kind, "t": time.time(), **fields}) + "\n")
+
+    # --- showing ----------------------------------------------------------------------------
+    def photo(self, q):
+        """q's picture as a Tk photo for the current box, converted for the display already."""
+        box, photo = self.photos.get(q.seq, (None, None))
+        if box != self.box:
+            photo = ImageTk.PhotoImage(q.fitted if q.box == self.box else fit(q.picture, self.box))
+            self.warmer.configure(image=photo)
+            self.photos[q.seq] = (self.box, photo)
+        return photo
+
+    def warm_next(self):
+        # While the person looks at this image, the next one's photo is made, so a key only swaps them.
+        keep = [q for q in (self.current, self.ready[0] if self.ready else None) if q and q.picture]
+        self.photos = {q.seq: self.photos[q.seq] for q in keep if q.seq in self.photos}
+        if len(keep) == 2 and not self.closing:
+            self.photo(keep[1])
+
+    def show(self):
+        q, c = self.current, self.canvas
+        # The progress widgets are drawn a moment later, once the image has gone to the display.
+        self.root.after(1, self.after_show)
+        if q is None:
+            c.itemconfigure(self.image_item, state="hidden")
+            c.itemconfigure(self.text_item, state="normal", text=(
+                "Session complete: every epoch is done and the checkpoint saved.\nClose the window (q)."
+                if self.finished else "No more questions in this run: training goes on over the answers.\n"
+                "Quit (q) at any time; --resume continues." if self.no_more else "preparing the next image…"))
+            self.root.title(f"{TITLE}  {'done' if self.finished else 'training' if self.no_more else 'preparing'}")
+            for label in (self.file, self.guess):
+                label.configure(text="")
+            self.bars.delete("all")
+            return
+        self.guesser.tell(shown=q.seq)
+        if q.picture is None:
+            c.itemconfigure(self.image_item, state="hidden")
+            c.itemconfigure(self.text_item, state="normal", text=q.problem + "\nanswer from the file name, or skip (s)")
+            self.say(q.problem)
+        else:
+            self.on_canvas = self.photo(q)  # held while shown, whatever warm_next lets go
+            c.itemconfigure(self.image_item, image=self.on_canvas, state="normal")
+            c.itemconfigure(self.text_item, state="hidden")
+        title = f"{TITLE}  {q.pos}/{len(self.rlhf.ds)}  {os.path.basename(q.path)}"
+        self.root.title(title)
+        self.file.configure(text=os.path.relpath(q.path, self.rlhf.ds.root))
+        self.draw_guess(q)
+        key_t, self.key_t = self.key_t, None
+        if self.events:  # after_idle runs after Tk's own redraws: "shown" is logged once the image is drawn
+            self.root.after_idle(lambda: self.log("shown", seq=q.seq, path=q.path, title=title, key_t=key_t))
+
+    def after_show(self):
+        self.status_line()
+        self.draw_chart()
+        self.warm_next()
+
+    def draw_guess(self, q):
+        b = self.bars
+        b.delete("all")
+        if self.cfg.get("blind"):
+            self.guess.configure(text="the model's guess is hidden (--blind)")
+            return
+        top, width = int(q.probs.argmax()), max(b.winfo_width(), 400) - 260
+        self.guess.configure(text=f"model's guess: {top} {self.names[top]}  ({q.probs[top]:.0%}, policy v{q.version})")
+        for c, p in enumerate(map(float, q.probs)):
+            y = 2 + 20 * c
+            b.create_text(12, y + 9, anchor="w", text=f"{c}  {self.names[c]}")
+            b.create_rectangle(150, y + 3, 150 + width, y + 16, outline="#bbbbbb")
+            b.create_rectangle(150, y + 3, 150 + max(1, width * p), y + 16, width=0,
+                               fill="#1565c0" if c == top else "#90a4ae")
+            b.create_text(160 + width, y + 9, anchor="w", text=f"{p:6.1%}")
+
+    def on_resize(self, event):
+        if event.width < 10 or event.height < 10:
+            return
+        self.box = self.guesser.box = (event.width, event.height)
+        for item in (self.image_item, self.text_item):
+            self.canvas.coords(item, event.width // 2, event.height // 2)
+        self.canvas.itemconfigure(self.text_item, width=event.width - 40)
+        if self.current is not None and self.current.picture is not None:
+            self.on_canvas = self.photo(self.current)
+            self.canvas.itemconfigure(self.image_item, image=self.on_canvas)
+
+    # --- keys -------------------------------------------------------------------------------
+    def on_key(self, event):
+        key, t = event.keysym, time.time()
+        self.log("key", t=t, key=key, xtime=event.time)  # xtime: when the X server made the event, in ms
+        if key.isdigit() and int(key) < len(self.names):
+            self.answer(int(key), t)
+        elif key in ("s", "S"):
+            self.answer(SKIP, t)
+        elif key in ("u", "U", "BackSpace"):
+            self.undo()
+        elif key in ("q", "Q", "Escape"):
+            self.quit(f"key {key}")
+
+    def answer(self, answer, t=None):
+        q = self.current
+        if q is None or self.closing:
+            return
+        row = {**self.rlhf.answer_row(q.index, answer, q.probs, q.sampled, q.version), "epoch": q.epoch}
+        added = self.store.add(**row)  # committed before anything else: a kill from here on loses nothing
+        self.trainer.inbox.put(("answer", (q, answer)))
+        self.history.append((q, answer, added))
+        self.count(q, answer, +1)
+        self.say("")
+        self.current, self.key_t = (self.ready.popleft() if self.ready else None), t or time.time()
+        self.show()
+
+    def undo(self):
+        if self.closing or self.finished:
+            return
+        if not self.history:
+            self.say(f"nothing to undo: u takes back the last {UNDO_DEPTH} answers of this session")
+            return
+        q, answer, added = self.history.pop()
+        if added:
+            self.store.remove(self.rlhf.ds.hashes[q.index])
+        self.trainer.inbox.put(("undo", q))
+        self.count(q, answer, -1)
+        if self.current is not None:
+            self.ready.appendleft(self.current)
+        self.current = q
+        self.say(f"undone: {os.path.basename(q.path)} ({'skip' if answer is SKIP else self.names[answer]}) "
+                 "is removed and will train nothing; answer it again")
+        self.show()
+
+    def count(self, q, answer, sign):
+        if answer is SKIP:
+            self.skipped += sign
+            return
+        self.answered += sign
+        if sign > 0:
+            self.agree.append(int(q.probs.argmax()) == answer)
+        else:
+            self.agree.pop()
+
+    def quit(self, why):
+        """Stop taking keys; the poll closes the window once the running update has finished."""
+        if self.closing:
+            return
+        self.closing, running = True, self.trainer.updating.is_set()
+        self.log("quit", why=why, update_running=running)
+        self.trainer.stop()
+        self.guesser.tell(stopping=True)
+        for b in self.buttons:
+            b.configure(state="disabled")
+        self.say("Finishing the running update, then saving the checkpoint; every answer is saved already."
+                 if running else "Saving the checkpoint…")
+
+    # --- the workers' messages --------------------------------------------------------------
+    def poll(self):
+        for _ in range(POLL_BATCH):
+            try:
+                kind, payload = self.outbox.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                self.handle(kind, payload)
+            except Exception:  # shown in the message bar; the poll must go on
+                self.callback_error(*sys.exc_info())
+        if self.signals and not self.closing:
+            self.quit("signal")
+        if self.closing and not self.trainer.is_alive():
+            self.after_id = None
+            self.root.destroy()
+            return
+        self.after_id = self.root.after(POLL_MS, self.poll)
+
+    def handle(self, kind, payload):
+        if kind == "question":
+            self.ready.append(payload)
+            if self.current is None and not self.closing:
+                self.current = self.ready.popleft()
+                self.show()
+            elif len(self.ready) == 1:
+                self.warm_next()
+            return
+        if kind == "no_more_questions":
+            self.no_more = True
+        elif kind == "update_started":
+            self.running = payload
+        elif kind in ("metrics", "refit"):
+            self.running = None
+            self.metrics = payload if kind == "metrics" else self.metrics
+        elif kind == "epoch":
+            self.epoch = payload
+        elif kind == "error":
+            print(f"error: {payload}", file=sys.stderr)
+            self.running = None
+            self.say(payload, "error")
+        elif kind == "done":
+            self.finished, self.running = True, None
+            self.say(f"Session complete: {self.answered} answers, {payload} updates. Close the window (q).", "done")
+        self.log(kind, **({"update": payload.get("update")} if isinstance(payload, dict) else
+                          {"text": payload} if kind == "error" else {"epoch": payload} if kind == "epoch" else {}))
+        self.show() if self.current is None else self.status_line()
+
+    def status_line(self):
+        q, m, epochs = self.current, self.metrics, self.cfg["epochs"]
+        epoch = q.epoch + 1 if q else min(self.epoch + 1, epochs)
+        line = f"{self.answered} answered · {self.skipped} skipped · " + (
+            f"{q.left} left in epoch {epoch}/{epochs}" if q else f"epoch {epoch}/{epochs}")
+        if self.agree:
+            recent = self.agree[-RECENT:]
+            line += (f"   agreement {sum(recent) / len(recent):.0%} last {len(recent)}"
+                     f" · {sum(self.agree) / len(self.agree):.0%} overall")
+        last = (f"update {m['update']}: reward {m.get('mean_reward', float('nan')):+.2f} · "
+                f"KL {m.get('approx_kl', float('nan')):.4f} · {m.get('update_s', 0):.1f}s" if m else "no update yet")
+        need = self.cfg["batch_size"] - len(self.rlhf.pending)  # a glance at the trainer's list
+        now = ("training stopped (see above)" if self.trainer.failed else "done" if self.finished
+               else f"training update {self.running['update']}…" if self.running and self.running["update"]
+               else "refitting the reward model without the undone answer…" if self.running
+               else "training on the answers" if self.no_more
+               else f"next update after {need} more answers" if need > 0 else "update due")
+        self.status.configure(text=f"{line}\n{last}   ·   {now}")
+
+    def draw_chart(self):
+        c, agree, n = self.chart, self.agree, len(self.agree)
+        c.delete("all")
+        w, h = max(c.winfo_width(), 200), int(c["height"])
+        c.create_text(8, 4, anchor="nw", font=("TkDefaultFont", 9), fill="#444444",
+                      text="agreement with you over answers:  blue last 20 · grey overall · dashed chance")
+        x0, x1, y0, y1 = 40, w - 10, 20, h - 6
+        c.create_rectangle(x0, y0, x1, y1, outline="#cccccc")
+        for v in (0.0, 0.5, 1.0):
+            c.create_text(x0 - 4, y1 - v * (y1 - y0), anchor="e", font=("TkDefaultFont", 8), text=f"{v:.0%}")
+        chance = y1 - (y1 - y0) / len(self.names)
+        c.create_line(x0, chance, x1, chance, dash=(4, 3), fill="#999999")
+        if n < 2:
+            return
+        stride, recent, overall, total = max(1, n // (x1 - x0)), [], [], 0
+        for i, a in enumerate(agree):
+            total += a
+            if i % stride == 0 or i == n - 1:
+                x, window = x0 + (x1 - x0) * i / (n - 1), agree[max(0, i - RECENT + 1):i + 1]
+                recent += [x, y1 - (y1 - y0) * sum(window) / len(window)]
+                overall += [x, y1 - (y1 - y0) * total / (i + 1)]
+        c.create_line(*overall, fill="#9e9e9e", width=2)
+        c.create_line(*recent, fill="#1565c0", width=2)
+
+
+def run_session(root, rlhf, learner, store, cfg):
+    """The labeling session in the window from open_root(): 0, or 1 when training failed (then the caller
+    keeps the last good checkpoint instead of saving); every answer is in the store either way."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # one core trains, the other keeps keys quick (bench/gui_latency.py)
+    # Every Tk call hands the GIL back; with the default 5 ms switch interval a busy trainer thread
+    # made each of a key's ~30 Tk calls wait up to 5 ms for it.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    outbox = queue.Queue()
+    policy = copy.deepcopy(learner.policy).eval().requires_grad_(False)
+    screen = (root.winfo_screenwidth(), root.winfo_screenheight())
+    trainer = Trainer(rlhf, learner, outbox, cfg["epochs"])
+    guesser = trainer.guesser = Guesser(rlhf, outbox, trainer.inbox, policy, learner.version, screen)
+    gui_store = type(store)(store.path)  # the Tk thread's own connection, for its commits
+    window = LabelingWindow(root, rlhf, gui_store, cfg, guesser, trainer, outbox)
+
+    def on_signal(signum, frame):  # Ctrl-C, kill: the poll quits as the q key does
+        window.signals += 1
+        if window.signals > 1:  # asked twice: do not wait for the running update
+            print("quit without waiting for the running update: every answer is saved, the checkpoint is "
+                  "the last finished update's; continue with --resume", file=sys.stderr, flush=True)
+            os._exit(130)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        guesser.start()
+        trainer.start()
+        window.show()
+        root.deiconify()
+        window.after_id = root.after(POLL_MS, window.poll)
+        root.mainloop()
+        if window.after_id is not None:  # the window went without a quit: stop polling it
+            try:
+                root.after_cancel(window.after_id)
+            except tk.TclError:
+                pass
+        trainer.stop()
+        guesser.tell(stopping=True)
+        while trainer.is_alive():  # the window went without a quit: the update still finishes
+            trainer.join(0.2)
+        guesser.join(5)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sys.setswitchinterval(switch)
+        gui_store.close()
+        if window.events:
+            window.events.close()
+    return 1 if trainer.failed else 0

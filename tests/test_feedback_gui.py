@@ -1,0 +1,271 @@
+"""The labeling window as a person uses it: a real Tk window on a private Xvfb, keys sent with xdotool,
+and the SQLite store checked for exactly the answers given. The app's RLHF_GUI_EVENTS log tells the
+test when the window has shown the next image, so the test waits on state, never on the clock."""
+import ctypes
+import ctypes.util
+import json
+import os
+import select
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image, ImageStat
+
+from conftest import HYMENOPTERA, ROOT, assert_user_error, make_subset
+
+SCREENS = "/tmp/rlhf-imgcls-screens"
+TINY = ["--feedback", "gui", "--image-size", "32", "--weights", "none", "--batch-size", "4", "--epochs", "1"]
+WAIT_S = 120  # a hung window fails the test instead of hanging it
+STARTED = []  # every app process, so that a failed test leaves none running
+
+
+@pytest.fixture(scope="module")
+def display():
+    """A private Xvfb (it picks a free display number itself)."""
+    if not (shutil.which("Xvfb") and shutil.which("xdotool") and shutil.which("import")):
+        pytest.skip("the window tests need Xvfb, xdotool and ImageMagick's import")
+    read_end, write_end = os.pipe()
+    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
+                            pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    number = b""
+    while not number.endswith(b"\n") and select.select([read_end], [], [], 30)[0]:
+        chunk = os.read(read_end, 64)  # Xvfb writes the number once it accepts connections
+        if not chunk:
+            break
+        number += chunk
+    if not number.strip().isdigit():
+        xvfb.kill()
+        pytest.fail(f"Xvfb did not report a display number ({number!r})")
+    yield f":{number.decode().strip()}"
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    xvfb.terminate()
+    xvfb.wait(10)
+    os.close(read_end)  # only now: Xvfb dies of SIGPIPE if it writes to a closed pipe
+
+
+@pytest.fixture
+def pool(tmp_path):
+    return make_subset(tmp_path / "pool", HYMENOPTERA, 10)  # 10 ants + 10 bees
+
+
+class Session:
+    """train_rlhf.py --feedback gui on the test display, with its event log and its window."""
+
+    def __init__(self, display, tmp_path, *args):
+        self.display = display
+        self.log = tmp_path / f"events-{time.monotonic_ns()}.jsonl"
+        env = {**os.environ, "DISPLAY": display, "RLHF_GUI_EVENTS": str(self.log), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_rlhf.py"), *map(str, args)],
+                                     cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        STARTED.append(self.proc)
+        self.wait_for("shown")
+        self.window = self.xdotool("search", "--onlyvisible", "--name", "^rlhf-imgcls").split()[0]
+        self.xdotool("windowfocus", "--sync", self.window)
+
+    def xdotool(self, *args):
+        return subprocess.run(["xdotool", *args], env={**os.environ, "DISPLAY": self.display}, check=True,
+                              capture_output=True, text=True, timeout=30).stdout
+
+    def events(self, kind=None):
+        if not self.log.exists():
+            return []
+        lines = self.log.read_text().split("\n")[:-1]  # the last piece may be a line being written
+        return [e for e in map(json.loads, lines) if kind is None or e["kind"] == kind]
+
+    def wait_for(self, kind, count=1):
+        deadline = time.monotonic() + WAIT_S
+        while len(self.events(kind)) < count:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the app ended (rc {self.proc.returncode}) before {count} {kind} events: "
+                            + self.proc.stderr.read())
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"no {count} {kind} events within {WAIT_S}s: {self.events()}")
+            time.sleep(0.05)
+        return self.events(kind)
+
+    def keys(self, *keys):
+        """Press keys one by one, each time waiting until the window shows the image that follows."""
+        for key in keys:
+            shown = len(self.events("shown"))
+            self.xdotool("key", key)
+            if key not in ("q", "Escape"):
+                self.wait_for("shown", shown + 1)
+
+    def screenshot(self, name):
+        path = os.path.join(SCREENS, name)
+        os.makedirs(SCREENS, exist_ok=True)
+        subprocess.run(["import", "-window", self.window, path], env={**os.environ, "DISPLAY": self.display},
+                       check=True, timeout=30)
+        return path
+
+    def finish(self):
+        out, err = self.proc.communicate(timeout=WAIT_S)
+        return self.proc.returncode, out, err
+
+
+def send_wm_delete(display, window):
+    """What a window manager sends when the person clicks the window's close button (WM_DELETE_WINDOW)."""
+    class ClientMessage(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong), ("send_event", ctypes.c_int),
+                    ("display", ctypes.c_void_p), ("window", ctypes.c_ulong), ("message_type", ctypes.c_ulong),
+                    ("format", ctypes.c_int), ("data", ctypes.c_long * 5)]
+
+    class XEvent(ctypes.Union):
+        _fields_ = [("xclient", ClientMessage), ("pad", ctypes.c_long * 24)]
+
+    x11 = ctypes.cdll.LoadLibrary(ctypes.util.find_library("X11"))
+    x11.XOpenDisplay.restype = ctypes.c_void_p
+    x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    x11.XInternAtom.restype = ctypes.c_ulong
+    x11.XInternAtom.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    x11.XSendEvent.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_long, ctypes.POINTER(XEvent)]
+    x11.XFlush.argtypes = x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    dpy = x11.XOpenDisplay(display.encode())
+    assert dpy, f"cannot open {display}"
+    event = XEvent()
+    event.xclient.type, event.xclient.window, event.xclient.format = 33, int(window), 32  # 33: ClientMessage
+    event.xclient.message_type = x11.XInternAtom(dpy, b"WM_PROTOCOLS", False)
+    event.xclient.data[0] = x11.XInternAtom(dpy, b"WM_DELETE_WINDOW", False)
+    assert x11.XSendEvent(dpy, int(window), False, 0, ctypes.byref(event))
+    x11.XFlush(dpy)
+    x11.XCloseDisplay(dpy)
+
+
+def store(run_dir):
+    with sqlite3.connect(os.path.join(run_dir, "feedback.sqlite")) as db:
+        return {path: (answer, version) for path, answer, version
+                in db.execute("SELECT path, answer, policy_version FROM answers")}
+
+
+def answers(run_dir):
+    return {path: answer for path, (answer, _) in store(run_dir).items()}
+
+
+def question_paths(session):
+    """Pool path of each question, by its number in the session."""
+    return {e["seq"]: e["path"] for e in session.events("shown")}
+
+
+def test_keys_answer_skip_undo_and_quit_and_the_store_holds_exactly_the_answers(display, tmp_path, pool):
+    out = tmp_path / "run"
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY)
+    s.keys("0", "1", "s", "1")   # questions 0-3; the fourth answer makes an update due
+    s.keys("u")                  # question 3 is asked again ...
+    s.keys("0", "BackSpace", "BackSpace")  # ... answered 0, undone, and the skip of question 2 undone too
+    s.keys("1", "0")             # question 2 answered 1, question 3 answered 0
+    s.wait_for("metrics")
+    s.keys("u")                  # question 3 once more: its answer has trained, so the reward model is refit
+    s.wait_for("refit")
+    s.keys("0")
+    shot = s.screenshot("labeling_window.png")
+    shutil.copy(shot, tmp_path / "labeling_window.png")
+    s.keys("q")
+    rc, stdout, stderr = s.finish()
+    assert rc == 0, stderr
+    paths = question_paths(s)
+    assert answers(out) == {paths[0]: 0, paths[1]: 1, paths[2]: 1, paths[3]: 0}
+    assert all(version == 0 for _, version in store(out).values())  # every guess came before the first update
+    titles = [e["title"] for e in s.events("shown")]
+    assert titles[0] == f"rlhf-imgcls  1/20  {os.path.basename(paths[0])}"
+    assert [e["seq"] for e in s.events("shown")] == [0, 1, 2, 3, 4, 3, 4, 3, 2, 3, 4, 3, 4]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 1
+    picture = Image.open(shot).convert("L")
+    assert picture.size[0] >= 480 and ImageStat.Stat(picture).stddev[0] > 10, "blank screenshot"
+
+
+def test_closing_the_window_during_an_update_loses_nothing(display, tmp_path, pool):
+    out = tmp_path / "run"
+    # Bigger images and more PPO passes, so the update is still running when the window closes.
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--image-size", "64",
+                "--update-epochs", "12")
+    s.keys("1", "0", "1", "1")
+    s.wait_for("update_started")
+    s.keys("0", "s")  # the window keeps answering while the update runs
+    send_wm_delete(display, s.window)
+    rc, stdout, stderr = s.finish()
+    assert rc == 0, stderr
+    quit_event, = s.events("quit")
+    assert quit_event["update_running"], "the window closed after the update, not during it"
+    kinds = [e["kind"] for e in s.events() if e["kind"] in ("shown", "metrics")]
+    assert kinds.index("metrics") == len(kinds) - 1, "answers during the update waited for it"
+    paths = question_paths(s)
+    assert answers(out) == {paths[0]: 1, paths[1]: 0, paths[2]: 1, paths[3]: 1, paths[4]: 0, paths[5]: None}
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1  # the update finished, then saved
+
+
+def test_sigterm_keeps_the_answers_and_resume_reopens_at_the_first_unanswered_image(display, tmp_path, pool):
+    out = tmp_path / "run"
+    # The epoch's seeded order (--order uncertain would reopen at the least sure unanswered image).
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--order", "random")
+    s.keys("0", "1", "0")
+    waiting = s.events("shown")[-1]
+    s.proc.send_signal(signal.SIGTERM)
+    rc, stdout, stderr = s.finish()
+    assert rc == 0, stderr
+    paths = question_paths(s)
+    assert answers(out) == {paths[0]: 0, paths[1]: 1, paths[2]: 0}
+    assert (out / "checkpoint.pt").is_file()
+
+    again = Session(display, tmp_path, "--out", out, "--resume")
+    first = again.events("shown")[0]
+    assert (first["title"], first["path"]) == (waiting["title"], waiting["path"])
+    again.keys("1", "Escape")
+    rc, stdout, stderr = again.finish()
+    assert rc == 0, stderr
+    assert answers(out) == {paths[0]: 0, paths[1]: 1, paths[2]: 0, first["path"]: 1}
+
+
+def test_after_the_last_question_training_finishes_the_epochs_and_the_window_says_so(display, tmp_path, pool):
+    out = tmp_path / "run"
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--epochs", "2", "--max-answers", "6",
+                "--rm-min-answers", "4")
+    s.keys("0", "1", "1", "s", "0")
+    s.xdotool("key", "1")  # the last question: no image follows it
+    s.wait_for("done")
+    assert s.xdotool("getwindowname", s.window).strip() == "rlhf-imgcls  done"
+    s.keys("q")
+    rc, stdout, stderr = s.finish()
+    assert rc == 0, stderr
+    assert len(answers(out)) == 6 and sum(a is None for a in answers(out).values()) == 1
+    assert [e["epoch"] for e in s.events("epoch")] == [1, 2]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert (out / "training_data.json").is_file()
+
+
+def test_a_training_crash_reaches_the_window_and_keeps_every_answer(display, tmp_path, pool):
+    out = tmp_path / "run"
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--surrogate", "broken")
+    s.keys("0", "0", "1", "1")
+    error, = s.wait_for("error")
+    assert "training stopped: ValueError" in error["text"] and "--resume" in error["text"]
+    s.screenshot("labeling_window_error.png")
+    s.keys("1", "q")  # answers still go to the store
+    rc, stdout, stderr = s.finish()
+    assert rc == 1 and "training stopped: ValueError" in stderr
+    assert len(answers(out)) == 5
+
+
+def test_without_a_display_one_line_names_the_ways_out(tmp_path, pool):
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_rlhf.py"), "--images", pool,
+                           "--out", str(tmp_path / "run"), *TINY], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert_user_error(proc, "--feedback folder", "xvfb-run")
+
+
+def test_the_headless_path_and_the_training_modules_never_import_tkinter():
+    code = ("import sys, train_rlhf, ppo, models, learner, rlhf_run\n"
+            "assert 'tkinter' not in sys.modules, 'tkinter imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=WAIT_S)
