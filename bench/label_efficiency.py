@@ -36,7 +36,8 @@ from train_rlhf import FolderLabeler, default_config, open_run, run_headless  # 
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "hymenoptera_data", "train")
-METHODS = ("rlhf_uncertain", "rlhf_random", "ppo_human_only", "original", "supervised")
+# In order of importance, so a benchmark cut short has the main comparisons first.
+METHODS = ("rlhf_uncertain", "supervised", "rlhf_random", "original", "ppo_human_only")
 NOISY_METHODS = ("rlhf_uncertain", "supervised")
 
 
@@ -149,6 +150,9 @@ def summarize(results, budgets, labels):
     for name in results:
         cells = []
         for b in budgets:
+            if not results[name][b]:
+                cells.append("-")
+                continue
             accs = [acc for acc, _ in results[name][b]]
             asked = statistics.mean(q for _, q in results[name][b])
             spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
@@ -166,10 +170,12 @@ def plot(results, budgets, x_values, path, title):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in results:
-        means = [statistics.mean(a for a, _ in results[name][b]) for b in budgets]
-        errs = [statistics.stdev([a for a, _ in results[name][b]]) if len(results[name][b]) > 1 else 0
-                for b in budgets]
-        ax.errorbar(x_values, means, yerr=errs, marker="o", capsize=3, label=name)
+        done = [(x, [a for a, _ in results[name][b]]) for x, b in zip(x_values, budgets) if results[name][b]]
+        if not done:
+            continue
+        ax.errorbar([x for x, _ in done], [statistics.mean(a) for _, a in done],
+                    yerr=[statistics.stdev(a) if len(a) > 1 else 0 for _, a in done],
+                    marker="o", capsize=3, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("answers (distinct images)")
     ax.set_ylabel("validation accuracy")
@@ -234,8 +240,8 @@ def main(argv=None):
                     results[name][b].append((acc, asked))
                     print(f"{name:32s} budget {b:4d} seed {seed}: val_acc {acc:.3f}  questions {asked}"
                           f"  [{time.time() - t0:.0f}s]", flush=True)
-            # written after every method, so a long benchmark leaves its finished rows behind
-            table, header = write_results(results, budgets, len(ds), len(val), args, origin, t0)
+                # written after every cell, so a long benchmark leaves what it finished behind
+                table, header = write_results(results, budgets, len(ds), len(val), args, origin, t0)
     print(header)
     print(table)
     return 0

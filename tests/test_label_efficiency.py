@@ -29,24 +29,23 @@ def make_run(tmp_path, explore, n_per_class=10, **cfg):
     return RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
 
 
+def questions_asked(run, ranking):
+    """Answer every question of epoch 0, with the models' ranking replaced by a known one."""
+    run.rank_questions = lambda unasked, rng: [i for i in ranking if i in unasked]
+    asked = []
+    for index, ask in run.epoch_visits(0):
+        if ask:
+            asked.append(index)
+            run.answer_of[index] = 0
+    return asked
+
+
 def test_uncertain_order_asks_the_ranking_with_a_random_share(tmp_path):
     run = make_run(tmp_path, explore=0.0)
     ranking = list(reversed(range(len(run.ds))))  # a known "least sure first" order
-    run.rank_questions = lambda unasked, rng: [i for i in ranking if i in unasked]
-    asked = []
-    for index, ask in run.epoch_visits(0):
-        if ask:
-            asked.append(index)
-            run.answer_of[index] = 0
-    assert asked == ranking
+    assert questions_asked(run, ranking) == ranking
 
-    run = make_run(tmp_path / "b", explore=0.5)
-    run.rank_questions = lambda unasked, rng: [i for i in ranking if i in unasked]
-    asked = []
-    for index, ask in run.epoch_visits(0):
-        if ask:
-            asked.append(index)
-            run.answer_of[index] = 0
+    asked = questions_asked(make_run(tmp_path / "b", explore=0.5), ranking)
     assert sorted(asked) == sorted(ranking)  # every image exactly once
     heads = sum(1 for k, i in enumerate(asked) if i == max(set(ranking) - set(asked[:k])))
     assert 0 < len(asked) - heads < len(asked)  # some questions came from the random share, most did not
@@ -128,7 +127,7 @@ def test_benchmark_writes_its_table_and_plot(tmp_path):
     val = make_subset(tmp_path / "val", HYMENOPTERA, 3, offset=40)
     out = tmp_path / "out"
     assert label_efficiency.main(["--images", train, "--val", val, "--budgets", "4", "all", "--seeds", "0",
-                                  "--epochs", "1", "--image-size", "64", "--out", str(out)]) == 0
+                                  "--epochs", "1", "--image-size", "48", "--out", str(out)]) == 0
     table = (out / "results.md").read_text()
     for name in ("rlhf_uncertain", "rlhf_random", "ppo_human_only", "original", "supervised",
                  "rlhf_uncertain (noise 0.1)", "supervised (noise 0.1)"):
