@@ -40,7 +40,8 @@ def test_policy_learns_answered_images_and_update_counts_versions(tmp_path):
 def test_head_finetuning_trains_only_the_head():
     learner = Learner(2, None, "head", seed=0)
     before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
-    x = torch.randn(4, 3, 32, 32)
+    x = learner.encode(torch.randn(4, 3, 32, 32))  # the frozen layers' output, as the feature cache holds
+    assert x.shape == (4, 512)
     learner.update(x, torch.tensor([0, 1, 0, 1]))
     after = learner.policy.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
