@@ -59,7 +59,6 @@ class RLHFRun:
         for i, h in enumerate(dataset.hashes):
             if h in by_hash:
                 self.answer_of[i] = by_hash[h]
-        self.last_metrics = {}
         self.cache = None
         if learner.finetune != "all":
             key = f"{learner.finetune}-{dataset.image_size}-{weights_digest(learner.encoder)}"
@@ -227,7 +226,6 @@ class RLHFRun:
 
     # --- files ------------------------------------------------------------------------------
     def write_metrics(self, metrics):
-        self.last_metrics = metrics
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         parts = [f"update {metrics['update']:4d}", f"epoch {metrics['epoch']}", f"answers {metrics['answers']}"]

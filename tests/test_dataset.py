@@ -1,6 +1,5 @@
 """The image pool: deterministic scan, class folders, bad files skipped with one warning."""
 import os
-import shutil
 import warnings
 
 import pytest

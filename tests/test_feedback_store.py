@@ -1,5 +1,4 @@
 """Answers are committed the moment they are given and survive a killed process."""
-import os
 import signal
 import subprocess
 import sys
