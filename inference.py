@@ -5,6 +5,7 @@
     python inference.py photo.jpg more_photos/           # table of predictions, folders searched recursively
     python inference.py DIR --csv out.csv                # or --json out.json: path, class, every probability
     python inference.py DIR --model rlhf_models.pth      # a checkpoint written by the original script
+    torchrun --nproc_per_node=2 inference.py DIR --csv out.csv   # split over 2 processes, one CSV
 
 Exit code 0 when at least one image was classified, 2 on bad input or when none could be.
 """
@@ -26,6 +27,7 @@ import torch
 from PIL import Image
 
 from checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_bytes, load_checkpoint, resolve_run_dir
+from ddp import PeerLostError, Ranks
 from dataset import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, list_image_files, load_image, normalize
 
 # The original script trained ants/bees at 224 px on ImageNet statistics and saved no class names.
@@ -338,7 +340,17 @@ def build_parser():
                    help="image-decoding processes (default %(default)s; 0: decode in the main process)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto (default): bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="where the batch CLI runs the model (default cpu; auto: CUDA when available)")
     return p
+
+
+def shard_files(files, batch_size, ranks):
+    """This process's share of the files: a contiguous run of whole batches, so every batch holds the same
+    images as in one process and the predictions are bit-for-bit the same."""
+    batches = -(-len(files) // batch_size)
+    first, last = ranks.block(batches)
+    return files[first * batch_size:last * batch_size]
 
 
 def main(argv=None):
@@ -348,6 +360,9 @@ def main(argv=None):
     if not args.paths:
         if args.csv or args.json:
             raise InferenceError("--csv/--json need images: python inference.py IMG_OR_DIR ... --csv out.csv")
+        if Ranks.launched():
+            raise InferenceError("the window is one process: run python inference.py without torchrun, or "
+                                 "pass IMG_OR_DIR to classify files")
         return run_window(args.model, args.open, args.precision)
     if args.batch_size < 1 or args.workers < 0:
         raise InferenceError("--batch-size must be at least 1 and --workers at least 0")
@@ -360,10 +375,22 @@ def main(argv=None):
         check_writable(out, flag)
     clf = load_classifier(args.model)
     precision = pick_precision(args.precision)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InferenceError("--device cuda: no CUDA device is available here: use --device cpu")
+    ranks = Ranks.from_environment(device)
+    if device == "cuda" and ranks.active:
+        device = f"cuda:{ranks.local_rank}"
+        torch.cuda.set_device(device)
     t0 = time.perf_counter()
-    show = progress_bar if sys.stderr.isatty() and len(files) > 2 * args.batch_size else None
-    rows = classify_files(clf, files, args.batch_size, args.workers, precision, progress=show)
+    mine = shard_files(files, args.batch_size, ranks)
+    show = progress_bar if sys.stderr.isatty() and len(mine) > 2 * args.batch_size and ranks.is_main else None
+    rows = classify_files(clf, mine, args.batch_size, args.workers, precision, device.split(":")[0], progress=show)
+    rows = [r for part in ranks.gather(rows) for r in part]  # rank order is file order
     seconds = time.perf_counter() - t0
+    ranks.close()
+    if not ranks.is_main:
+        return 0
     done = [r for r in rows if r["error"] is None]
     for r in (r for r in rows if r["error"]):
         print(f"skipped {r['path']}: {r['error']}", file=sys.stderr)
@@ -380,6 +407,7 @@ def main(argv=None):
     counts = ", ".join(f"{c} {sum(r['predicted'] == c for r in done)}" for c in clf.class_names)
     print(f"{len(done)} of {len(files)} images classified ({counts}), {len(rows) - len(done)} unreadable; "
           f"{len(done) / seconds:.1f} images/s, {precision}, model {clf.name}"
+          + (f", {ranks.world} processes" if ranks.active else "")
           + (f"; wrote {out}" if out else ""))
     return 0
 
@@ -388,8 +416,13 @@ def cli():
     try:
         sys.exit(main())
     except (InferenceError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process meets it; one says so
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except PeerLostError as err:
+        print(f"error: process {os.environ.get('RANK')} of the torchrun job lost the others ({err}): "
+              "nothing was written; run it again", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -8,16 +8,23 @@ are identical (the reward model starts from the policy's backbone), so every met
 the frozen layers' output (`Learner.encode`, cached per image by feature_cache.py) rather than pixels.
 With --finetune all, inputs are the normalised images themselves.
 
+Under torchrun (`ranks`), every process runs the same Learner on the same batches: forwards without
+gradients compute a block of the rows each (`Ranks.map_rows`), gradient steps compute a block of each
+minibatch with the policy and reward model in DistributedDataParallel, and BatchNorm takes the statistics
+of the whole minibatch across processes (ddp.GlobalBatchNorm2d), so every process holds the same models.
+
 BatchNorm: the trainable layers train in train mode (statistics of each minibatch), and ppo_update scores
 the old policy on the very same minibatches, so the first PPO ratio is exactly 1. A minibatch of one image
 runs in eval mode: one image has no batch statistics at small spatial sizes.
 """
 import copy
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ddp import Ranks, use_global_batchnorm, wrap_ddp
 from models import PolicyModel, RewardModel, frozen_part, set_finetune, trainable_part
 from ppo import PPOConfig, ppo_update
 
@@ -27,7 +34,8 @@ class RewardModelConfig:
     rm_learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the reward model"})
     rm_batch_size: int = field(default=32, metadata={"help": "answers per reward-model step: the newest batch plus a replay of older answers"})
     rm_steps: int = field(default=2, metadata={"help": "reward-model gradient steps per update"})
-    rm_min_answers: int = field(default=16, metadata={"help": "answers the reward model must have seen before its rewards train the policy"})
+    rm_min_answers: int = field(default=16, metadata={"help": "answers the reward model must have predicted before it was fitted on them, before its rewards train the policy"})
+    rm_window: int = field(default=64, metadata={"help": "how many of the newest answers measure the reward model's reliability"})
 
     def to_dict(self):
         return asdict(self)
@@ -38,17 +46,30 @@ def one_hot_rewards(answers, num_classes):
     return 2.0 * F.one_hot(answers, num_classes).float() - 1.0
 
 
+def reliability(correct, num_classes, min_count):
+    """How far to trust a predictor from its hits on answers it had not seen: 0 at chance, 1 when always
+    right, taken at one standard error below the measured accuracy so a lucky few answers do not count."""
+    n = len(correct)
+    if n < max(1, min_count):
+        return 0.0
+    acc = sum(correct) / n
+    lower = acc - math.sqrt(acc * (1.0 - acc) / n)
+    chance = 1.0 / num_classes
+    return max(0.0, min(1.0, (lower - chance) / (1.0 - chance)))
+
+
 def set_train_mode(model, batch_size):
     """Train mode for BatchNorm statistics, except for batches of one."""
     model.train(batch_size >= 2)
 
 
-def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, generator):
+def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, generator, ranks=None):
     """`steps` cross-entropy steps on the reward model; x, answers: every answered image to draw from.
 
     The first minibatch always starts with the first rows (the caller puts the newest answers there).
-    Returns the mean loss.
+    With `ranks`, each process computes its block of every minibatch. Returns the mean loss.
     """
+    ranks = ranks or Ranks()
     n = x.shape[0]
     losses = []
     for step in range(steps):
@@ -57,28 +78,33 @@ def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, 
         else:
             idx = torch.randperm(n, generator=generator)[:batch_size]
         set_train_mode(reward_model, idx.numel())
-        loss = F.cross_entropy(reward_model(x[idx]), answers[idx])
+        start, stop = ranks.block(idx.numel())
+        rows = idx[start:stop].to(x.device)
+        loss = F.cross_entropy(reward_model(x[rows]), answers[rows], reduction="sum") / (idx.numel() / ranks.world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     reward_model.eval()
-    return sum(losses) / max(1, len(losses))
+    return sum(ranks.sum_floats(losses)) / ranks.world / max(1, len(losses))
 
 
 class Learner:
     """Policy, reward model, frozen reference policy and their optimisers, on one device."""
 
     def __init__(self, num_classes, backbone_state=None, finetune="all", ppo_cfg=None, rm_cfg=None,
-                 device="cpu", seed=0):
+                 device="cpu", seed=0, ranks=None):
         self.num_classes = num_classes
         self.finetune = finetune
         self.ppo_cfg = ppo_cfg or PPOConfig()
         self.rm_cfg = rm_cfg or RewardModelConfig()
         self.device = torch.device(device)
+        self.ranks = ranks or Ranks()
         torch.manual_seed(seed)
         self.policy = PolicyModel(num_classes, backbone_state).to(self.device).eval()
         self.reward_model = RewardModel(num_classes).to(self.device).eval()
+        if self.ranks.active:
+            use_global_batchnorm(self.policy), use_global_batchnorm(self.reward_model)
         backbone = {k: v for k, v in self.policy.state_dict().items() if not k.startswith("model.fc.")}
         self.reward_model.load_state_dict(backbone, strict=False)  # same start, so frozen layers are shared
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
@@ -88,26 +114,43 @@ class Learner:
         self.policy_net = trainable_part(self.policy, finetune)
         self.rm_net = trainable_part(self.reward_model, finetune)
         self.reference_net = trainable_part(self.reference, finetune)
+        self.policy_ddp = wrap_ddp(self.policy_net, self.ranks)
+        self.rm_ddp = wrap_ddp(self.rm_net, self.ranks)
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0  # policy updates so far: recorded with each answer
+        self.rm_fresh = []  # 1/0: did the reward model predict each new answer before it was fitted on it
 
     @torch.no_grad()
     def encode(self, images):
         """Inputs of the trainable layers for a normalised image batch (identity with --finetune all)."""
         self.encoder.eval()
-        return self.encoder(images.to(self.device)).cpu()
+        return self.ranks.map_rows(lambda x: self.encoder(x.to(self.device)).cpu(), images)
 
     @torch.no_grad()
     def policy_probs(self, inputs):
         """Class probabilities of the current policy (eval mode) for a batch of inputs."""
         self.policy.eval()
-        return torch.softmax(self.policy_net(inputs.to(self.device)).float(), dim=-1).cpu()
+        return self.ranks.map_rows(lambda x: torch.softmax(self.policy_net(x.to(self.device)).float(), dim=-1).cpu(),
+                                   inputs)
+
+    @torch.no_grad()
+    def image_probs(self, images):
+        """Class probabilities of the whole policy (eval mode) for normalised images, whatever --finetune."""
+        self.policy.eval()
+        return self.ranks.map_rows(lambda x: torch.softmax(self.policy(x.to(self.device)).float(), dim=-1).cpu(),
+                                   images)
 
     @torch.no_grad()
     def predicted_rewards(self, inputs):
         """The reward model's predicted human reward of every class, (N, K) in [-1, 1]."""
         self.reward_model.eval()
-        return RewardModel.rewards_from_logits(self.rm_net(inputs.to(self.device)).float()).cpu()
+        return self.ranks.map_rows(
+            lambda x: RewardModel.rewards_from_logits(self.rm_net(x.to(self.device)).float()).cpu(), inputs)
+
+    def rm_reliability(self):
+        """Weight of the reward model's rewards: its accuracy on the newest answers before it saw them,
+        rescaled so chance is 0 (see `reliability`)."""
+        return reliability(self.rm_fresh[-self.rm_cfg.rm_window:], self.num_classes, self.rm_cfg.rm_min_answers)
 
     def sample(self, probs):
         """Sample one class per row with the learner's own seeded generator."""
@@ -117,38 +160,46 @@ class Learner:
         """One PPO update of the policy on inputs x with reward vectors (N, K); returns statistics."""
         x, rewards = x.to(self.device), rewards.to(self.device)
         with torch.no_grad():
-            ref_logprobs = F.log_softmax(self.reference_net(x).float(), dim=-1)
+            ref_logprobs = self.ranks.map_rows(lambda rows: F.log_softmax(self.reference_net(rows).float(), dim=-1), x)
         mb_size = -(-x.shape[0] // max(1, self.ppo_cfg.num_minibatches))
         set_train_mode(self.policy_net, mb_size)
-        stats = ppo_update(self.policy_net, self.policy_opt, x, rewards, self.ppo_cfg,
-                           ref_logprobs=ref_logprobs, generator=self.generator)
+        stats = ppo_update(self.policy_ddp, self.policy_opt, x, rewards, self.ppo_cfg,
+                           ref_logprobs=ref_logprobs, generator=self.generator, ranks=self.ranks)
         self.policy.eval()
         self.version += 1
         return stats
 
-    def update(self, x_new, answers_new, x_replay=None, answers_replay=None, x_unanswered=None):
+    def update(self, x_new, answers_new, x_replay=None, answers_replay=None, x_unanswered=None, fresh=None):
         """Fit the reward model on the newest answers (plus replay), then one PPO step on the answered
-        images with the person's rewards and on x_unanswered (if given) with the reward model's.
+        images with the person's rewards and on x_unanswered (if given) with the reward model's, scaled
+        by its reliability (an unreliable reward model would teach the policy its own bias).
 
-        Returns a dict of metrics: reward-model accuracy is measured on the new answers before fitting.
+        fresh: (N,) bool, which of x_new the reward model has never been fitted on (default: all); only
+        those measure its accuracy. Returns a dict of metrics.
         """
         stats = {}
         k = self.num_classes
         if x_new.shape[0]:
             with torch.no_grad():
                 rm_pred = self.predicted_rewards(x_new).argmax(dim=1)
-            stats["rm_acc"] = (rm_pred == answers_new).float().mean().item()
+            hits = (rm_pred == answers_new.to(rm_pred.device))
+            hits = (hits if fresh is None else hits[fresh.to(hits.device)]).tolist()
+            if hits:
+                stats["rm_acc"] = sum(hits) / len(hits)
+                self.rm_fresh = (self.rm_fresh + [int(h) for h in hits])[-max(self.rm_cfg.rm_window, 1):]
             x_all, a_all = x_new, answers_new
             if x_replay is not None and x_replay.shape[0]:
                 x_all, a_all = torch.cat([x_new, x_replay]), torch.cat([answers_new, answers_replay])
             stats["rm_loss"] = reward_model_update(
-                self.rm_net, self.rm_opt, x_all.to(self.device), a_all.to(self.device),
-                self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator)
+                self.rm_ddp, self.rm_opt, x_all.to(self.device), a_all.to(self.device),
+                self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator, self.ranks)
         xs, rewards = [x_new], [one_hot_rewards(answers_new, k)]
-        use_rm = x_unanswered is not None and x_unanswered.shape[0] > 0
+        weight = self.rm_reliability()
+        stats["rm_weight"] = weight
+        use_rm = x_unanswered is not None and x_unanswered.shape[0] > 0 and weight > 0
         if use_rm:
             xs.append(x_unanswered)
-            rewards.append(self.predicted_rewards(x_unanswered))
+            rewards.append(weight * self.predicted_rewards(x_unanswered))
         stats["rm_images"] = int(x_unanswered.shape[0]) if use_rm else 0
         x, r = torch.cat(xs), torch.cat(rewards)
         if x.shape[0] == 0:
@@ -165,7 +216,7 @@ class Learner:
         return {"policy": self.policy.state_dict(), "reward_model": self.reward_model.state_dict(),
                 "policy_opt": self.policy_opt.state_dict(),
                 "reward_opt": self.rm_opt.state_dict(), "generator": self.generator.get_state(),
-                "version": self.version}
+                "version": self.version, "rm_fresh": list(self.rm_fresh)}
 
     def load_state_dict(self, state):
         self.policy.load_state_dict(state["policy"])
@@ -174,6 +225,7 @@ class Learner:
         self.rm_opt.load_state_dict(state["reward_opt"])
         self.generator.set_state(state["generator"])
         self.version = int(state["version"])
+        self.rm_fresh = [int(h) for h in state.get("rm_fresh", [])]
 
 
 @torch.no_grad()

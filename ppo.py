@@ -1,7 +1,8 @@
 """PPO for one-step episodes (a contextual bandit): an image is the state, a class the action.
 
-Pure functions on tensors: no I/O, no tkinter, no module-level state, so they run unchanged in
-several processes. Each answer tells the reward of every class (+1 for the class the person gave,
+Pure functions on tensors: no I/O, no tkinter, no module-level state. Under torchrun (`ranks`), every
+process holds the whole batch, computes its block of each minibatch, and DistributedDataParallel
+averages the gradients: the update equals one process's on the whole minibatch. Each answer tells the reward of every class (+1 for the class the person gave,
 -1 for the others), so by default the clipped surrogate is taken in expectation over all classes
 under the old policy (`surrogate="expected"`), which is the exact expectation of the usual sampled
 surrogate and far less noisy. `surrogate="sampled"` is textbook PPO on the sampled class alone.
@@ -11,6 +12,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from ddp import Ranks
 
 
 @dataclass
@@ -42,12 +45,15 @@ def normalize_advantages(adv, weights):
     return adv / (rms + 1e-8)
 
 
-def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None):
+def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None, denominator=None):
     """Clipped-surrogate PPO loss for one minibatch and the statistics CleanRL logs.
 
     new_logits, old_logprobs, rewards: (N, K); actions: (N,) sampled classes (used when surrogate is
-    'sampled'); ref_logprobs: (N, K) or None. Returns (loss, dict of floats).
+    'sampled'); ref_logprobs: (N, K) or None. Per-image terms are summed and divided by `denominator`
+    (default N: the mean; a process holding part of a minibatch passes minibatch size / processes).
+    Returns (loss, dict of floats).
     """
+    denom = float(new_logits.shape[0] if denominator is None else denominator)
     new_logprobs = F.log_softmax(new_logits, dim=-1)
     old_probs = old_logprobs.exp()
     adv = advantages(rewards, old_probs)
@@ -63,47 +69,55 @@ def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None)
     ratio = log_ratio.exp()
     surr1 = ratio * adv
     surr2 = torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef) * adv
-    pg_loss = -(weights * torch.min(surr1, surr2)).sum(dim=-1).mean()
+    pg_loss = -(weights * torch.min(surr1, surr2)).sum() / denom
     new_probs = new_logprobs.exp()
-    entropy = -(new_probs * new_logprobs).sum(dim=-1).mean()
+    entropy = -(new_probs * new_logprobs).sum() / denom
     loss = pg_loss - cfg.ent_coef * entropy
     kl_ref = torch.zeros(())
     if ref_logprobs is not None:
-        kl_ref = (new_probs * (new_logprobs - ref_logprobs)).sum(dim=-1).mean()
+        kl_ref = (new_probs * (new_logprobs - ref_logprobs)).sum() / denom
         if cfg.kl_coef:
             loss = loss + cfg.kl_coef * kl_ref
     with torch.no_grad():
-        approx_kl = (old_probs * (old_logprobs - new_logprobs)).sum(dim=-1).mean()
+        approx_kl = (old_probs * (old_logprobs - new_logprobs)).sum() / denom
         clipped = ((ratio - 1.0).abs() > cfg.clip_coef).to(adv.dtype)
-        clipfrac = (weights * clipped).sum() / weights.sum()
+        clipfrac = (weights * clipped).sum() / denom  # each row's weights sum to 1
     stats = {"policy_loss": pg_loss.item(), "entropy": entropy.item(), "approx_kl": approx_kl.item(),
              "kl_ref": kl_ref.item(), "clipfrac": clipfrac.item()}
     return loss, stats
 
 
-def ppo_update(policy, optimizer, x, rewards, cfg, ref_logprobs=None, generator=None):
+def ppo_update(policy, optimizer, x, rewards, cfg, ref_logprobs=None, generator=None, ranks=None):
     """Score the batch with the current policy (the old policy), then run `update_epochs` passes over
     shuffled minibatches; returns the mean statistics.
 
     The minibatch split is drawn once per update and only the order of minibatches is shuffled each pass,
     so that a BatchNorm policy in train mode (statistics of the minibatch) sees each image with the same
-    companions as when it was scored: the first ratio is exactly 1.
+    companions as when it was scored: the first ratio is exactly 1. With `ranks`, every process passes the
+    same x, rewards and generator state and computes only its block of each minibatch.
     """
+    ranks = ranks or Ranks()
     n = x.shape[0]
     mb_size = max(1, -(-n // max(1, cfg.num_minibatches)))
     parts = torch.randperm(n, generator=generator).split(mb_size)
-    old_logprobs = torch.empty_like(rewards)
+    mine = []
+    for mb in parts:
+        start, stop = ranks.block(len(mb))
+        mine.append(mb[start:stop].to(x.device))
+    old_logprobs = torch.zeros_like(rewards)
     with torch.no_grad():
-        for mb in parts:
-            old_logprobs[mb] = F.log_softmax(policy(x[mb]).float(), dim=-1)
+        for rows in mine:
+            old_logprobs[rows] = F.log_softmax(policy(x[rows]).to(rewards.dtype), dim=-1)
+    ranks.all_reduce(old_logprobs)  # each row came from one process: the sum is the whole batch
     actions = torch.multinomial(old_logprobs.exp().cpu(), 1, generator=generator).squeeze(1).to(x.device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     totals, count, epochs_run = {}, 0, 0
     for _ in range(cfg.update_epochs):
         for j in torch.randperm(len(parts), generator=generator).tolist():
-            mb = parts[j]
-            loss, stats = ppo_loss(policy(x[mb]).float(), old_logprobs[mb], rewards[mb], actions[mb], cfg,
-                                   None if ref_logprobs is None else ref_logprobs[mb])
+            rows = mine[j]
+            loss, stats = ppo_loss(policy(x[rows]).to(rewards.dtype), old_logprobs[rows], rewards[rows], actions[rows], cfg,
+                                   None if ref_logprobs is None else ref_logprobs[rows],
+                                   denominator=len(parts[j]) / ranks.world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -112,9 +126,10 @@ def ppo_update(policy, optimizer, x, rewards, cfg, ref_logprobs=None, generator=
                 totals[k] = totals.get(k, 0.0) + v
             count += 1
         epochs_run += 1
-        if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
+        if cfg.target_kl is not None and ranks.sum_floats([stats["approx_kl"]])[0] / ranks.world > cfg.target_kl:
             break
-    out = {k: v / count for k, v in totals.items()}
+    names = sorted(totals)
+    out = {k: v / count / ranks.world for k, v in zip(names, ranks.sum_floats(totals[k] for k in names))}
     out["update_epochs_run"] = epochs_run
     out["sampled_reward"] = rewards.gather(1, actions[:, None]).mean().item()
     return out

@@ -2,14 +2,18 @@
 
 The feedback source (simulated labeler or the labeling window) hands answers to `RLHFRun.record`;
 every `batch_size` answered images an update runs. Images without an answer are trained with the
-reward model's predicted rewards once it has seen `rm_min_answers` answers; a person's answer always
-wins over the reward model for the images they answered.
+reward model's predicted rewards, weighted by how well it predicted the newest answers before it saw
+them (`Learner.rm_reliability`); a person's answer always wins over the reward model for the images
+they answered.
 
 Run folder:
     config.json       the run's configuration        feedback.sqlite   every answer, committed at once
     checkpoint.pt     models + optimisers + config   metrics.jsonl     one JSON line per update
     reference.pt      the policy at the start of the run (the KL reference), written once
     training_data.json  export in the original script's shape (episodes, human_feedback)
+
+Under torchrun every process runs an RLHFRun over the same pool with the same answers; only rank 0 holds
+the store (`store=None` elsewhere) and writes files, so the folder is the same as a one-process run's.
 """
 import json
 import os
@@ -21,9 +25,9 @@ import torch
 from checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, atomic_write_json, load_checkpoint, save_checkpoint,
                         update_latest_link)
 
-REFERENCE_NAME = "reference.pt"
 from feature_cache import FeatureCache, weights_digest
-from learner import evaluate_accuracy
+
+REFERENCE_NAME = "reference.pt"
 
 SKIP = None
 
@@ -54,15 +58,22 @@ class RLHFRun:
         self.episode_rewards = []      # +1/-1 of the shown guesses this epoch (training_data.json)
         self.episodes = []
         self.rng = random.Random(cfg["seed"])
-        by_hash = store.answers()
-        self.answer_of = {}            # pool position -> class index or SKIP, for every image asked
-        for i, h in enumerate(dataset.hashes):
-            if h in by_hash:
-                self.answer_of[i] = by_hash[h]
+        self.ranks = learner.ranks
+        self.is_main = self.ranks.is_main
+        self.asking = set()            # pool positions asked whose answers are on their way (headless rounds)
         self.cache = None
         if learner.finetune != "all":
             key = f"{learner.finetune}-{dataset.image_size}-{weights_digest(learner.encoder)}"
             self.cache = FeatureCache(run_dir, learner.encode, key)
+        # every process reads the cache before rank 0 can write it: the broadcast waits for all of them
+        by_hash = self.ranks.broadcast(store.answers() if store is not None else None)
+        self.answer_of = {}            # pool position -> class index or SKIP, for every image asked
+        for i, h in enumerate(dataset.hashes):
+            if h in by_hash:
+                self.answer_of[i] = by_hash[h]
+        # answers the reward model has been fitted on: only the others measure its reliability (answers
+        # already in the store were fitted before the checkpoint they came with)
+        self.rm_fitted = {i for i, a in self.answer_of.items() if a is not SKIP}
 
     def inputs(self, indices):
         """What the learner takes for these pool images: cached frozen-layer features, or the images."""
@@ -75,13 +86,13 @@ class RLHFRun:
         return sum(1 for a in self.answer_of.values() if a is not SKIP)
 
     def reward_model_ready(self):
-        """The reward model's rewards train the policy once it has seen enough answers (and is wanted)."""
-        return (not self.cfg.get("no_reward_model")
-                and self.answered_count() >= self.learner.rm_cfg.rm_min_answers)
+        """The reward model's rewards train the policy once it predicts new answers better than chance
+        (and is wanted)."""
+        return not self.cfg.get("no_reward_model") and self.learner.rm_reliability() > 0
 
     def can_ask(self):
         limit = self.cfg.get("max_answers")
-        return limit is None or len(self.answer_of) < limit
+        return limit is None or len(self.answer_of) + len(self.asking) < limit
 
     def epoch_order(self, epoch):
         """Pool positions in the order they are visited in this epoch (seeded, repeatable)."""
@@ -146,9 +157,10 @@ class RLHFRun:
         caller (the labeling window) has already committed the same row to the store itself."""
         version = self.learner.version if policy_version is None else policy_version
         row = self.answer_row(index, answer, probs, sampled, version)
-        if commit:
+        if commit and self.store is not None:
             self.store.add(**row)
         reward = row["reward"]
+        self.asking.discard(index)
         self.answer_of[index] = answer
         self.asked_this_run += 1
         if reward is not None:
@@ -184,8 +196,10 @@ class RLHFRun:
         rm_ready = self.reward_model_ready()
         a_new = torch.tensor([self.answer_of[i] for i in new], dtype=torch.long)
         a_replay = torch.tensor([self.answer_of[i] for i in replay], dtype=torch.long)
+        fresh = torch.tensor([i not in self.rm_fitted for i in new], dtype=torch.bool)
         stats = self.learner.update(self.inputs(new), a_new, self.inputs(replay), a_replay,
-                                    self.inputs(take) if (take and rm_ready) else None)
+                                    self.inputs(take) if (take and rm_ready) else None, fresh=fresh)
+        self.rm_fitted.update(new)
         stats["update_s"] = time.perf_counter() - t0
         metrics = {"update": self.learner.version, "epoch": self.epoch + 1, "answers": self.answered_count(),
                    "asked": len(self.answer_of), "asked_this_run": self.asked_this_run,
@@ -218,19 +232,24 @@ class RLHFRun:
         self.save()
 
     def validate(self):
-        return evaluate_accuracy(self.learner.policy,
-                                 (self.val.batch(list(range(s, min(s + 64, len(self.val)))))
-                                  for s in range(0, len(self.val), 64)),
-                                 (torch.tensor(self.val.labels[s:s + 64]) for s in range(0, len(self.val), 64)),
-                                 self.learner.device)
+        """Accuracy of the policy on the --val images (split across processes under torchrun)."""
+        correct = total = 0
+        for s in range(0, len(self.val), 64):
+            labels = torch.tensor(self.val.labels[s:s + 64])
+            pred = self.learner.image_probs(self.val.batch(list(range(s, s + len(labels))))).argmax(1)
+            correct += (pred[labels >= 0] == labels[labels >= 0]).sum().item()
+            total += (labels >= 0).sum().item()
+        return correct / total if total else float("nan")
 
     # --- files ------------------------------------------------------------------------------
     def write_metrics(self, metrics):
+        if not self.is_main:
+            return
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         parts = [f"update {metrics['update']:4d}", f"epoch {metrics['epoch']}", f"answers {metrics['answers']}"]
         for key, fmt in (("mean_reward", "reward {:+.2f}"), ("agreement", "agree {:.2f}"),
-                         ("approx_kl", "kl {:.4f}"), ("rm_acc", "rm_acc {:.2f}"), ("val_acc", "val_acc {:.3f}"),
+                         ("approx_kl", "kl {:.4f}"), ("rm_acc", "rm_acc {:.2f}"), ("rm_weight", "rm_w {:.2f}"), ("val_acc", "val_acc {:.3f}"),
                          ("update_s", "{:.2f}s")):
             if key in metrics:
                 parts.append(fmt.format(metrics[key]))
@@ -245,6 +264,8 @@ class RLHFRun:
                 "config": dict(self.cfg)}
 
     def save(self):
+        if not self.is_main:
+            return
         save_checkpoint(os.path.join(self.run_dir, CHECKPOINT_NAME), self.checkpoint_dict())
         if self.cache is not None:
             self.cache.save()
@@ -253,7 +274,7 @@ class RLHFRun:
     def save_reference(self):
         """Write the KL reference once, when the run starts: it never changes afterwards."""
         path = os.path.join(self.run_dir, REFERENCE_NAME)
-        if not os.path.isfile(path):
+        if self.is_main and not os.path.isfile(path):
             save_checkpoint(path, {"format_version": FORMAT_VERSION, "policy": self.learner.reference.state_dict()})
 
     def restore(self, ckpt):
@@ -266,6 +287,8 @@ class RLHFRun:
         self.episodes = list(ckpt.get("episodes", []))
 
     def export_training_data(self):
+        if not self.is_main:
+            return
         feedback = {row["path"]: row["answer"] for row in self.store.rows() if row["answer"] is not None}
         atomic_write_json(os.path.join(self.run_dir, "training_data.json"),
                           {"episodes": self.episodes, "human_feedback": feedback,

@@ -3,6 +3,7 @@
     python train_rlhf.py                                   # labeling window on data/hymenoptera_data/train
     python train_rlhf.py --images DIR --feedback folder --epochs 3 --out runs/demo   # simulated labeler
     python train_rlhf.py --out runs/demo --resume          # continue; nothing already answered is asked again
+    torchrun --nproc_per_node=2 train_rlhf.py --feedback folder ...   # the headless loop on 2 processes
 """
 import argparse
 import dataclasses
@@ -19,6 +20,7 @@ import torch
 from checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_json, load_checkpoint, resolve_run_dir
 from data_download import DEFAULT_IMAGES, DownloadError, ensure_default_data
 from dataset import AntBeeDataset, DatasetError
+from ddp import PeerLostError, Ranks
 from feedback_store import FeedbackStore, StoreError
 from learner import Learner, RewardModelConfig
 from models import FINETUNE_CHOICES, WeightsError, resolve_backbone_weights
@@ -145,28 +147,53 @@ class FolderLabeler:
             raise UsageError(f"--feedback folder needs every image in a class folder; {missing[0]} is not: "
                              "move it into one of " + ", ".join(dataset.class_names))
         self.labels, self.k = dataset.labels, dataset.num_classes
-        self.noise, self.skip = noise, skip
-        self.rng = random.Random(seed)
+        self.noise, self.skip, self.seed = noise, skip, seed
 
     def ask(self, index, probs, sampled):
-        if self.rng.random() < self.skip:
+        # One draw per (seed, image): the same answers whichever process asks, in whatever order.
+        rng = random.Random(f"{self.seed}:{index}")
+        if rng.random() < self.skip:
             return SKIP
-        if self.rng.random() < self.noise:
-            return self.rng.choice([c for c in range(self.k) if c != self.labels[index]])
+        if rng.random() < self.noise:
+            return rng.choice([c for c in range(self.k) if c != self.labels[index]])
         return self.labels[index]
 
 
 def run_headless(run, learner, ds, feedback, epochs):
-    """The RLHF loop: visit every image each epoch, ask about new ones, update every batch_size answers."""
+    """The RLHF loop: visit every image each epoch, ask about new ones, update every batch_size answers.
+
+    Visits are gathered until the next update is due, then the round's questions are answered together:
+    the policy's guesses computed in one batch, and under torchrun each process asks the labeler about
+    its block of them and the answers are shared.
+    """
     for epoch in range(run.epoch, epochs):
+        visits = []
         for index, ask in run.epoch_visits(epoch):
+            visits.append(index)
             if ask:
-                probs = learner.policy_probs(run.inputs([index]))[0]
-                sampled = int(learner.sample(probs[None])[0])
-                run.record(index, feedback.ask(index, probs, sampled), probs, sampled)
-            if run.visit(index):
-                run.update()
+                run.asking.add(index)
+            known = sum(1 for i in visits if i in run.asking or run.answer_of.get(i, SKIP) is not SKIP)
+            if len(run.pending) + known >= run.cfg["batch_size"]:
+                answer_round(run, learner, feedback, visits)
+                visits = []
+        answer_round(run, learner, feedback, visits)
         run.finish_epoch()
+
+
+def answer_round(run, learner, feedback, visits):
+    """Ask about the round's new images (the guesses of the current policy), then queue every visit."""
+    asks = [i for i in visits if i in run.asking]
+    if asks:
+        probs = learner.policy_probs(run.inputs(asks))
+        sampled = learner.sample(probs).tolist()
+        start, stop = learner.ranks.block(len(asks))
+        mine = [feedback.ask(asks[j], probs[j], sampled[j]) for j in range(start, stop)]
+        answers = [a for block in learner.ranks.gather(mine) for a in block]
+        for j, index in enumerate(asks):
+            run.record(index, answers[j], probs[j], sampled[j])  # committed by the process holding the store
+    for index in visits:
+        if run.visit(index):
+            run.update()
 
 
 def default_config(**overrides):
@@ -178,14 +205,35 @@ def default_config(**overrides):
     return {**cfg, **overrides}
 
 
-def open_run(cfg, run_dir, ds, val, backbone, origin, device):
-    """Learner, feedback store and RLHFRun for a run folder, resumed from its checkpoint when asked."""
+def on_main(ranks, fn):
+    """fn() on rank 0 only; a user error it raises is raised on every process (so none waits forever)."""
+    result, message = None, None
+    if ranks.is_main:
+        try:
+            result = fn()
+        except (UsageError, StoreError) as err:
+            message = str(err)
+    message = ranks.broadcast(message)
+    if message is not None:
+        raise UsageError(message)
+    return result
+
+
+def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks=None):
+    """Learner, feedback store and RLHFRun for a run folder, resumed from its checkpoint when asked.
+    Under torchrun only rank 0 opens the store (the others get None)."""
+    ranks = ranks or Ranks()
     ppo_cfg = PPOConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(PPOConfig)})
     rm_cfg = RewardModelConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(RewardModelConfig)})
-    learner = Learner(ds.num_classes, backbone, cfg["finetune"], ppo_cfg, rm_cfg, device, cfg["seed"])
-    store = FeedbackStore(os.path.join(run_dir, "feedback.sqlite"))
-    store.check_classes(ds.class_names)
-    store.check_image_set(ds.hashes)
+    learner = Learner(ds.num_classes, backbone, cfg["finetune"], ppo_cfg, rm_cfg, device, cfg["seed"], ranks)
+
+    def open_store():
+        store = FeedbackStore(os.path.join(run_dir, "feedback.sqlite"))
+        store.check_classes(ds.class_names)
+        store.check_image_set(ds.hashes)
+        return store
+
+    store = on_main(ranks, open_store)
     run = RLHFRun(cfg, ds, learner, store, run_dir, origin, val)
     ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
     if cfg["resume"] and os.path.isfile(ckpt_path):
@@ -195,14 +243,22 @@ def open_run(cfg, run_dir, ds, val, backbone, origin, device):
                              f"{ds.class_names}: pass the run's --images/--classes or a new --out")
         run.restore(ckpt)
     run.save_reference()
-    atomic_write_json(os.path.join(run_dir, "config.json"), cfg)
+    if ranks.is_main:
+        atomic_write_json(os.path.join(run_dir, "config.json"), cfg)
     return run, learner, store
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    run_dir, cfg = prepare_run_dir(args, argv)
+    if Ranks.launched() and args.feedback == "gui":
+        raise UsageError("--feedback gui under torchrun: one person answers in one window: run "
+                         "python train_rlhf.py without torchrun, or use --feedback folder")
+    ranks = Ranks.from_environment(pick_device(args.device))
+    if ranks.active and torch.cuda.is_available() and pick_device(args.device) == "cuda":
+        torch.cuda.set_device(ranks.local_rank)  # nccl's collectives run on the current device
+    # rank 0 alone decides the folder (its default name holds the time) and checks it
+    run_dir, cfg = ranks.broadcast(on_main(ranks, lambda: prepare_run_dir(args, argv)))
     if cfg["feedback"] == "gui":
         try:
             import feedback_gui  # only here, so that the headless path never imports tkinter
@@ -214,7 +270,7 @@ def main(argv=None):
         except feedback_gui.NoDisplayError as err:
             raise UsageError(str(err)) from None
     if cfg["images"] == DEFAULT_IMAGES:
-        ensure_default_data(download=cfg["download"], interactive=sys.stdin.isatty())
+        on_main(ranks, lambda: ensure_default_data(download=cfg["download"], interactive=sys.stdin.isatty()))
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     with warnings.catch_warnings(record=True) as caught:
@@ -222,13 +278,22 @@ def main(argv=None):
         ds = AntBeeDataset(cfg["images"], cfg["image_size"], cfg["classes"])
         val = AntBeeDataset(cfg["val"], cfg["image_size"], ds.class_names) if cfg.get("val") else None
         backbone, origin = resolve_backbone_weights(cfg["weights"])
-    for w in caught:
+    for w in caught if ranks.is_main else ():
         print(f"warning: {w.message}", file=sys.stderr)
     device = pick_device(cfg["device"])
-    run, learner, store = open_run(cfg, run_dir, ds, val, backbone, origin, device)
+    if ranks.active and device == "cuda":
+        device = f"cuda:{ranks.local_rank}"
+    run, learner, store = open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks)
     ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
+    if not ranks.is_main:
+        run.log = lambda *_: None
+        run_headless(run, learner, ds, FolderLabeler(ds, cfg["feedback_noise"], cfg["feedback_skip"], cfg["seed"]),
+                     cfg["epochs"])
+        ranks.close()
+        return 0
     answered, skipped = store.counts()
-    print(f"run {run_dir}: {len(ds)} images, classes {ds.class_names}, weights {origin}, device {device}, "
+    where = f"device {device}" + (f", {ranks.world} processes" if ranks.active else "")
+    print(f"run {run_dir}: {len(ds)} images, classes {ds.class_names}, weights {origin}, {where}, "
           f"{answered} answers and {skipped} skips stored, epoch {run.epoch + 1}/{cfg['epochs']}")
     if cfg["feedback"] == "gui":
         if feedback_gui.run_session(root, run, learner, store, cfg):
@@ -241,17 +306,31 @@ def main(argv=None):
     answered, skipped = store.counts()
     print(f"done: {answered} answers, {skipped} skips, {learner.version} updates; checkpoint {ckpt_path}")
     store.close()
+    ranks.close()
     return 0
 
 
 def cli():
     # SIGTERM exits through the normal path so SQLite closes cleanly; answers are committed already.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun, rank 0 speaks for every process
     try:
         sys.exit(main())
     except (UsageError, DatasetError, StoreError, CheckpointError, WeightsError, DownloadError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except PeerLostError as err:
+        print(f"error: process {os.environ.get('RANK')} of the torchrun job lost the others ({err}): every "
+              "answer committed so far is in the run's feedback.sqlite; continue with --resume", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as err:
+        if not Ranks.launched():
+            raise
+        print(f"error: process {os.environ.get('RANK')} of the torchrun job stopped: {str(err).splitlines()[0]}; "
+              "every answer committed so far is in the run's feedback.sqlite; continue with --resume",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: every answer given so far is saved; continue with --resume", file=sys.stderr)
         sys.exit(130)

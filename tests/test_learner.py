@@ -3,7 +3,7 @@ import torch
 
 from conftest import DIGITS, make_subset
 from dataset import AntBeeDataset
-from learner import Learner, RewardModelConfig, one_hot_rewards
+from learner import Learner, RewardModelConfig, one_hot_rewards, reliability
 from ppo import PPOConfig
 
 
@@ -46,3 +46,27 @@ def test_head_finetuning_trains_only_the_head():
     after = learner.policy.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"model.fc.weight", "model.fc.bias"}
+
+
+def test_reliability_is_zero_at_chance_and_grows_with_proven_accuracy():
+    assert reliability([1, 0] * 16, 2, 16) == 0.0          # a coin's record earns no trust
+    assert reliability([1] * 10, 2, 16) == 0.0             # too few answers to judge
+    assert reliability([1, 1, 1, 0] * 8, 2, 16) > 0.2      # right 75% of the time, measured on 32
+    assert reliability([1] * 64, 2, 16) == 1.0
+    assert reliability([1, 0, 0] * 10, 3, 16) == 0.0       # a third right is chance among 3 classes
+
+
+def test_a_reward_model_no_better_than_chance_does_not_train_the_policy_and_the_record_is_saved():
+    torch.manual_seed(0)
+    learner = Learner(2, None, "all", PPOConfig(), RewardModelConfig(rm_min_answers=8), seed=0)
+    x, answers = torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4)
+    learner.rm_fresh = [1, 0] * 8
+    stats = learner.update(x, answers, x_unanswered=x[:4], fresh=torch.zeros(8, dtype=torch.bool))
+    assert stats["rm_weight"] == 0.0 and stats["rm_images"] == 0
+    assert "rm_acc" not in stats                          # no fresh answers: nothing new was measured
+    learner.rm_fresh = [1] * 16
+    stats = learner.update(x, answers, x_unanswered=x[:4], fresh=torch.zeros(8, dtype=torch.bool))
+    assert stats["rm_weight"] == 1.0 and stats["rm_images"] == 4
+    resumed = Learner(2, None, "all", seed=1)
+    resumed.load_state_dict(learner.state_dict())
+    assert resumed.rm_fresh == learner.rm_fresh and resumed.rm_reliability() == 1.0

@@ -41,7 +41,9 @@ def test_headless_run_leaves_its_files_and_resume_asks_nothing_twice(tmp_path, s
     for key in ("answers", "mean_reward", "agreement", "policy_loss", "approx_kl", "kl_ref", "clipfrac",
                 "entropy", "rm_loss", "rm_acc", "val_acc"):
         assert key in updates[0], key
-    assert any(m["rm_images"] > 0 for m in updates), "the reward model never trained the policy"
+    # the reward model's rewards train the policy only while it predicts new answers better than chance
+    assert all("rm_weight" in m for m in updates)
+    assert all(m["rm_images"] == 0 for m in updates if m["rm_weight"] == 0)
     assert [m["epoch"] for m in lines if m.get("epoch_end")] == [1, 2]
     exported = json.loads((out / "training_data.json").read_text())
     assert len(exported["episodes"]) == 2 and len(exported["human_feedback"]) == 12

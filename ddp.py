@@ -1,0 +1,174 @@
+"""Running under torchrun: which process this is, and the few collectives training and inference share.
+
+`torchrun --nproc_per_node=N script.py ...` starts N copies of a script with RANK, WORLD_SIZE and the
+rendezvous in the environment; `Ranks.from_environment` joins them (gloo on CPU, nccl on CUDA). Without
+torchrun, `Ranks()` is a single process and every helper here is a no-op, so the scripts have one code path.
+
+Work is split in contiguous row blocks (`Ranks.block`): every process holds the whole batch, computes its
+block, and the blocks are put back together with a sum (`Ranks.assemble`), which is exact because each
+row is written by one process and zero elsewhere.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class PeerLostError(RuntimeError):
+    """Another process of the torchrun job stopped: this one cannot go on alone."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def active(self):
+        return self.world > 1
+
+    @staticmethod
+    def launched():
+        """True under torchrun (or any launcher that sets WORLD_SIZE) with more than one process."""
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+    @classmethod
+    def from_environment(cls, device="cpu", timeout_s=600):
+        """Join the torchrun job described by the environment (a single process without one)."""
+        if not cls.launched():
+            return cls()
+        if not dist.is_initialized():
+            backend = "nccl" if str(device).startswith("cuda") else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def block(self, n):
+        """The rows [start, stop) of n that this process handles: contiguous, sizes differing by at most 1."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+    def assemble(self, part, n, start):
+        """The (n, ...) tensor whose rows [start, start + len(part)) each process computed, on every process."""
+        if not self.active:
+            return part
+        full = torch.zeros((n,) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device)
+        full[start:start + part.shape[0]] = part
+        self.all_reduce(full)
+        return full
+
+    def map_rows(self, fn, x):
+        """fn over the rows of x, each process doing its block; the whole result on every process."""
+        if not self.active:
+            return fn(x)
+        start, stop = self.block(x.shape[0])
+        return self.assemble(fn(x[start:stop]), x.shape[0], start)
+
+    def all_reduce(self, tensor):
+        """In-place sum over the processes (no-op alone)."""
+        if self.active:
+            try:
+                dist.all_reduce(tensor)
+            except RuntimeError as err:
+                raise PeerLostError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+        return tensor
+
+    def sum_floats(self, values):
+        """Sum of each float over the processes (statistics for the metrics)."""
+        if not self.active:
+            return list(values)
+        return self.all_reduce(torch.tensor(list(values), dtype=torch.float64)).tolist()
+
+    def gather(self, obj):
+        """Every process's picklable `obj`, in rank order, on every process."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        try:
+            dist.all_gather_object(out, obj)
+        except RuntimeError as err:
+            raise PeerLostError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's picklable `obj` on every process."""
+        if not self.active:
+            return obj
+        box = [obj]
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except RuntimeError as err:
+            raise PeerLostError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+        return box[0]
+
+    def close(self):
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """Sum of a tensor over the processes whose gradient is the sum of the gradients (each process's loss
+    depends on every process's share)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the batch across every process, on CPU as on GPU
+    (torch.nn.SyncBatchNorm is GPU-only). The sum goes through an autograd-aware all_reduce, so gradients are
+    those of one process holding the whole batch. Same parameters and buffers as BatchNorm2d."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        count = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=x.dtype, device=x.device)
+        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
+        stats = _SumOverProcesses.apply(stats)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1))
+        shape = (1, c, 1, 1)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+def use_global_batchnorm(module):
+    """Turn every BatchNorm2d in `module` into a GlobalBatchNorm2d, in place (state dicts stay compatible)."""
+    for m in module.modules():
+        if type(m) is torch.nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d
+    return module
+
+
+def wrap_ddp(net, ranks):
+    """net in DistributedDataParallel when there are several processes (gradients averaged), else itself."""
+    if not ranks.active:
+        return net
+    device_ids = [ranks.local_rank] if next(net.parameters()).is_cuda else None
+    # Buffers are not broadcast: GlobalBatchNorm2d keeps them equal, and a broadcast in every forward
+    # would need every process to run every forward.
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+
