@@ -20,6 +20,12 @@ class PeerLostError(RuntimeError):
     """Another process of the torchrun job stopped: this one cannot go on alone."""
 
 
+def stopped_job_line(err, kept):
+    """The one line a process of a torchrun job prints when a collective failed (`kept`: what is safe)."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"error: process {os.environ.get('RANK', '0')} of the torchrun job stopped ({first}): {kept}"
+
+
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_bytes, load_checkpoint, resolve_run_dir
-from ddp import PeerLostError, Ranks
+from ddp import PeerLostError, Ranks, stopped_job_line
 from dataset import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, list_image_files, load_image, normalize
 
 # The original script trained ants/bees at 224 px on ImageNet statistics and saved no class names.
@@ -420,8 +420,7 @@ def cli():
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except PeerLostError as err:
-        print(f"error: process {os.environ.get('RANK')} of the torchrun job lost the others ({err}): "
-              "nothing was written; run it again", file=sys.stderr)
+        print(stopped_job_line(err, "nothing was written; run it again"), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -112,17 +112,20 @@ class RLHFRun:
             for i in order:
                 yield i, i not in self.answer_of and self.can_ask()
             return
-        visited, ranking, ranked_at = set(), [], None
         rng = random.Random(self.cfg["seed"] * 7919 + epoch)
-        while self.can_ask():
-            unasked = [i for i in order if i not in self.answer_of and i not in visited]
-            if not unasked:
-                break
-            ranking = [i for i in ranking if i in unasked]
-            if ranked_at != self.learner.version or not ranking:
-                ranking, ranked_at = self.rank_questions(unasked, rng), self.learner.version
-            index = rng.choice(unasked) if rng.random() < self.cfg.get("explore", 0.0) else ranking[0]
+        unasked = [i for i in order if i not in self.answer_of]
+        slot = {i: k for k, i in enumerate(unasked)}  # position in unasked: O(1) removal keeps this linear
+        visited, ranking, ranked_at, head = set(), [], None, 0
+        while self.can_ask() and unasked:
+            while head < len(ranking) and ranking[head] in visited:
+                head += 1
+            if ranked_at != self.learner.version or head >= len(ranking):
+                ranking, ranked_at, head = self.rank_questions(unasked, rng), self.learner.version, 0
+            index = rng.choice(unasked) if rng.random() < self.cfg.get("explore", 0.0) else ranking[head]
             visited.add(index)
+            k, last = slot.pop(index), unasked.pop()
+            if last != index:
+                unasked[k], slot[last] = last, k
             yield index, True
         for i in order:
             if i not in visited:

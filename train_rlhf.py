@@ -20,7 +20,7 @@ import torch
 from checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_json, load_checkpoint, resolve_run_dir
 from data_download import DEFAULT_IMAGES, DownloadError, ensure_default_data
 from dataset import AntBeeDataset, DatasetError
-from ddp import PeerLostError, Ranks
+from ddp import Ranks, stopped_job_line
 from feedback_store import FeedbackStore, StoreError
 from learner import Learner, RewardModelConfig
 from models import FINETUNE_CHOICES, WeightsError, resolve_backbone_weights
@@ -320,16 +320,11 @@ def cli():
         if not quiet:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except PeerLostError as err:
-        print(f"error: process {os.environ.get('RANK')} of the torchrun job lost the others ({err}): every "
-              "answer committed so far is in the run's feedback.sqlite; continue with --resume", file=sys.stderr)
-        sys.exit(1)
-    except RuntimeError as err:
+    except RuntimeError as err:  # PeerLostError, or a failed collective inside DistributedDataParallel
         if not Ranks.launched():
             raise
-        print(f"error: process {os.environ.get('RANK')} of the torchrun job stopped: {str(err).splitlines()[0]}; "
-              "every answer committed so far is in the run's feedback.sqlite; continue with --resume",
-              file=sys.stderr)
+        print(stopped_job_line(err, "every answer committed so far is in the run's feedback.sqlite; "
+                               "continue with --resume"), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: every answer given so far is saved; continue with --resume", file=sys.stderr)

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -23,22 +22,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("RLHF_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 DEFAULT_IMAGES = os.path.join(SHARED, "hymenoptera_data", "train")
-
-
-def start_xvfb():
-    read_end, write_end = os.pipe()
-    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
-                            pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(write_end)
-    number = b""
-    while not number.endswith(b"\n") and select.select([read_end], [], [], 30)[0]:
-        chunk = os.read(read_end, 64)
-        if not chunk:
-            break
-        number += chunk
-    if not number.strip().isdigit():
-        sys.exit("Xvfb did not start")
-    return xvfb, read_end, ":" + number.decode().strip()  # the pipe stays open: Xvfb dies writing to a closed one
+sys.path.insert(0, ROOT)
+from xvfb_display import XvfbDisplay  # noqa: E402
 
 
 class App:
@@ -208,7 +193,8 @@ def main():
     if args.baseline_app:
         return baseline_app(args)
     classes = sorted(d for d in os.listdir(args.images) if os.path.isdir(os.path.join(args.images, d)))
-    xvfb, pipe, display = start_xvfb()
+    xvfb = XvfbDisplay()
+    display = xvfb.display
     work = tempfile.mkdtemp(prefix="gui-latency-")
     designs = [(f"window: worker thread, torch threads {t}", {"OMP_NUM_THREADS": str(t)}, False) for t in args.threads]
     if not args.no_baseline:
@@ -237,9 +223,7 @@ def main():
             raw[name] = samples
             print(f"measured: {name}", file=sys.stderr)
     finally:
-        xvfb.terminate()
-        xvfb.wait(10)
-        os.close(pipe)
+        xvfb.stop()
         shutil.rmtree(work, ignore_errors=True)  # three run folders of checkpoints
     os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "out", "gui_latency.json"), "w") as f:

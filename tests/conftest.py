@@ -1,5 +1,7 @@
 """Shared fixtures: the shared data sets, small image folders made of symlinks, and a CLI runner."""
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 
@@ -48,3 +50,15 @@ def assert_user_error(proc, *needles):
     assert len(errors) == 1, proc.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+def store_rows(run_dir):
+    """The answers in a run's feedback.sqlite, oldest first: (sha1, path, answer, policy_version)."""
+    with sqlite3.connect(os.path.join(run_dir, "feedback.sqlite")) as db:
+        return db.execute("SELECT sha1, path, answer, policy_version FROM answers ORDER BY id").fetchall()
+
+
+def metrics(run_dir):
+    """A run's metrics.jsonl, one dict per line."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -5,7 +5,6 @@ import ctypes
 import ctypes.util
 import json
 import os
-import select
 import shutil
 import signal
 import sqlite3
@@ -18,6 +17,7 @@ import torch
 from PIL import Image, ImageStat
 
 from conftest import HYMENOPTERA, ROOT, assert_user_error, make_subset
+from xvfb_display import XvfbDisplay, XvfbError
 
 SCREENS = "/tmp/rlhf-imgcls-screens"
 TINY = ["--feedback", "gui", "--image-size", "32", "--weights", "none", "--batch-size", "4", "--epochs", "1"]
@@ -30,27 +30,16 @@ def display():
     """A private Xvfb (it picks a free display number itself)."""
     if not (shutil.which("Xvfb") and shutil.which("xdotool") and shutil.which("import")):
         pytest.skip("the window tests need Xvfb, xdotool and ImageMagick's import")
-    read_end, write_end = os.pipe()
-    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
-                            pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(write_end)
-    number = b""
-    while not number.endswith(b"\n") and select.select([read_end], [], [], 30)[0]:
-        chunk = os.read(read_end, 64)  # Xvfb writes the number once it accepts connections
-        if not chunk:
-            break
-        number += chunk
-    if not number.strip().isdigit():
-        xvfb.kill()
-        pytest.fail(f"Xvfb did not report a display number ({number!r})")
-    yield f":{number.decode().strip()}"
+    try:
+        xvfb = XvfbDisplay()
+    except XvfbError as err:
+        pytest.fail(str(err))
+    yield xvfb.display
     for proc in STARTED:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    xvfb.terminate()
-    xvfb.wait(10)
-    os.close(read_end)  # only now: Xvfb dies of SIGPIPE if it writes to a closed pipe
+    xvfb.stop()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ sys.path.insert(0, REPO)
 
 import inference  # noqa: E402
 from models import PolicyModel  # noqa: E402
+from xvfb_display import XvfbDisplay  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "inference.py")
 SHARED = "/work/shared/data"
@@ -216,14 +217,10 @@ def test_window_under_xvfb(models, tmp_path):
     sample_image(str(folder / "1_photo.jpg"), 0)
     (folder / "2_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     sample_image(str(folder / "3_digit.png"), 2)
-    read_fd, write_fd = os.pipe()  # -displayfd: Xvfb picks a free display, so parallel tests never collide
-    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "1024x680x24", "-nolisten", "tcp"],
-                            pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(write_fd)
+    xvfb = XvfbDisplay("1024x680x24")
     proc = None
     try:
-        with os.fdopen(read_fd) as f:
-            display = ":" + f.readline().strip()
+        display = xvfb.display
         env = {**os.environ, "DISPLAY": display}
         proc = subprocess.Popen([sys.executable, SCRIPT, "--model", str(models["run"]), "--open", str(folder)],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -246,5 +243,4 @@ def test_window_under_xvfb(models, tmp_path):
         if proc and proc.poll() is None:
             proc.kill()
             proc.communicate()
-        xvfb.terminate()
-        xvfb.wait(timeout=10)
+        xvfb.stop()

@@ -10,19 +10,9 @@ import time
 
 import torch
 
-from conftest import DIGITS, HYMENOPTERA, ROOT, assert_user_error, make_subset, run_cli
+from conftest import DIGITS, HYMENOPTERA, ROOT, assert_user_error, make_subset, metrics, run_cli, store_rows
 
 TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4"]
-
-
-def store_rows(run_dir):
-    with sqlite3.connect(os.path.join(run_dir, "feedback.sqlite")) as db:
-        return db.execute("SELECT sha1, path, answer, policy_version FROM answers ORDER BY id").fetchall()
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_headless_run_leaves_its_files_and_resume_asks_nothing_twice(tmp_path, small_pool):
