@@ -10,6 +10,7 @@ row is written by one process and zero elsewhere.
 """
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ def stopped_job_line(err, kept):
 
 @dataclass(frozen=True)
 class Ranks:
+    """This process's place in the torchrun job; the default is a process on its own."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -175,6 +177,9 @@ def wrap_ddp(net, ranks):
         return net
     device_ids = [ranks.local_rank] if next(net.parameters()).is_cuda else None
     # Buffers are not broadcast: GlobalBatchNorm2d keeps them equal, and a broadcast in every forward
-    # would need every process to run every forward.
-    return torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+    # would need every process to run every forward. (torch 2.14 warns that the flag will be renamed; its
+    # replacement, forward_sync_buffers, would still sync at start-up, which is harmless but not yet needed.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
 

@@ -251,14 +251,17 @@ def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if Ranks.launched() and args.feedback == "gui":
-        raise UsageError("--feedback gui under torchrun: one person answers in one window: run "
-                         "python train_rlhf.py without torchrun, or use --feedback folder")
+    gui_refused = UsageError("--feedback gui under torchrun: one person answers in one window: run "
+                             "python train_rlhf.py without torchrun, or use --feedback folder")
+    if Ranks.launched() and args.feedback == "gui" and not args.resume:
+        raise gui_refused  # before anything is written
     ranks = Ranks.from_environment(pick_device(args.device))
     if ranks.active and torch.cuda.is_available() and pick_device(args.device) == "cuda":
         torch.cuda.set_device(ranks.local_rank)  # nccl's collectives run on the current device
     # rank 0 alone decides the folder (its default name holds the time) and checks it
     run_dir, cfg = ranks.broadcast(on_main(ranks, lambda: prepare_run_dir(args, argv)))
+    if ranks.active and cfg["feedback"] == "gui":
+        raise gui_refused  # --resume of a run that was labeled in the window
     if cfg["feedback"] == "gui":
         try:
             import feedback_gui  # only here, so that the headless path never imports tkinter

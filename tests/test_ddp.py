@@ -84,11 +84,24 @@ def test_two_process_headless_run_leaves_a_run_that_one_process_resumes(tmp_path
                                               "reference.pt", "training_data.json"]
                                              + [n for n in os.listdir(out) if n.startswith("feedback.sqlite-")])
 
+    again = torchrun("train_rlhf.py", "--images", pool, "--val", pool, "--out", tmp_path / "again", "--epochs", "2",
+                     "--max-answers", "24", "--seed", "3", *TINY)
+    assert again.returncode == 0, again.stderr  # --seed: the same 2-process command, the same run
+    assert store_rows(tmp_path / "again") == rows
+    assert ([{k: v for k, v in m.items() if k != "update_s"} for m in metrics(tmp_path / "again")]
+            == [{k: v for k, v in m.items() if k != "update_s"} for m in lines])
+
     proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "3", "--max-answers", "28")
     assert proc.returncode == 0, proc.stderr
     after = store_rows(out)
     assert after[:24] == rows and len(after) == 28
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+    proc = torchrun("train_rlhf.py", "--out", out, "--resume", "--epochs", "4", "--max-answers", "30")
+    assert proc.returncode == 0, proc.stderr  # and back to 2 processes
+    final = store_rows(out)
+    assert final[:28] == after and len(final) == 30 and len({r[0] for r in final}) == 30
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 4
 
 
 def _rank_pid(parent, rank):
