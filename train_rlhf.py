@@ -313,9 +313,18 @@ def main(argv=None):
     return 0
 
 
+def stop_on_sigterm(*_):
+    """Exit 143 through the normal path; under torchrun, SIGTERM means another process of the job ended."""
+    if Ranks.launched():
+        print(stopped_job_line("torchrun stopped it after another process ended",
+                               "every answer committed so far is in the run's feedback.sqlite; continue with "
+                               "--resume"), file=sys.stderr)
+    sys.exit(143)
+
+
 def cli():
     # SIGTERM exits through the normal path so SQLite closes cleanly; answers are committed already.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun, rank 0 speaks for every process
     try:
         sys.exit(main())
