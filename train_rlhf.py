@@ -211,7 +211,7 @@ def on_main(ranks, fn):
     if ranks.is_main:
         try:
             result = fn()
-        except (UsageError, StoreError) as err:
+        except (UsageError, StoreError, DownloadError) as err:
             message = str(err)
     message = ranks.broadcast(message)
     if message is not None:
