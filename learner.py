@@ -1,6 +1,6 @@
 """The learning side of RLHF: policy and reward model, their optimisers, and one update step.
 
-Shared by the headless loop (train_rlhf.py) and the labeling window's worker (feedback_gui.py).
+Shared by the headless loop (train_rlhf.py) and the labeling window's trainer (labeling_workers.py).
 The update functions take everything they need as arguments, so they run unchanged in N processes.
 
 Inputs: with --finetune layer4 or head, the frozen layers of the policy, the reward model and the reference
