@@ -229,15 +229,15 @@ class Learner:
 
 
 @torch.no_grad()
-def evaluate_accuracy(policy, x_uint8_batches, labels, device="cpu"):
-    """Accuracy of the policy's argmax on (normalised) batches against labels; -1 labels are ignored."""
-    policy.eval()
+def evaluate_accuracy(predict, x_batches, labels):
+    """Accuracy of argmax predict(x) (class scores) on normalised image batches against labels; -1 labels
+    are ignored. predict: e.g. Learner.image_probs, or an eval-mode policy."""
     correct = total = 0
-    for x, y in zip(x_uint8_batches, labels):
+    for x, y in zip(x_batches, labels):
         keep = y >= 0
         if not keep.any():
             continue
-        pred = policy(x.to(device)).argmax(dim=1).cpu()
+        pred = predict(x).argmax(dim=1).cpu()
         correct += (pred[keep] == y[keep]).sum().item()
         total += keep.sum().item()
     return correct / total if total else float("nan")

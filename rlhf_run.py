@@ -26,6 +26,7 @@ from checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, atomic_write_json, load
                         update_latest_link)
 
 from feature_cache import FeatureCache, weights_digest
+from learner import evaluate_accuracy
 
 REFERENCE_NAME = "reference.pt"
 
@@ -236,13 +237,10 @@ class RLHFRun:
 
     def validate(self):
         """Accuracy of the policy on the --val images (split across processes under torchrun)."""
-        correct = total = 0
-        for s in range(0, len(self.val), 64):
-            labels = torch.tensor(self.val.labels[s:s + 64])
-            pred = self.learner.image_probs(self.val.batch(list(range(s, s + len(labels))))).argmax(1)
-            correct += (pred[labels >= 0] == labels[labels >= 0]).sum().item()
-            total += (labels >= 0).sum().item()
-        return correct / total if total else float("nan")
+        starts = range(0, len(self.val), 64)
+        return evaluate_accuracy(self.learner.image_probs,
+                                 (self.val.batch(list(range(s, min(s + 64, len(self.val))))) for s in starts),
+                                 (torch.tensor(self.val.labels[s:s + 64]) for s in starts))
 
     # --- files ------------------------------------------------------------------------------
     def write_metrics(self, metrics):
