@@ -59,6 +59,7 @@ def split_folder(source, dest, every=5):
 
 def val_accuracy(policy, val):
     idx = list(range(len(val)))
+    policy.eval()
     return evaluate_accuracy(policy, (val.batch(idx[s:s + 64]) for s in range(0, len(idx), 64)),
                              (torch.tensor(val.labels[s:s + 64]) for s in range(0, len(idx), 64)))
 
@@ -81,12 +82,16 @@ def run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
         return val_accuracy(learner.policy, val), len(run.answer_of)
 
 
-def run_original(ds, val, backbone, args, seed, budget, noise):
+def baseline_start(ds, backbone, seed, budget, noise):
+    """What both baselines start from: the seeded policy and its Adam, the labeler and the images to ask."""
     torch.manual_seed(seed)
     policy = PolicyModel(ds.num_classes, backbone)
-    opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
-    labeler = FolderLabeler(ds, noise, 0.0, seed)
-    subset = answered_subset(ds, budget, seed)
+    return (policy, torch.optim.Adam(policy.parameters(), lr=3e-4), FolderLabeler(ds, noise, 0.0, seed),
+            answered_subset(ds, budget, seed))
+
+
+def run_original(ds, val, backbone, args, seed, budget, noise):
+    policy, opt, labeler, subset = baseline_start(ds, backbone, seed, budget, noise)
     rng = random.Random(seed)
     asked = 0
     policy.train()  # the original never switched to eval mode
@@ -112,11 +117,7 @@ def run_original(ds, val, backbone, args, seed, budget, noise):
 
 
 def run_supervised(ds, val, backbone, args, seed, budget, noise):
-    torch.manual_seed(seed)
-    policy = PolicyModel(ds.num_classes, backbone)
-    opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
-    labeler = FolderLabeler(ds, noise, 0.0, seed)
-    subset = answered_subset(ds, budget, seed)
+    policy, opt, labeler, subset = baseline_start(ds, backbone, seed, budget, noise)
     labels = torch.tensor([labeler.ask(i, None, None) for i in subset])
     gen = torch.Generator().manual_seed(seed)
     for _ in range(args.epochs):
