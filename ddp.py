@@ -8,6 +8,7 @@ Work is split in contiguous row blocks (`Ranks.block`): every process holds the 
 block, and the blocks are put back together with a sum (`Ranks.assemble`), which is exact because each
 row is written by one process and zero elsewhere.
 """
+import contextlib
 import datetime
 import os
 import warnings
@@ -21,10 +22,27 @@ class PeerLostError(RuntimeError):
     """Another process of the torchrun job stopped: this one cannot go on alone."""
 
 
+def _first_line(err):
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+@contextlib.contextmanager
+def _collective():
+    """A collective that fails means another process of the job is gone."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise PeerLostError(_first_line(err)) from None
+
+
+def speaks_for_job():
+    """True alone and on rank 0 of a torchrun job: the process that reports what every process meets."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def stopped_job_line(err, kept):
     """The one line a process of a torchrun job prints when a collective failed (`kept`: what is safe)."""
-    first = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"error: process {os.environ.get('RANK', '0')} of the torchrun job stopped ({first}): {kept}"
+    return f"error: process {os.environ.get('RANK', '0')} of the torchrun job stopped ({_first_line(err)}): {kept}"
 
 
 @dataclass(frozen=True)
@@ -82,10 +100,8 @@ class Ranks:
     def all_reduce(self, tensor):
         """In-place sum over the processes (no-op alone)."""
         if self.active:
-            try:
+            with _collective():
                 dist.all_reduce(tensor)
-            except RuntimeError as err:
-                raise PeerLostError(str(err).splitlines()[0] if str(err) else repr(err)) from None
         return tensor
 
     def sum_floats(self, values):
@@ -99,10 +115,8 @@ class Ranks:
         if not self.active:
             return [obj]
         out = [None] * self.world
-        try:
+        with _collective():
             dist.all_gather_object(out, obj)
-        except RuntimeError as err:
-            raise PeerLostError(str(err).splitlines()[0] if str(err) else repr(err)) from None
         return out
 
     def broadcast(self, obj):
@@ -110,10 +124,8 @@ class Ranks:
         if not self.active:
             return obj
         box = [obj]
-        try:
+        with _collective():
             dist.broadcast_object_list(box, src=0)
-        except RuntimeError as err:
-            raise PeerLostError(str(err).splitlines()[0] if str(err) else repr(err)) from None
         return box[0]
 
     def close(self):

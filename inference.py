@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_bytes, load_checkpoint, resolve_run_dir
-from ddp import PeerLostError, Ranks, stopped_job_line
+from ddp import PeerLostError, Ranks, speaks_for_job, stopped_job_line
 from dataset import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, list_image_files, load_image, normalize
 
 # The original script trained ants/bees at 224 px on ImageNet statistics and saved no class names.
@@ -416,7 +416,7 @@ def cli():
     try:
         sys.exit(main())
     except (InferenceError, CheckpointError) as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process meets it; one says so
+        if speaks_for_job():  # under torchrun every process meets it; one says so
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except PeerLostError as err:

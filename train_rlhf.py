@@ -20,7 +20,7 @@ import torch
 from checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_json, load_checkpoint, resolve_run_dir
 from data_download import DEFAULT_IMAGES, DownloadError, ensure_default_data
 from dataset import AntBeeDataset, DatasetError
-from ddp import Ranks, stopped_job_line
+from ddp import Ranks, speaks_for_job, stopped_job_line
 from feedback_store import FeedbackStore, StoreError
 from learner import Learner, RewardModelConfig
 from models import FINETUNE_CHOICES, WeightsError, resolve_backbone_weights
@@ -167,15 +167,15 @@ def run_headless(run, learner, ds, feedback, epochs):
     its block of them and the answers are shared.
     """
     for epoch in range(run.epoch, epochs):
-        visits = []
+        visits, answering = [], 0  # answering: visits of this round with an answer, given or on its way
         for index, ask in run.epoch_visits(epoch):
             visits.append(index)
             if ask:
                 run.asking.add(index)
-            known = sum(1 for i in visits if i in run.asking or run.answer_of.get(i, SKIP) is not SKIP)
-            if len(run.pending) + known >= run.cfg["batch_size"]:
+            answering += ask or run.answer_of.get(index, SKIP) is not SKIP
+            if len(run.pending) + answering >= run.cfg["batch_size"]:
                 answer_round(run, learner, feedback, visits)
-                visits = []
+                visits, answering = [], 0
         answer_round(run, learner, feedback, visits)
         run.finish_epoch()
 
@@ -256,7 +256,7 @@ def main(argv=None):
     if Ranks.launched() and args.feedback == "gui" and not args.resume:
         raise gui_refused  # before anything is written
     ranks = Ranks.from_environment(pick_device(args.device))
-    if ranks.active and torch.cuda.is_available() and pick_device(args.device) == "cuda":
+    if ranks.active and pick_device(args.device) == "cuda":
         torch.cuda.set_device(ranks.local_rank)  # nccl's collectives run on the current device
     # rank 0 alone decides the folder (its default name holds the time) and checks it
     run_dir, cfg = ranks.broadcast(on_main(ranks, lambda: prepare_run_dir(args, argv)))
@@ -288,17 +288,14 @@ def main(argv=None):
         device = f"cuda:{ranks.local_rank}"
     run, learner, store = open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks)
     ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    if not ranks.is_main:
-        run.log = lambda *_: None
-        run_headless(run, learner, ds, FolderLabeler(ds, cfg["feedback_noise"], cfg["feedback_skip"], cfg["seed"]),
-                     cfg["epochs"])
-        ranks.close()
-        return 0
-    answered, skipped = store.counts()
-    where = f"device {device}" + (f", {ranks.world} processes" if ranks.active else "")
-    print(f"run {run_dir}: {len(ds)} images, classes {ds.class_names}, weights {origin}, {where}, "
-          f"{answered} answers and {skipped} skips stored, epoch {run.epoch + 1}/{cfg['epochs']}")
-    if cfg["feedback"] == "gui":
+    if ranks.is_main:
+        answered, skipped = store.counts()
+        where = f"device {device}" + (f", {ranks.world} processes" if ranks.active else "")
+        print(f"run {run_dir}: {len(ds)} images, classes {ds.class_names}, weights {origin}, {where}, "
+              f"{answered} answers and {skipped} skips stored, epoch {run.epoch + 1}/{cfg['epochs']}")
+    else:
+        run.log = lambda *_: None  # rank 0 prints the metrics for the job
+    if cfg["feedback"] == "gui":  # one process: refused under torchrun above
         if feedback_gui.run_session(root, run, learner, store, cfg):
             store.close()  # training failed: the answers are stored, the last good checkpoint stays
             return 1
@@ -306,9 +303,10 @@ def main(argv=None):
         feedback = FolderLabeler(ds, cfg["feedback_noise"], cfg["feedback_skip"], cfg["seed"])
         run_headless(run, learner, ds, feedback, cfg["epochs"])
     run.save()
-    answered, skipped = store.counts()
-    print(f"done: {answered} answers, {skipped} skips, {learner.version} updates; checkpoint {ckpt_path}")
-    store.close()
+    if ranks.is_main:
+        answered, skipped = store.counts()
+        print(f"done: {answered} answers, {skipped} skips, {learner.version} updates; checkpoint {ckpt_path}")
+        store.close()
     ranks.close()
     return 0
 
@@ -325,11 +323,10 @@ def stop_on_sigterm(*_):
 def cli():
     # SIGTERM exits through the normal path so SQLite closes cleanly; answers are committed already.
     signal.signal(signal.SIGTERM, stop_on_sigterm)
-    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun, rank 0 speaks for every process
     try:
         sys.exit(main())
     except (UsageError, DatasetError, StoreError, CheckpointError, WeightsError, DownloadError) as err:
-        if not quiet:
+        if speaks_for_job():  # under torchrun every process meets it; one says so
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # PeerLostError, or a failed collective inside DistributedDataParallel
