@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageStat
 
-from conftest import HYMENOPTERA, ROOT, assert_user_error, make_subset
+from conftest import HYMENOPTERA, ROOT, assert_user_error, make_subset, store_rows
 from xvfb_display import XvfbDisplay, XvfbError
 
 SCREENS = "/tmp/rlhf-imgcls-screens"
@@ -133,9 +132,7 @@ def send_wm_delete(display, window):
 
 
 def store(run_dir):
-    with sqlite3.connect(os.path.join(run_dir, "feedback.sqlite")) as db:
-        return {path: (answer, version) for path, answer, version
-                in db.execute("SELECT path, answer, policy_version FROM answers")}
+    return {path: (answer, version) for _, path, answer, version in store_rows(run_dir)}
 
 
 def answers(run_dir):
