@@ -6,11 +6,21 @@ reads it without executing any pickled code.
 import json
 import os
 import tempfile
+from collections import namedtuple
 
 import torch
 
+from dataset import IMAGENET_MEAN, IMAGENET_STD
+
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+# The original script trained ants/bees at 224 px on ImageNet statistics and saved no class names.
+ORIGINAL_CLASSES = ("ants", "bees")
+ORIGINAL_IMAGE_SIZE = 224
+
+# What a classifier needs from a checkpoint: the policy's weights (`model.` keys) and how to read images.
+# step is None for the original script's files.
+PolicySpec = namedtuple("PolicySpec", "state class_names image_size mean std name step")
 
 
 class CheckpointError(Exception):
@@ -89,3 +99,36 @@ def resolve_run_dir(path):
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
     return os.path.realpath(path)
+
+
+def policy_spec(ckpt, path):
+    """The policy of a checkpoint dict: this tool's, or the original script's {'policy_model': ...}; None
+    when it holds neither (a plain state dict). Raises CheckpointError for a malformed one."""
+    if isinstance(ckpt.get("policy"), dict) and ckpt.get("class_names"):
+        size = ckpt.get("image_size", ORIGINAL_IMAGE_SIZE)
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 4096:
+            raise CheckpointError(f"{path}: image_size {size!r} is not a size in pixels (16 to 4096): "
+                                  "pass the checkpoint.pt of a train_rlhf.py run")
+        norm = ckpt.get("normalization") or {}
+        return PolicySpec(ckpt["policy"], [str(c) for c in ckpt["class_names"]], size,
+                          tuple(norm.get("mean", IMAGENET_MEAN)), tuple(norm.get("std", IMAGENET_STD)),
+                          os.path.basename(os.path.dirname(os.path.abspath(path))), ckpt.get("step"))
+    if isinstance(ckpt.get("policy_model"), dict):
+        return PolicySpec(ckpt["policy_model"], list(ORIGINAL_CLASSES), ORIGINAL_IMAGE_SIZE, IMAGENET_MEAN,
+                          IMAGENET_STD, os.path.basename(path), None)
+    return None
+
+
+def read_policy(spec=None):
+    """The PolicySpec of a checkpoint file, a run folder or a `latest` link (default runs/latest)."""
+    path = spec or os.path.join("runs", "latest")
+    if os.path.isdir(path) or os.path.basename(path) == "latest":
+        if not os.path.lexists(path):
+            raise CheckpointError(f"no trained model yet ({path} does not exist): train first: "
+                                  "python train_rlhf.py (or pass --model PATH)")
+        path = os.path.join(resolve_run_dir(path), CHECKPOINT_NAME)
+    found = policy_spec(load_checkpoint(path), path)
+    if found is None:
+        raise CheckpointError(f"{path} names no classes (no class_names) and is not the original script's "
+                              "{'policy_model': ...} file: pass the checkpoint.pt of a train_rlhf.py run")
+    return found

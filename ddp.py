@@ -11,11 +11,25 @@ row is written by one process and zero elsewhere.
 import contextlib
 import datetime
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+class DeviceError(ValueError):
+    """A --device that this machine cannot give; the message says what to use instead."""
+
+
+def pick_device(choice, ranks=None):
+    """The torch device for --device auto|cpu|cuda (this process's GPU under torchrun)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: no CUDA device is available here: use --device cpu or auto")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{ranks.local_rank}" if ranks is not None and ranks.active else "cuda"
 
 
 class PeerLostError(RuntimeError):
@@ -43,6 +57,26 @@ def speaks_for_job():
 def stopped_job_line(err, kept):
     """The one line a process of a torchrun job prints when a collective failed (`kept`: what is safe)."""
     return f"error: process {os.environ.get('RANK', '0')} of the torchrun job stopped ({_first_line(err)}): {kept}"
+
+
+def exit_as_promised(main, user_errors, kept):
+    """Run an entry script's main() and exit with its code, or as the tool promises: 2 and one `error:` line
+    for bad input (said once under torchrun), 1 and one line when another torchrun process is lost
+    (`kept`: what is safe), 130 on Ctrl-C."""
+    try:
+        sys.exit(main())
+    except user_errors as err:
+        if speaks_for_job():  # under torchrun every process meets it; one says so
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:  # PeerLostError, or a failed collective inside DistributedDataParallel
+        if not Ranks.launched():
+            raise
+        print(stopped_job_line(err, kept), file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"interrupted: {kept}", file=sys.stderr)
+        sys.exit(130)
 
 
 @dataclass(frozen=True)
@@ -127,6 +161,20 @@ class Ranks:
         with _collective():
             dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn, errors=(), share=True):
+        """fn() on rank 0 only, its result on every process (share=False: on rank 0 only); an error of a
+        type in `errors` that it raises is raised on every process, so none waits forever."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except errors as err:
+                error = err
+        error = self.broadcast(error)
+        if error is not None:
+            raise error
+        return self.broadcast(result) if share else result
 
     def close(self):
         if self.active and dist.is_initialized():

@@ -3,12 +3,11 @@
 Three threads; only the Tk thread touches a widget:
   Tk thread  shows the prepared question; commits each answer to SQLite (its own connection) the moment
              its key is pressed, then hands it to the trainer; drains the outbox with after().
-  guesser    (labeling_workers.Guesser) prepares the next questions ahead: guess and fitted picture.
-  trainer    (labeling_workers.Trainer) owns the Learner and the RLHFRun and runs every update.
+  guesser    (labeling_workers.Guesser) hands out the run's next questions and prepares them ahead.
+  trainer    (labeling_workers.Trainer) drives the RLHFRun (rlhf_run.py): answers, undos, every update.
 RLHF_GUI_EVENTS=FILE appends one JSON line per event (key, shown, update...), for tests and bench/.
 """
 import collections
-import copy
 import json
 import os
 import queue
@@ -173,7 +172,7 @@ class LabelingWindow:
     def draw_guess(self, q):
         b = self.bars
         b.delete("all")
-        if self.cfg.get("blind"):
+        if self.cfg.blind:
             self.guess.configure(text="the model's guess is hidden (--blind)")
             return
         top, width = int(q.probs.argmax()), max(b.winfo_width(), 400) - 260
@@ -214,7 +213,7 @@ class LabelingWindow:
         q = self.current
         if q is None or self.closing:
             return
-        row = {**self.rlhf.answer_row(q.index, answer, q.probs, q.sampled, q.version), "epoch": q.epoch}
+        row = {**self.rlhf.answer_row(q.index, answer, q.probs, q.version), "epoch": q.epoch}
         added = self.store.add(**row)  # committed before anything else: a kill from here on loses nothing
         self.trainer.inbox.put(("answer", (q, answer)))
         self.history.append((q, answer, added))
@@ -313,7 +312,7 @@ class LabelingWindow:
         self.show() if self.current is None else self.status_line()
 
     def status_line(self):
-        q, m, epochs = self.current, self.metrics, self.cfg["epochs"]
+        q, m, epochs = self.current, self.metrics, self.cfg.epochs
         epoch = q.epoch + 1 if q else min(self.epoch + 1, epochs)
         line = f"{self.answered} answered · {self.skipped} skipped · " + (
             f"{q.left} left in epoch {epoch}/{epochs}" if q else f"epoch {epoch}/{epochs}")
@@ -323,7 +322,7 @@ class LabelingWindow:
                      f" · {sum(self.agree) / len(self.agree):.0%} overall")
         last = (f"update {m['update']}: reward {m.get('mean_reward', float('nan')):+.2f} · "
                 f"KL {m.get('approx_kl', float('nan')):.4f} · {m.get('update_s', 0):.1f}s" if m else "no update yet")
-        need = self.cfg["batch_size"] - len(self.rlhf.pending)  # a glance at the trainer's list
+        need = self.cfg.batch_size - len(self.rlhf.pending)  # a glance at the trainer's list
         now = ("training stopped (see above)" if self.trainer.failed else "done" if self.finished
                else f"training update {self.running['update']}…" if self.running and self.running["update"]
                else "refitting the reward model without the undone answer…" if self.running
@@ -356,9 +355,9 @@ class LabelingWindow:
         c.create_line(*recent, fill="#1565c0", width=2)
 
 
-def run_session(root, rlhf, learner, store, cfg):
-    """The labeling session in the window from open_root(): 0, or 1 when training failed (then the caller
-    keeps the last good checkpoint instead of saving); every answer is in the store either way."""
+def run_session(root, rlhf):
+    """The labeling session of RLHFRun `rlhf` in the window from open_root(): 0, or 1 when training failed
+    (then the caller keeps the last good checkpoint instead of saving); every answer is in the store."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # one core trains, the other keeps keys quick (bench/gui_latency.py)
     # Every Tk call hands the GIL back; with the default 5 ms switch interval a busy trainer thread
@@ -366,12 +365,10 @@ def run_session(root, rlhf, learner, store, cfg):
     switch = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)
     outbox = queue.Queue()
-    policy = copy.deepcopy(learner.policy).eval().requires_grad_(False)
-    screen = (root.winfo_screenwidth(), root.winfo_screenheight())
-    trainer = Trainer(rlhf, learner, outbox, cfg["epochs"])
-    guesser = trainer.guesser = Guesser(rlhf, outbox, trainer.inbox, policy, learner.version, screen)
-    gui_store = type(store)(store.path)  # the Tk thread's own connection, for its commits
-    window = LabelingWindow(root, rlhf, gui_store, cfg, guesser, trainer, outbox)
+    guesser = Guesser(rlhf, outbox, (root.winfo_screenwidth(), root.winfo_screenheight()))
+    trainer = Trainer(rlhf, outbox, guesser)
+    gui_store = type(rlhf.store)(rlhf.store.path)  # the Tk thread's own connection, for its commits
+    window = LabelingWindow(root, rlhf, gui_store, rlhf.cfg, guesser, trainer, outbox)
 
     def on_signal(signum, frame):  # Ctrl-C, kill: the poll quits as the q key does
         window.signals += 1

@@ -1,16 +1,15 @@
 """The labeling window's two worker threads, which never touch a widget (feedback_gui.py owns the window).
 
-  Guesser  picks the next images to ask (as RLHFRun.epoch_visits does) and prepares LOOKAHEAD of them: the
+  Guesser  hands out the run's next questions (RLHFRun.next_question) and prepares LOOKAHEAD of them: the
            guess of a snapshot of the policy (its version is stored with the answer) and the picture
            decoded and fitted, so that a key never waits for either, nor for an update.
-  Trainer  owns the Learner and the RLHFRun: records the answers in order, visits the images as the
-           headless loop does and runs every update, however far behind the person it falls.
+  Trainer  drives the RLHFRun: records the answers and undos in order, and runs every update and epoch
+           end, however far behind the person it falls.
 Both report to the window through its outbox queue.
 """
 import copy
 import os
 import queue
-import random
 import sys
 import threading
 import traceback
@@ -19,8 +18,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from learner import reward_model_update
-from rlhf_run import SKIP
+from rlhf_run import NullObserver
 
 LOOKAHEAD = 8       # questions ready beyond the one shown: the guesser needs ~0.1 s for one
 
@@ -36,7 +34,6 @@ class Question:
     left: int
     path: str
     probs: object
-    sampled: int
     version: int
     picture: object
     fitted: object
@@ -67,54 +64,44 @@ def failure(what, err):
 
 
 class Guesser(threading.Thread):
-    """Picks the images to ask about, as run.epoch_visits does, and prepares them as questions, never
-    more than LOOKAHEAD beyond the one shown. Every question falls in the session's first epoch: after
-    it, every image is answered or --max-answers is reached."""
+    """Hands out the run's questions and prepares them, never more than LOOKAHEAD beyond the one shown.
+    Every question falls in the session's first epoch: after it, every image is answered or
+    --max-answers is reached."""
 
-    def __init__(self, run, outbox, trainer_inbox, policy, version, screen):
+    def __init__(self, run, outbox, screen):
         super().__init__(name="rlhf-guesser", daemon=True)
-        self.ds, self.outbox, self.trainer_inbox, self.screen = run.ds, outbox, trainer_inbox, screen
-        self.epoch, self.explore = run.epoch, run.cfg.get("explore", 0.0)
-        self.asked = set(run.answer_of)
-        self.order = [i for i in run.epoch_order(run.epoch) if i not in self.asked]
-        limit = run.cfg.get("max_answers")
-        self.total = len(self.order) if limit is None else max(0, min(len(self.order), limit - len(self.asked)))
-        # --order uncertain: the trainer ranks the unasked images after each update; None until the first.
-        self.ranking = None if run.cfg.get("order") == "uncertain" and self.total else []
-        self.snapshot = (policy, version)  # replaced whole by the trainer after each update
-        self.rng = random.Random(run.cfg["seed"] * 7919 + run.epoch)
-        # Its own generator: which class is sampled must not depend on how far training has got.
-        self.generator = torch.Generator().manual_seed(run.cfg["seed"] + 7919)
+        self.rlhf, self.ds, self.outbox, self.screen = run, run.ds, outbox, screen
+        self.epoch, self.asked_before, self.total = run.epoch, len(run.answer_of), run.questions_left()
+        self.snapshot = self.copy_policy()  # replaced whole by the trainer after each update
         self.box, self.shown, self.stopping = (720, 480), 0, False
         self.cond = threading.Condition()
 
+    def copy_policy(self):
+        """(frozen copy of the current policy, its version): what the next questions are guessed with."""
+        policy = copy.deepcopy(self.rlhf.learner.policy).eval().requires_grad_(False)
+        return policy, self.rlhf.learner.version
+
     def tell(self, **state):
-        """shown=seq (the window shows it), stopping=True, or ranking=[...] (from the trainer)."""
+        """shown=seq (the window shows it) or stopping=True."""
         with self.cond:
             for name, value in state.items():
                 setattr(self, name, value)
             self.cond.notify()
 
-    def next_index(self):
-        unasked = [i for i in self.order if i not in self.asked]
-        if self.ranking and self.rng.random() < self.explore:
-            return self.rng.choice(unasked)  # --explore: a share of the questions picked at random
-        ranked = [i for i in self.ranking if i not in self.asked]
-        return ranked[0] if ranked else unasked[0]  # a used-up ranking: the epoch's order till the next
-
     def run(self):
         try:
-            for seq in range(self.total):
+            seq = 0
+            while True:
                 with self.cond:
-                    self.cond.wait_for(lambda: self.stopping or (seq <= self.shown + LOOKAHEAD
-                                                                 and self.ranking is not None))
+                    self.cond.wait_for(lambda: self.stopping or seq <= self.shown + LOOKAHEAD)
                     if self.stopping:
                         return
-                    index = self.next_index()
-                    self.asked.add(index)
+                index = self.rlhf.next_question()
+                if index is None:
+                    break
                 self.outbox.put(("question", self.prepare(seq, index)))
+                seq += 1
             self.outbox.put(("no_more_questions", None))
-            self.trainer_inbox.put(("questions_end", self.total))
         except Exception as err:
             self.outbox.put(("error", failure("preparing images", err)))
 
@@ -123,33 +110,27 @@ class Guesser(threading.Thread):
         with torch.inference_mode():
             x = self.ds.batch([index]).to(next(policy.parameters()).device)
             probs = torch.softmax(policy(x).float(), dim=-1)[0].cpu()
-        sampled = int(torch.multinomial(probs, 1, generator=self.generator))
         path, box, picture, fitted, problem = self.ds.paths[index], self.box, None, None, ""
         try:
             picture = load_picture(path, self.screen)
             fitted = fit(picture, box)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             problem = f"cannot show {os.path.basename(path)} ({err})"
-        pos = len(self.ds) - len(self.order) + seq + 1
-        return Question(seq, index, self.epoch, pos, self.total - seq, path, probs.numpy(), sampled, version,
-                        picture, fitted, box, problem)
+        return Question(seq, index, self.epoch, self.asked_before + seq + 1, self.total - seq, path, probs.numpy(),
+                        version, picture, fitted, box, problem)
 
 
-class Trainer(threading.Thread):
-    """Owns the Learner and the RLHFRun: records answers in order, visits images, runs the updates."""
+class Trainer(threading.Thread, NullObserver):
+    """Drives the RLHFRun for the window: records answers and undos as they come, runs the updates and
+    the epoch ends, and tells the window (its outbox) and the guesser (a new policy snapshot) about them."""
 
-    def __init__(self, rlhf, learner, outbox, epochs):
+    def __init__(self, run, outbox, guesser):
         super().__init__(name="rlhf-trainer", daemon=True)
-        self.rlhf, self.learner, self.outbox, self.epochs = rlhf, learner, outbox, epochs
-        self.guesser = None
+        self.rlhf, self.outbox, self.guesser = run, outbox, guesser
         self.inbox = queue.Queue()
         self.stopping, self.updating = threading.Event(), threading.Event()
-        self.given = {}       # seq -> the answer it holds now
-        self.index_of = {}    # seq -> pool position
-        self.passed = set()   # seqs of the questions the visits have gone past
-        self.questions = None  # how many the guesser asks, once it has asked them all
         self.failed = False
-        self.rank_rng = random.Random(rlhf.cfg["seed"] * 7919 + rlhf.epoch + 1)
+        run.observer = self
 
     def stop(self):
         """Finish the running update, start no other, and end (the caller saves the checkpoint)."""
@@ -161,56 +142,29 @@ class Trainer(threading.Thread):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         try:
             if self.train():
-                self.outbox.put(("done", self.learner.version))
+                self.outbox.put(("done", self.rlhf.learner.version))
         except Exception as err:
             self.failed = True
             self.outbox.put(("error", failure("training", err) + ". Every answer given is saved: quit, "
                              "and continue with --resume once the cause is fixed"))
 
     def train(self):
-        run, first = self.rlhf, self.rlhf.epoch
-        self.rank()
-        for epoch in range(first, self.epochs):
-            visits = self.first_epoch() if epoch == first else ((i, None) for i in run.epoch_order(epoch))
-            for index, seq in visits:
-                self.passed.add(seq)
-                if run.visit(index):
-                    self.update()
-            if not self.finish_epoch():
-                return False
-        return True
-
-    def first_epoch(self):
-        """As run.epoch_visits: the asked images in the order they were asked, then the rest of the pool."""
-        run, seq = self.rlhf, 0
-        while not self.stopping.is_set():
-            while seq not in self.given and self.questions != seq and not self.stopping.is_set():
-                self.handle(*self.inbox.get())  # the person has not answered it yet
-                if len(run.pending) >= run.cfg["batch_size"]:
-                    self.update()  # answers given again after an undo made one due
-            self.drain()
-            if seq not in self.given:
-                break
-            yield self.index_of[seq], seq
-            seq += 1
-        asked = set(self.index_of.values())
-        for i in run.epoch_order(run.epoch):
-            if i not in asked and not self.stopping.is_set():
-                yield i, None
-
-    def finish_epoch(self):
-        # run.finish_epoch's updates one at a time, so that a quit need not wait for all of them.
         run = self.rlhf
-        while run.pending and not self.stopping.is_set():
-            self.update()
-        if run.reward_model_ready():
-            while run.unanswered and not self.stopping.is_set():
-                self.update(rm_only=True)
-        if self.stopping.is_set():
-            return False
-        run.finish_epoch()
-        self.outbox.put(("epoch", run.epoch))
-        self.drain()
+        run.refresh_ranking()  # a resumed run ranks with its trained models
+        while run.epoch < run.cfg.epochs:
+            while not run.questions_done():  # the answers of this epoch's questions, as they come
+                if self.stopping.is_set():
+                    return False
+                if run.update_due():
+                    run.update()
+                    continue
+                try:
+                    self.handle(*self.inbox.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+            if not run.finish_epoch(stop=self.stopping.is_set):
+                return False
+            self.outbox.put(("epoch", run.epoch))
         return True
 
     def drain(self):
@@ -221,64 +175,22 @@ class Trainer(threading.Thread):
                 return
 
     def handle(self, kind, message):
-        run = self.rlhf
-        if kind == "questions_end":
-            self.questions = message
-        elif kind == "answer":
+        if kind == "answer":
             q, answer = message
-            self.given[q.seq], self.index_of[q.seq] = answer, q.index
-            run.record(q.index, answer, q.probs, q.sampled, policy_version=q.version, commit=False)
-            if q.seq in self.passed:  # answered again after an undo: queue it as its first visit did
-                run.visit(q.index)
-        elif kind == "undo" and message.seq in self.given:
-            q, old = message, self.given.pop(message.seq)
-            trained = q.seq in self.passed and q.index not in run.pending
-            run.undo(q.index, commit=False)
-            if old is not SKIP:
-                reward = 1.0 if q.sampled == old else -1.0
-                if reward in run.episode_rewards:
-                    run.episode_rewards.remove(reward)
-                if trained and not run.cfg.get("no_reward_model"):
-                    self.refit_reward_model()
+            self.rlhf.record(q.index, answer, q.probs, q.version, commit=False)
+        elif kind == "undo" and self.rlhf.undo(message.index, commit=False):
+            self.rlhf.refit_reward_model()
 
-    def update(self, rm_only=False):
-        if self.stopping.is_set():
-            return
+    # --- what the run tells (NullObserver) ----------------------------------------------------
+    def update_started(self, number):
         self.updating.set()
-        self.outbox.put(("update_started", {"update": self.learner.version + 1}))
-        try:
-            metrics = self.rlhf.update(rm_only=rm_only)
-        finally:
-            self.updating.clear()
-        policy = copy.deepcopy(self.learner.policy).eval().requires_grad_(False)
-        self.guesser.snapshot = (policy, self.learner.version)
+        self.outbox.put(("update_started", {"update": number}))
+
+    def update_done(self, metrics):
+        self.updating.clear()
+        if metrics is None:
+            self.outbox.put(("refit", None))
+            return
+        self.guesser.snapshot = self.guesser.copy_policy()
         self.outbox.put(("metrics", metrics))
-        self.rank()
-        self.drain()
-
-    def rank(self):
-        """--order uncertain: rank the images still to ask with the current models, for the guesser."""
-        g = self.guesser
-        if g.ranking is None or g.ranking and self.questions is None:
-            with g.cond:
-                asked = set(g.asked)
-            unasked = [i for i in g.order if i not in asked]
-            if unasked:
-                g.tell(ranking=self.rlhf.rank_questions(unasked, self.rank_rng))
-
-    def refit_reward_model(self):
-        """A few reward-model steps on the answers that remain, after undoing an answer it has learnt."""
-        run, lrn = self.rlhf, self.learner
-        answered = [i for i, a in run.answer_of.items() if a is not SKIP]
-        if not answered or self.stopping.is_set():
-            return
-        pick = run.rng.sample(answered, min(len(answered), lrn.rm_cfg.rm_batch_size))
-        self.updating.set()
-        self.outbox.put(("update_started", {"update": None}))
-        try:
-            reward_model_update(lrn.rm_net, lrn.rm_opt, run.inputs(pick).to(lrn.device),
-                                torch.tensor([run.answer_of[i] for i in pick], device=lrn.device),
-                                lrn.rm_cfg.rm_steps, lrn.rm_cfg.rm_batch_size, lrn.generator)
-        finally:
-            self.updating.clear()
-        self.outbox.put(("refit", len(answered)))
+        self.drain()  # answers and undos that came during the update

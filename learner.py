@@ -1,6 +1,6 @@
 """The learning side of RLHF: policy and reward model, their optimisers, and one update step.
 
-Shared by the headless loop (train_rlhf.py) and the labeling window's trainer (labeling_workers.py).
+Driven by the RLHF loop (rlhf_run.py), for the headless labeler and the labeling window alike.
 The update functions take everything they need as arguments, so they run unchanged in N processes.
 
 Inputs: with --finetune layer4 or head, the frozen layers of the policy, the reward model and the reference
@@ -14,12 +14,13 @@ minibatch with the policy and reward model in DistributedDataParallel, and Batch
 of the whole minibatch across processes (ddp.GlobalBatchNorm2d), so every process holds the same models.
 
 BatchNorm: the trainable layers train in train mode (statistics of each minibatch), and ppo_update scores
-the old policy on the very same minibatches, so the first PPO ratio is exactly 1. A minibatch of one image
-runs in eval mode: one image has no batch statistics at small spatial sizes.
+the old policy and the KL reference on the very same minibatches in the same mode, so the first PPO ratio
+is exactly 1 and the first KL to the reference 0. A minibatch of one image runs in eval mode: one image
+has no batch statistics at small spatial sizes.
 """
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +29,16 @@ from ddp import Ranks, use_global_batchnorm, wrap_ddp
 from models import PolicyModel, RewardModel, frozen_part, set_finetune, trainable_part
 from ppo import PPOConfig, ppo_update
 
+RELIABILITY_Z = 2.0  # standard errors below the measured accuracy at which the reward model is trusted
+
 
 @dataclass
 class RewardModelConfig:
-    rm_learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the reward model"})
-    rm_batch_size: int = field(default=32, metadata={"help": "answers per reward-model step: the newest batch plus a replay of older answers"})
-    rm_steps: int = field(default=2, metadata={"help": "reward-model gradient steps per update"})
-    rm_min_answers: int = field(default=16, metadata={"help": "answers the reward model must have predicted before it was fitted on them, before its rewards train the policy"})
-    rm_window: int = field(default=64, metadata={"help": "how many of the newest answers measure the reward model's reliability"})
-
-    def to_dict(self):
-        return asdict(self)
+    rm_learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the reward model", "lo": 0.0})
+    rm_batch_size: int = field(default=32, metadata={"help": "answers per reward-model step: the newest batch plus a replay of older answers", "lo": 1})
+    rm_steps: int = field(default=2, metadata={"help": "reward-model gradient steps per update", "lo": 1, "hi": 1000})
+    rm_min_answers: int = field(default=16, metadata={"help": "answers the reward model must have predicted before it was fitted on them, before its rewards train the policy", "lo": 1})
+    rm_window: int = field(default=64, metadata={"help": "how many of the newest answers measure the reward model's reliability", "lo": 1})
 
 
 def one_hot_rewards(answers, num_classes):
@@ -46,15 +46,29 @@ def one_hot_rewards(answers, num_classes):
     return 2.0 * F.one_hot(answers, num_classes).float() - 1.0
 
 
-def reliability(correct, num_classes, min_count):
-    """How far to trust a predictor from its hits on answers it had not seen: 0 at chance, 1 when always
-    right, taken at one standard error below the measured accuracy so a lucky few answers do not count."""
-    n = len(correct)
+def wilson_lower_bound(hits, n, z=RELIABILITY_Z):
+    """Lower end of the Wilson score interval for a success rate of hits/n (z standard errors)."""
+    if n == 0:
+        return 0.0
+    p, z2 = hits / n, z * z
+    centre = p + z2 / (2 * n)
+    margin = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (centre - margin) / (1 + z2 / n)
+
+
+def reliability(record, num_classes, min_count):
+    """How far to trust a predictor from (hit, answer) pairs on answers it had not seen: 0 at chance, 1 when
+    always right. Its accuracy is taken at the Wilson lower bound (z = 2), and chance is the rate of always
+    answering the commonest class of those answers (1 / classes where the answers are unknown), so a coin,
+    or a predictor that learnt only the class balance, earns no trust."""
+    n = len(record)
     if n < max(1, min_count):
         return 0.0
-    acc = sum(correct) / n
-    lower = acc - math.sqrt(acc * (1.0 - acc) / n)
-    chance = 1.0 / num_classes
+    lower = wilson_lower_bound(sum(h for h, _ in record), n)
+    known = [a for _, a in record if a >= 0]
+    chance = max(known.count(c) for c in set(known)) / len(known) if known else 1.0 / num_classes
+    if chance >= 1.0:
+        return 0.0  # every answer the same class: nothing tells a predictor from a constant
     return max(0.0, min(1.0, (lower - chance) / (1.0 - chance)))
 
 
@@ -108,6 +122,9 @@ class Learner:
         backbone = {k: v for k, v in self.policy.state_dict().items() if not k.startswith("model.fc.")}
         self.reward_model.load_state_dict(backbone, strict=False)  # same start, so frozen layers are shared
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
+        for m in self.reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 0.0  # scored in train mode beside the policy, it must never track statistics
         self.policy_opt = torch.optim.Adam(set_finetune(self.policy, finetune), lr=self.ppo_cfg.learning_rate)
         self.rm_opt = torch.optim.Adam(set_finetune(self.reward_model, finetune), lr=self.rm_cfg.rm_learning_rate)
         self.encoder = frozen_part(self.policy, finetune).eval()
@@ -118,7 +135,7 @@ class Learner:
         self.rm_ddp = wrap_ddp(self.rm_net, self.ranks)
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0  # policy updates so far: recorded with each answer
-        self.rm_fresh = []  # 1/0: did the reward model predict each new answer before it was fitted on it
+        self.rm_record = []  # (hit 1/0, answer) for each new answer the reward model predicted before fitting it
 
     @torch.no_grad()
     def encode(self, images):
@@ -149,25 +166,24 @@ class Learner:
 
     def rm_reliability(self):
         """Weight of the reward model's rewards: its accuracy on the newest answers before it saw them,
-        rescaled so chance is 0 (see `reliability`)."""
-        return reliability(self.rm_fresh[-self.rm_cfg.rm_window:], self.num_classes, self.rm_cfg.rm_min_answers)
+        against chance (see `reliability`)."""
+        return reliability(self.rm_record[-self.rm_cfg.rm_window:], self.num_classes, self.rm_cfg.rm_min_answers)
 
-    def sample(self, probs):
-        """Sample one class per row with the learner's own seeded generator."""
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+    def fit_reward_model(self, x, answers):
+        """rm_steps reward-model steps on inputs x with answers (the first rows first); returns the loss."""
+        return reward_model_update(self.rm_ddp, self.rm_opt, x.to(self.device), answers.to(self.device),
+                                   self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator, self.ranks)
 
-    def ppo_step(self, x, rewards):
-        """One PPO update of the policy on inputs x with reward vectors (N, K); returns statistics."""
-        x, rewards = x.to(self.device), rewards.to(self.device)
-        with torch.no_grad():
-            ref_logprobs = self.ranks.map_rows(lambda rows: F.log_softmax(self.reference_net(rows).float(), dim=-1), x)
-        mb_size = -(-x.shape[0] // max(1, self.ppo_cfg.num_minibatches))
-        set_train_mode(self.policy_net, mb_size)
-        stats = ppo_update(self.policy_ddp, self.policy_opt, x, rewards, self.ppo_cfg,
-                           ref_logprobs=ref_logprobs, generator=self.generator, ranks=self.ranks)
-        self.policy.eval()
-        self.version += 1
-        return stats
+    def score_reward_model(self, x_new, answers_new, fresh):
+        """Record whether the reward model predicts the fresh new answers (before it is fitted on them);
+        returns their accuracy, or None when none is fresh."""
+        rm_pred = self.predicted_rewards(x_new).argmax(dim=1)
+        hits = (rm_pred == answers_new.to(rm_pred.device))[fresh.to(rm_pred.device)].tolist()
+        if not hits:
+            return None
+        answers = answers_new[fresh].tolist()
+        self.rm_record = (self.rm_record + [(int(h), int(a)) for h, a in zip(hits, answers)])[-self.rm_cfg.rm_window:]
+        return sum(hits) / len(hits)
 
     def update(self, x_new, answers_new, x_replay=None, answers_replay=None, x_unanswered=None, fresh=None):
         """Fit the reward model on the newest answers (plus replay), then one PPO step on the answered
@@ -177,22 +193,17 @@ class Learner:
         fresh: (N,) bool, which of x_new the reward model has never been fitted on (default: all); only
         those measure its accuracy. Returns a dict of metrics.
         """
-        stats = {}
-        k = self.num_classes
+        stats, k = {}, self.num_classes
         if x_new.shape[0]:
-            with torch.no_grad():
-                rm_pred = self.predicted_rewards(x_new).argmax(dim=1)
-            hits = (rm_pred == answers_new.to(rm_pred.device))
-            hits = (hits if fresh is None else hits[fresh.to(hits.device)]).tolist()
-            if hits:
-                stats["rm_acc"] = sum(hits) / len(hits)
-                self.rm_fresh = (self.rm_fresh + [int(h) for h in hits])[-max(self.rm_cfg.rm_window, 1):]
+            fresh = torch.ones(len(answers_new), dtype=torch.bool) if fresh is None else fresh
+            acc = self.score_reward_model(x_new, answers_new, fresh)
+            if acc is not None:
+                stats["rm_acc"] = acc
             x_all, a_all = x_new, answers_new
             if x_replay is not None and x_replay.shape[0]:
                 x_all, a_all = torch.cat([x_new, x_replay]), torch.cat([answers_new, answers_replay])
-            stats["rm_loss"] = reward_model_update(
-                self.rm_ddp, self.rm_opt, x_all.to(self.device), a_all.to(self.device),
-                self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator, self.ranks)
+            stats["rm_loss"] = self.fit_reward_model(x_all, a_all)
+            stats["agreement"] = (self.policy_probs(x_new).argmax(1) == answers_new).float().mean().item()
         xs, rewards = [x_new], [one_hot_rewards(answers_new, k)]
         weight = self.rm_reliability()
         stats["rm_weight"] = weight
@@ -202,21 +213,22 @@ class Learner:
             rewards.append(weight * self.predicted_rewards(x_unanswered))
         stats["rm_images"] = int(x_unanswered.shape[0]) if use_rm else 0
         x, r = torch.cat(xs), torch.cat(rewards)
-        if x.shape[0] == 0:
-            return stats
-        if x_new.shape[0]:
-            probs = self.policy_probs(x_new)
-            stats["agreement"] = (probs.argmax(1) == answers_new).float().mean().item()
-            guess = self.sample(probs)
-            stats["mean_reward"] = one_hot_rewards(answers_new, k).gather(1, guess[:, None]).mean().item()
-        stats.update(self.ppo_step(x, r))
+        if x.shape[0]:
+            stats.update(self.ppo_step(x, r))
+        return stats
+
+    def ppo_step(self, x, rewards):
+        """One PPO update of the policy on inputs x with reward vectors (N, K); returns statistics."""
+        stats = ppo_update(self.policy_ddp, self.policy_opt, x.to(self.device), rewards.to(self.device),
+                           self.ppo_cfg, reference=self.reference_net, generator=self.generator, ranks=self.ranks)
+        self.version += 1
         return stats
 
     def state_dict(self):
         return {"policy": self.policy.state_dict(), "reward_model": self.reward_model.state_dict(),
                 "policy_opt": self.policy_opt.state_dict(),
                 "reward_opt": self.rm_opt.state_dict(), "generator": self.generator.get_state(),
-                "version": self.version, "rm_fresh": list(self.rm_fresh)}
+                "version": self.version, "rm_record": [list(r) for r in self.rm_record]}
 
     def load_state_dict(self, state):
         self.policy.load_state_dict(state["policy"])
@@ -225,7 +237,10 @@ class Learner:
         self.rm_opt.load_state_dict(state["reward_opt"])
         self.generator.set_state(state["generator"])
         self.version = int(state["version"])
-        self.rm_fresh = [int(h) for h in state.get("rm_fresh", [])]
+        if "rm_record" in state:
+            self.rm_record = [(int(h), int(a)) for h, a in state["rm_record"]]
+        else:  # format 1 kept hits only: the answers' classes are unknown (-1)
+            self.rm_record = [(int(h), -1) for h in state.get("rm_fresh", [])]
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from checkpoint import CheckpointError, load_checkpoint, policy_spec
+
 FINETUNE_CHOICES = ("all", "layer4", "head")
 
 
@@ -40,11 +42,12 @@ class PolicyModel(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """ResNet18 that predicts, for each class, the reward the person would give to that answer."""
+    """ResNet18 that predicts, for each class, the reward the person would give to that answer (it starts
+    from the policy's weights: Learner copies them in)."""
 
-    def __init__(self, num_classes, backbone_state=None):
+    def __init__(self, num_classes):
         super().__init__()
-        self.model = _resnet18(num_classes, backbone_state)
+        self.model = _resnet18(num_classes, None)
 
     def forward(self, x):
         return self.model(x)
@@ -83,12 +86,12 @@ def resolve_backbone_weights(spec, download_timeout=15.0):
     if not os.path.isfile(spec):
         raise WeightsError(f"weights file {spec} does not exist: pass --weights auto|imagenet|none|PATH")
     try:
-        state = torch.load(spec, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsError(f"weights file {spec} is not a torch state dict ({type(err).__name__}): "
-                           "pass a ResNet18 state_dict saved with torch.save") from None
-    if isinstance(state, dict) and "policy" in state and isinstance(state["policy"], dict):
-        state = {k[len("model."):]: v for k, v in state["policy"].items()}  # one of our checkpoints
+        state = load_checkpoint(spec)
+        policy = policy_spec(state, spec)  # one of our checkpoints, or the original script's
+    except CheckpointError as err:
+        raise WeightsError(f"--weights: {err}") from None
+    if policy is not None:
+        state = {k[len("model."):]: v for k, v in policy.state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     probe = torchvision.models.resnet18(weights=None)
     missing, unexpected = probe.load_state_dict(state, strict=False)

@@ -7,7 +7,7 @@ averages the gradients: the update equals one process's on the whole minibatch. 
 under the old policy (`surrogate="expected"`), which is the exact expectation of the usual sampled
 surrogate and far less noisy. `surrogate="sampled"` is textbook PPO on the sampled class alone.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -18,19 +18,16 @@ from ddp import Ranks
 
 @dataclass
 class PPOConfig:
-    learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the policy"})
-    clip_coef: float = field(default=0.2, metadata={"help": "the surrogate is clipped where the probability ratio leaves [1 - clip_coef, 1 + clip_coef]"})
-    ent_coef: float = field(default=0.01, metadata={"help": "weight of the entropy bonus, which keeps the policy from collapsing early"})
-    kl_coef: float = field(default=0.0, metadata={"help": "weight of KL(policy || reference), the reference being the policy at the start of the run"})
-    update_epochs: int = field(default=4, metadata={"help": "passes over each batch of answers"})
-    num_minibatches: int = field(default=1, metadata={"help": "shuffled minibatches per pass"})
-    max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
-    target_kl: Optional[float] = field(default=None, metadata={"help": "stop the passes early once KL(old || new) exceeds this (None: never)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the policy", "lo": 0.0})
+    clip_coef: float = field(default=0.2, metadata={"help": "the surrogate is clipped where the probability ratio leaves [1 - clip_coef, 1 + clip_coef]", "lo": 0.0, "hi": 10.0})
+    ent_coef: float = field(default=0.01, metadata={"help": "weight of the entropy bonus, which keeps the policy from collapsing early", "lo": 0.0})
+    kl_coef: float = field(default=0.0, metadata={"help": "weight of KL(policy || reference), the reference being the policy at the start of the run", "lo": 0.0})
+    update_epochs: int = field(default=4, metadata={"help": "passes over each batch of answers", "lo": 1, "hi": 1000})
+    num_minibatches: int = field(default=1, metadata={"help": "shuffled minibatches per pass", "lo": 1})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip", "lo": 0.0})
+    target_kl: Optional[float] = field(default=None, metadata={"help": "stop the passes early once KL(old || new) exceeds this (None: never)", "lo": 0.0})
     norm_adv: bool = field(default=False, metadata={"help": "scale advantages to unit size within a minibatch of more than one image (off: rewards are already in [-1, 1], and scaling blows up the reward model's faint preferences)"})
-    surrogate: str = field(default="expected", metadata={"help": "'expected': surrogate over every class weighted by the old policy; 'sampled': sampled class only"})
-
-    def to_dict(self):
-        return asdict(self)
+    surrogate: str = field(default="expected", metadata={"help": "'expected': surrogate over every class weighted by the old policy; 'sampled': sampled class only", "choices": ("expected", "sampled")})
 
 
 def advantages(rewards, old_probs):
@@ -87,14 +84,16 @@ def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None,
     return loss, stats
 
 
-def ppo_update(policy, optimizer, x, rewards, cfg, ref_logprobs=None, generator=None, ranks=None):
-    """Score the batch with the current policy (the old policy), then run `update_epochs` passes over
-    shuffled minibatches; returns the mean statistics.
+def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=None, ranks=None):
+    """Score the batch with the current policy (the old policy) and the reference, then run
+    `update_epochs` passes over shuffled minibatches; returns the mean statistics.
 
     The minibatch split is drawn once per update and only the order of minibatches is shuffled each pass,
     so that a BatchNorm policy in train mode (statistics of the minibatch) sees each image with the same
-    companions as when it was scored: the first ratio is exactly 1. With `ranks`, every process passes the
-    same x, rewards and generator state and computes only its block of each minibatch.
+    companions as when it was scored: the first ratio is exactly 1. The reference is scored the same way
+    (its BatchNorm must not track statistics: momentum 0), so KL to it is 0 while the policy equals it.
+    A minibatch of one image runs in eval mode (one image has no batch statistics). With `ranks`, every
+    process passes the same x, rewards and generator state and computes only its block of each minibatch.
     """
     ranks = ranks or Ranks()
     n = x.shape[0]
@@ -105,18 +104,25 @@ def ppo_update(policy, optimizer, x, rewards, cfg, ref_logprobs=None, generator=
         start, stop = ranks.block(len(mb))
         mine.append(mb[start:stop].to(x.device))
     old_logprobs = torch.zeros_like(rewards)
+    ref_logprobs = None if reference is None else torch.zeros_like(rewards)
     with torch.no_grad():
-        for rows in mine:
-            old_logprobs[rows] = F.log_softmax(policy(x[rows]).to(rewards.dtype), dim=-1)
+        for mb, rows in zip(parts, mine):
+            for net, out in ((policy, old_logprobs), (reference, ref_logprobs)):
+                if net is not None:
+                    net.train(len(mb) > 1)
+                    out[rows] = F.log_softmax(net(x[rows]).to(rewards.dtype), dim=-1)
     ranks.all_reduce(old_logprobs)  # each row came from one process: the sum is the whole batch
+    if ref_logprobs is not None:
+        ranks.all_reduce(ref_logprobs)
     actions = torch.multinomial(old_logprobs.exp().cpu(), 1, generator=generator).squeeze(1).to(x.device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     totals, count, epochs_run = {}, 0, 0
     for _ in range(cfg.update_epochs):
         for j in torch.randperm(len(parts), generator=generator).tolist():
             rows = mine[j]
-            loss, stats = ppo_loss(policy(x[rows]).to(rewards.dtype), old_logprobs[rows], rewards[rows], actions[rows], cfg,
-                                   None if ref_logprobs is None else ref_logprobs[rows],
+            policy.train(len(parts[j]) > 1)
+            loss, stats = ppo_loss(policy(x[rows]).to(rewards.dtype), old_logprobs[rows], rewards[rows],
+                                   actions[rows], cfg, None if ref_logprobs is None else ref_logprobs[rows],
                                    denominator=len(parts[j]) / ranks.world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -128,10 +134,12 @@ def ppo_update(policy, optimizer, x, rewards, cfg, ref_logprobs=None, generator=
         epochs_run += 1
         if cfg.target_kl is not None and ranks.sum_floats([stats["approx_kl"]])[0] / ranks.world > cfg.target_kl:
             break
+    policy.eval()
+    if reference is not None:
+        reference.eval()
     names = sorted(totals)
     out = {k: v / count / ranks.world for k, v in zip(names, ranks.sum_floats(totals[k] for k in names))}
     out["update_epochs_run"] = epochs_run
-    out["sampled_reward"] = rewards.gather(1, actions[:, None]).mean().item()
     return out
 
 

@@ -1,80 +1,93 @@
-"""One RLHF run on disk: the image pool, the feedback store, the learner, metrics and checkpoints.
+"""The RLHF loop, in one place: which image to ask, what an answer does, when the models update, how an
+epoch ends. The headless labeler (`run_headless`), the labeling window's worker threads and the benchmark
+all drive the same `RLHFRun`; none keeps its own copy of the loop.
 
-The feedback source (simulated labeler or the labeling window) hands answers to `RLHFRun.record`;
-every `batch_size` answered images an update runs. Images without an answer are trained with the
-reward model's predicted rewards, weighted by how well it predicted the newest answers before it saw
-them (`Learner.rm_reliability`); a person's answer always wins over the reward model for the images
-they answered.
+One epoch, as every driver sees it:
+    index = run.next_question()          # the image to ask next (None: this epoch asks no more)
+    run.record(index, answer, probs, v)  # the person's answer (or SKIP) about it; probs: the guess shown
+    if run.update_due(): run.update()    # reward model fit + PPO every --batch-size answers
+    run.finish_epoch()                   # the rest of the pool, leftover answers, unanswered images; save
 
-Run folder:
-    config.json       the run's configuration        feedback.sqlite   every answer, committed at once
-    checkpoint.pt     models + optimisers + config   metrics.jsonl     one JSON line per update
-    reference.pt      the policy at the start of the run (the KL reference), written once
-    training_data.json  export in the original script's shape (episodes, human_feedback)
+Questions come first in each epoch: with --order uncertain the least sure image under the newest ranking
+(re-ranked after every update), with a share picked at random (--explore); before the first update, and
+with --order random/sequential, in the epoch's seeded order. Then every image not visited yet is visited
+in that order, so answered images train again and the rest train through the reward model.
 
-Under torchrun every process runs an RLHFRun over the same pool with the same answers; only rank 0 holds
-the store (`store=None` elsewhere) and writes files, so the folder is the same as a one-process run's.
+Under torchrun every process runs the same RLHFRun on the same answers; only rank 0 holds the store
+(`store` is None elsewhere) and writes files, so the folder is the same as a one-process run's.
 """
 import json
 import os
 import random
+import threading
 import time
 
 import torch
 
-from checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, atomic_write_json, load_checkpoint, save_checkpoint,
-                        update_latest_link)
-
+from checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, atomic_write_json, load_checkpoint,
+                        save_checkpoint, update_latest_link)
 from feature_cache import FeatureCache, weights_digest
-from learner import evaluate_accuracy
+from feedback_store import FeedbackStore, StoreError
+from learner import Learner, evaluate_accuracy
 
 REFERENCE_NAME = "reference.pt"
-
 SKIP = None
+DISAGREE_BONUS = 0.5   # how much less sure an image counts when a fully trusted reward model disagrees
+DEFAULT_SCORE_POOL = 64  # --finetune all: unasked images scored per ranking (a forward pass each)
 
 
-def question_order(indices, margins, disagree, disagree_bonus=0.5):
+def question_order(indices, margins, disagree, disagree_bonus=DISAGREE_BONUS):
     """Order images for asking: smallest margin between the two likeliest classes first, and an image
     on which the policy and the reward model disagree counts as `disagree_bonus` less sure."""
     keyed = sorted(zip(indices, margins, disagree), key=lambda t: (t[1] - disagree_bonus * bool(t[2]), t[0]))
     return [i for i, _, _ in keyed]
 
 
-class RLHFRun:
-    """Glue between a pool of images, a FeedbackStore, a Learner and the run folder."""
+def epoch_order(n, seed, epoch, order):
+    """Pool positions in the order epoch `epoch` visits them: folder order, or a seeded shuffle."""
+    positions = list(range(n))
+    if order != "sequential":
+        random.Random(f"{seed}:order:{epoch}").shuffle(positions)
+    return positions
 
-    def __init__(self, cfg, dataset, learner, store, run_dir, weights_origin, val_dataset=None, log=print):
-        self.cfg = cfg
-        self.ds = dataset
-        self.learner = learner
-        self.store = store
-        self.run_dir = run_dir
-        self.weights_origin = weights_origin
-        self.val = val_dataset
-        self.log = log
-        self.epoch = 0                 # completed epochs
-        self.asked_this_run = 0
-        self.pending = []              # pool positions answered and waiting for the next update
-        self.unanswered = []           # pool positions with no answer, for reward-model updates
-        self.episode_rewards = []      # +1/-1 of the shown guesses this epoch (training_data.json)
-        self.episodes = []
-        self.rng = random.Random(cfg["seed"])
+
+class NullObserver:
+    """What RLHFRun tells whoever drives it (the window's trainer listens; the headless loop does not)."""
+
+    def update_started(self, number):
+        """An update (number) or, with None, a reward-model refit is about to run."""
+
+    def update_done(self, metrics):
+        """It finished, with these metrics (None after a refit)."""
+
+
+class RLHFRun:
+    """One run: the pool, the person's answers, the Learner and the run folder, and the loop over them."""
+
+    def __init__(self, cfg, dataset, learner, store, run_dir, weights_origin, val_dataset=None):
+        self.cfg, self.ds, self.learner, self.store = cfg, dataset, learner, store
+        self.run_dir, self.weights_origin, self.val = run_dir, weights_origin, val_dataset
         self.ranks = learner.ranks
         self.is_main = self.ranks.is_main
-        self.asking = set()            # pool positions asked whose answers are on their way (headless rounds)
+        self.log = print if self.is_main else (lambda *_: None)
+        self.observer = NullObserver()
+        self.lock = threading.RLock()  # question state: the window's guesser asks while its trainer records
+        self.epoch = 0                 # completed epochs
+        self.asked_this_run = 0
+        self.episodes = []             # per epoch: mean reward of the shown guesses (training_data.json)
+        self.rng = random.Random(f"{cfg.seed}:replay")
         self.cache = None
         if learner.finetune != "all":
             key = f"{learner.finetune}-{dataset.image_size}-{weights_digest(learner.encoder)}"
             self.cache = FeatureCache(run_dir, learner.encode, key)
         # every process reads the cache before rank 0 can write it: the broadcast waits for all of them
         by_hash = self.ranks.broadcast(store.answers() if store is not None else None)
-        self.answer_of = {}            # pool position -> class index or SKIP, for every image asked
-        for i, h in enumerate(dataset.hashes):
-            if h in by_hash:
-                self.answer_of[i] = by_hash[h]
-        # answers the reward model has been fitted on: only the others measure its reliability (answers
-        # already in the store were fitted before the checkpoint they came with)
+        self.answer_of = {i: by_hash[h] for i, h in enumerate(dataset.hashes) if h in by_hash}
+        # answers the reward model has been fitted on: only the others measure its reliability, and only
+        # these are replayed (answers already in the store came with the checkpoint that learnt them)
         self.rm_fitted = {i for i, a in self.answer_of.items() if a is not SKIP}
+        self.shown_of = {}             # pool position -> class shown with the answer given in this process
+        self.begin_epoch()
 
     def inputs(self, indices):
         """What the learner takes for these pool images: cached frozen-layer features, or the images."""
@@ -82,167 +95,247 @@ class RLHFRun:
             return self.cache.batch(self.ds, list(indices))
         return self.ds.batch(list(indices))
 
-    # --- questions and answers -------------------------------------------------------------
     def answered_count(self):
         return sum(1 for a in self.answer_of.values() if a is not SKIP)
 
     def reward_model_ready(self):
-        """The reward model's rewards train the policy once it predicts new answers better than chance
-        (and is wanted)."""
-        return not self.cfg.get("no_reward_model") and self.learner.rm_reliability() > 0
+        """The reward model's rewards train the policy once it predicts new answers better than chance."""
+        return not self.cfg.no_reward_model and self.learner.rm_reliability() > 0
+
+    # --- questions ----------------------------------------------------------------------------
+    def begin_epoch(self):
+        """Reset the epoch's visits and the images still to ask, in the epoch's order."""
+        with self.lock:
+            self.order = epoch_order(len(self.ds), self.cfg.seed, self.epoch, self.cfg.order)
+            self.unasked = [i for i in self.order if i not in self.answer_of]
+            self.slot = {i: k for k, i in enumerate(self.unasked)}  # position in unasked: O(1) removal
+            self.order_head, self.ranking, self.ranking_head = 0, None, 0
+            self.outstanding = set()   # handed out to be asked, no answer yet
+            self.ask_rng = random.Random(f"{self.cfg.seed}:ask:{self.epoch}")
+            self.rank_rng = random.Random(f"{self.cfg.seed}:rank:{self.epoch}")
+        self.visited = set()           # pool positions queued for training in this epoch
+        self.pending = []              # answered, waiting for the next update
+        self.unanswered = []           # skipped or never asked, for reward-model updates
+        self.epoch_rewards = {}        # +1/-1 of the shown guess of each answer given this epoch
 
     def can_ask(self):
-        limit = self.cfg.get("max_answers")
-        return limit is None or len(self.answer_of) + len(self.asking) < limit
+        limit = self.cfg.max_answers
+        return bool(self.unasked) and (limit is None or len(self.answer_of) + len(self.outstanding) < limit)
 
-    def epoch_order(self, epoch):
-        """Pool positions in the order they are visited in this epoch (seeded, repeatable)."""
-        order = list(range(len(self.ds)))
-        if self.cfg.get("order", "random") != "sequential":
-            random.Random(self.cfg["seed"] * 1000 + epoch).shuffle(order)
-        return order
-
-    def epoch_visits(self, epoch):
-        """Yield (pool position, ask?) for every image once in this epoch.
-
-        With --order uncertain the images still to ask come first, most informative first, re-ranked
-        whenever the policy changed; the rest of the pool follows in the epoch's random order.
-        """
-        order = self.epoch_order(epoch)
-        if self.cfg.get("order") != "uncertain":
-            for i in order:
-                yield i, i not in self.answer_of and self.can_ask()
-            return
-        rng = random.Random(self.cfg["seed"] * 7919 + epoch)
-        unasked = [i for i in order if i not in self.answer_of]
-        slot = {i: k for k, i in enumerate(unasked)}  # position in unasked: O(1) removal keeps this linear
-        visited, ranking, ranked_at, head = set(), [], None, 0
-        while self.can_ask() and unasked:
-            while head < len(ranking) and ranking[head] in visited:
-                head += 1
-            if ranked_at != self.learner.version or head >= len(ranking):
-                ranking, ranked_at, head = self.rank_questions(unasked, rng), self.learner.version, 0
-            index = rng.choice(unasked) if rng.random() < self.cfg.get("explore", 0.0) else ranking[head]
-            visited.add(index)
-            k, last = slot.pop(index), unasked.pop()
+    def next_question(self):
+        """Hand out the image to ask next, or None when this epoch asks no more."""
+        with self.lock:
+            if not self.can_ask():
+                return None
+            if self.ranking is not None and self.ask_rng.random() < self.cfg.explore:
+                index = self.ask_rng.choice(self.unasked)  # --explore: a share of the ranked ones at random
+            else:
+                index = self._next_ranked()
+            k, last = self.slot.pop(index), self.unasked.pop()
             if last != index:
-                unasked[k], slot[last] = last, k
-            yield index, True
-        for i in order:
-            if i not in visited:
-                yield i, i not in self.answer_of and self.can_ask()
+                self.unasked[k], self.slot[last] = last, k
+            self.outstanding.add(index)
+            return index
+
+    def _next_ranked(self):
+        # The newest ranking first; a used-up or missing one falls back to the epoch's order.
+        for queue_name, head_name in (("ranking", "ranking_head"), ("order", "order_head")):
+            queue, head = getattr(self, queue_name) or [], getattr(self, head_name)
+            while head < len(queue) and queue[head] not in self.slot:
+                head += 1
+            setattr(self, head_name, head)
+            if head < len(queue):
+                return queue[head]
+        raise AssertionError("can_ask() promised an unasked image")
+
+    def next_questions(self, n):
+        """Up to n questions at once (the headless loop asks a round together)."""
+        out = []
+        while len(out) < n and (index := self.next_question()) is not None:
+            out.append(index)
+        return out
+
+    def questions_done(self):
+        """True when this epoch hands out no more questions and every one handed out is answered."""
+        with self.lock:
+            return not self.can_ask() and not self.outstanding
+
+    def questions_left(self):
+        """Questions this epoch may still hand out."""
+        with self.lock:
+            limit = self.cfg.max_answers
+            room = len(self.unasked) if limit is None else limit - len(self.answer_of) - len(self.outstanding)
+            return max(0, min(len(self.unasked), room))
+
+    def refresh_ranking(self):
+        """--order uncertain: rank the unasked images with the current models (nothing before the first
+        update: an untrained policy's margins say nothing about the person)."""
+        if self.cfg.order != "uncertain" or self.learner.version == 0 or not self.can_ask():
+            return
+        with self.lock:
+            unasked = list(self.unasked)
+        ranking = self.rank_questions(unasked, self.rank_rng)
+        with self.lock:
+            self.ranking, self.ranking_head = ranking, 0
 
     def rank_questions(self, unasked, rng):
         """Score a sample of the unasked images with the current models; most informative first."""
-        limit = self.cfg.get("score_pool") or (len(unasked) if self.cache is not None else 64)
+        limit = self.cfg.score_pool or (len(unasked) if self.cache is not None else DEFAULT_SCORE_POOL)
         pool = unasked if len(unasked) <= limit else rng.sample(unasked, limit)
+        trust = 0.0 if self.cfg.no_reward_model else self.learner.rm_reliability()
         probs, disagree = [], []
-        use_rm = self.answered_count() >= self.learner.rm_cfg.rm_min_answers
-        for start in range(0, len(pool), 64):
-            x = self.inputs(pool[start:start + 64])
+        for start in range(0, len(pool), self.cfg.score_batch):
+            x = self.inputs(pool[start:start + self.cfg.score_batch])
             p = self.learner.policy_probs(x)
             probs.append(p)
-            rm = self.learner.predicted_rewards(x).argmax(1) if use_rm else p.argmax(1)
+            rm = self.learner.predicted_rewards(x).argmax(1) if trust > 0 else p.argmax(1)
             disagree.append(rm != p.argmax(1))
         probs, disagree = torch.cat(probs), torch.cat(disagree)
         top2 = probs.topk(2, dim=1).values
-        return question_order(pool, (top2[:, 0] - top2[:, 1]).tolist(), disagree.tolist())
+        return question_order(pool, (top2[:, 0] - top2[:, 1]).tolist(), disagree.tolist(), DISAGREE_BONUS * trust)
 
-    def answer_row(self, index, answer, probs, sampled, policy_version):
-        """The store row of an answer: keyword arguments for FeedbackStore.add."""
-        predicted = int(probs.argmax())
-        return dict(sha1=self.ds.hashes[index], path=self.ds.paths[index], answer=answer, predicted=predicted,
-                    probability=float(probs[predicted]), sampled=int(sampled),
-                    reward=None if answer is SKIP else (1.0 if int(sampled) == answer else -1.0),
+    def guess(self, indices):
+        """The current policy's class probabilities for pool images (what the person is shown)."""
+        return self.learner.policy_probs(self.inputs(indices))
+
+    # --- answers ------------------------------------------------------------------------------
+    def answer_row(self, index, answer, probs, policy_version):
+        """The store row of an answer: the guess shown (argmax of probs), its probability, the answer and
+        the reward of the shown guess (+1 right, -1 wrong, None for a skip)."""
+        shown = int(probs.argmax())
+        return dict(sha1=self.ds.hashes[index], path=self.ds.paths[index], answer=answer, predicted=shown,
+                    probability=float(probs[shown]),
+                    reward=None if answer is SKIP else (1.0 if shown == answer else -1.0),
                     policy_version=policy_version, epoch=self.epoch)
 
-    def record(self, index, answer, probs, sampled, policy_version=None, commit=True):
-        """Note a person's answer (class index or SKIP) about pool image `index`; commit=False when the
-        caller (the labeling window) has already committed the same row to the store itself."""
-        version = self.learner.version if policy_version is None else policy_version
-        row = self.answer_row(index, answer, probs, sampled, version)
+    def record(self, index, answer, probs, policy_version, commit=True):
+        """The person's answer (class index or SKIP) about image `index`, shown with guess `probs`;
+        commit=False when the caller (the labeling window) has already committed the same row itself."""
+        row = self.answer_row(index, answer, probs, policy_version)
         if commit and self.store is not None:
             self.store.add(**row)
-        reward = row["reward"]
-        self.asking.discard(index)
-        self.answer_of[index] = answer
+        with self.lock:
+            self.outstanding.discard(index)
+            if index in self.slot:  # answered without being handed out (a caller that picks its own)
+                k, last = self.slot.pop(index), self.unasked.pop()
+                if last != index:
+                    self.unasked[k], self.slot[last] = last, k
+            self.answer_of[index] = answer
         self.asked_this_run += 1
-        if reward is not None:
-            self.episode_rewards.append(reward)
+        if answer is not SKIP:
+            self.shown_of[index] = row["predicted"]
+            self.epoch_rewards[index] = row["reward"]
+        self.visit(index)
+
+    def visit(self, index):
+        """Queue an image for training in this epoch: with its answer, or through the reward model."""
+        if index in self.visited:
+            return
+        self.visited.add(index)
+        (self.unanswered if self.answer_of.get(index, SKIP) is SKIP else self.pending).append(index)
 
     def undo(self, index, commit=True):
-        """Forget the answer about pool image `index`: removed from the store and from the queues;
-        commit=False when the caller (the labeling window) has already removed the row itself."""
-        removed = self.store.remove(self.ds.hashes[index]) if commit else index in self.answer_of
-        self.answer_of.pop(index, None)
+        """Take back the answer about image `index`: it leaves the store, the queues and the epoch's
+        rewards, and is handed out again. Returns True when the reward model had been fitted on it (then
+        call refit_reward_model)."""
+        if commit and self.store is not None:
+            self.store.remove(self.ds.hashes[index])
+        with self.lock:
+            answer = self.answer_of.pop(index, SKIP)
+            self.outstanding.add(index)
+        self.asked_this_run -= 1
+        self.visited.discard(index)
         for queued in (self.pending, self.unanswered):
             if index in queued:
                 queued.remove(index)
-        self.asked_this_run -= 1 if removed else 0
-        return removed
+        self.epoch_rewards.pop(index, None)
+        self.shown_of.pop(index, None)
+        fitted = index in self.rm_fitted
+        self.rm_fitted.discard(index)
+        return fitted and answer is not SKIP and not self.cfg.no_reward_model
 
-    def visit(self, index):
-        """Queue an image already known to the run for the next update; True when an update is due."""
-        answer = self.answer_of.get(index, SKIP)
-        (self.unanswered if answer is SKIP else self.pending).append(index)
-        return len(self.pending) >= self.cfg["batch_size"]
+    def refit_reward_model(self):
+        """A few reward-model steps on the answers it was fitted on, after one of them was undone."""
+        fitted = sorted(i for i in self.rm_fitted if self.answer_of.get(i, SKIP) is not SKIP)
+        if not fitted:
+            return
+        pick = self.rng.sample(fitted, min(len(fitted), self.learner.rm_cfg.rm_batch_size))
+        self.observer.update_started(None)
+        self.learner.fit_reward_model(self.inputs(pick), torch.tensor([self.answer_of[i] for i in pick]))
+        self.observer.update_done(None)
 
-    # --- updates ----------------------------------------------------------------------------
+    # --- updates ------------------------------------------------------------------------------
+    def update_due(self):
+        return len(self.pending) >= self.cfg.batch_size
+
     def update(self, rm_only=False):
         """One update on the pending answers plus some unanswered images; writes metrics and checkpoint."""
+        self.observer.update_started(self.learner.version + 1)
         t0 = time.perf_counter()
-        new = [] if rm_only else self.pending[:self.cfg["batch_size"]]
-        self.pending = [] if rm_only else self.pending[len(new):]
-        n_unans = self.cfg["rm_per_update"] if not rm_only else self.cfg["batch_size"]
+        new = [] if rm_only else self.pending[:self.cfg.batch_size]
+        self.pending = self.pending[len(new):]
+        n_unans = self.cfg.batch_size if rm_only else self.cfg.rm_per_update
         take, self.unanswered = self.unanswered[:n_unans], self.unanswered[n_unans:]
-        answered = [i for i, a in self.answer_of.items() if a is not SKIP and i not in new]
-        replay = self.rng.sample(answered, min(len(answered), max(0, self.learner.rm_cfg.rm_batch_size - len(new))))
-        rm_ready = self.reward_model_ready()
-        a_new = torch.tensor([self.answer_of[i] for i in new], dtype=torch.long)
-        a_replay = torch.tensor([self.answer_of[i] for i in replay], dtype=torch.long)
-        fresh = torch.tensor([i not in self.rm_fitted for i in new], dtype=torch.bool)
-        stats = self.learner.update(self.inputs(new), a_new, self.inputs(replay), a_replay,
-                                    self.inputs(take) if (take and rm_ready) else None, fresh=fresh)
+        new_set = set(new)
+        fitted = sorted(i for i in self.rm_fitted if i not in new_set and self.answer_of.get(i, SKIP) is not SKIP)
+        replay = self.rng.sample(fitted, min(len(fitted), max(0, self.learner.rm_cfg.rm_batch_size - len(new))))
+        fresh = [i not in self.rm_fitted for i in new]
+        stats = self.learner.update(
+            self.inputs(new), torch.tensor([self.answer_of[i] for i in new], dtype=torch.long),
+            self.inputs(replay), torch.tensor([self.answer_of[i] for i in replay], dtype=torch.long),
+            self.inputs(take) if (take and self.reward_model_ready()) else None,
+            fresh=torch.tensor(fresh, dtype=torch.bool))
         self.rm_fitted.update(new)
-        stats["update_s"] = time.perf_counter() - t0
+        shown = [1.0 if self.shown_of[i] == self.answer_of[i] else -1.0
+                 for i, f in zip(new, fresh) if f and i in self.shown_of]
         metrics = {"update": self.learner.version, "epoch": self.epoch + 1, "answers": self.answered_count(),
                    "asked": len(self.answer_of), "asked_this_run": self.asked_this_run,
-                   "human_images": len(new), **stats}
-        if self.val is not None and (self.cfg["val_every"] and self.learner.version % self.cfg["val_every"] == 0):
+                   "human_images": len(new), **stats, "update_s": time.perf_counter() - t0}
+        if shown:
+            metrics["mean_reward"] = sum(shown) / len(shown)  # of the guesses the person was shown
+        if self.val is not None and self.cfg.val_every and self.learner.version % self.cfg.val_every == 0:
             metrics["val_acc"] = self.validate()
         self.write_metrics(metrics)
-        if self.cfg["checkpoint_every"] and self.learner.version % self.cfg["checkpoint_every"] == 0:
+        if self.cfg.checkpoint_every and self.learner.version % self.cfg.checkpoint_every == 0:
             self.save()
+        self.refresh_ranking()
+        self.observer.update_done(metrics)
         return metrics
 
-    def finish_epoch(self):
-        """Train on the leftover answers, then the unanswered images (reward model), save, export."""
-        while self.pending:
-            self.update()
-        if self.reward_model_ready():
-            while self.unanswered:
-                self.update(rm_only=True)
-        self.unanswered = []
-        self.episodes.append({"epoch": self.epoch + 1,
-                              "mean_reward": (sum(self.episode_rewards) / len(self.episode_rewards)
-                                              if self.episode_rewards else 0.0),
-                              "total_samples": len(self.episode_rewards)})
-        self.episode_rewards = []
+    def finish_epoch(self, stop=lambda: False):
+        """Visit the images this epoch has not (training when due), train on the leftover answers and the
+        unanswered images, then end the epoch: metrics, export, checkpoint. False when `stop()` came first."""
+        for index in self.order:
+            if stop():
+                return False
+            self.visit(index)
+            if self.update_due():
+                self.update()
+        while self.pending or (self.unanswered and self.reward_model_ready()):
+            if stop():
+                return False
+            self.update(rm_only=not self.pending)
+        total = sum(self.epoch_rewards.values())
+        self.episodes.append({"epoch": self.epoch + 1, "total_samples": len(self.epoch_rewards),
+                              "mean_reward": total / len(self.epoch_rewards) if self.epoch_rewards else 0.0})
         self.epoch += 1
         if self.val is not None:
             self.write_metrics({"update": self.learner.version, "epoch": self.epoch, "epoch_end": True,
                                 "answers": self.answered_count(), "val_acc": self.validate()})
         self.export_training_data()
         self.save()
+        self.begin_epoch()
+        return True
 
     def validate(self):
         """Accuracy of the policy on the --val images (split across processes under torchrun)."""
-        starts = range(0, len(self.val), 64)
+        starts = range(0, len(self.val), self.cfg.score_batch)
+        stop = lambda s: min(s + self.cfg.score_batch, len(self.val))  # noqa: E731
         return evaluate_accuracy(self.learner.image_probs,
-                                 (self.val.batch(list(range(s, min(s + 64, len(self.val))))) for s in starts),
-                                 (torch.tensor(self.val.labels[s:s + 64]) for s in starts))
+                                 (self.val.batch(list(range(s, stop(s)))) for s in starts),
+                                 (torch.tensor(self.val.labels[s:stop(s)]) for s in starts))
 
-    # --- files ------------------------------------------------------------------------------
+    # --- files --------------------------------------------------------------------------------
     def write_metrics(self, metrics):
         if not self.is_main:
             return
@@ -250,8 +343,8 @@ class RLHFRun:
             f.write(json.dumps(metrics) + "\n")
         parts = [f"update {metrics['update']:4d}", f"epoch {metrics['epoch']}", f"answers {metrics['answers']}"]
         for key, fmt in (("mean_reward", "reward {:+.2f}"), ("agreement", "agree {:.2f}"),
-                         ("approx_kl", "kl {:.4f}"), ("rm_acc", "rm_acc {:.2f}"), ("rm_weight", "rm_w {:.2f}"), ("val_acc", "val_acc {:.3f}"),
-                         ("update_s", "{:.2f}s")):
+                         ("approx_kl", "kl {:.4f}"), ("rm_acc", "rm_acc {:.2f}"), ("rm_weight", "rm_w {:.2f}"),
+                         ("val_acc", "val_acc {:.3f}"), ("update_s", "{:.2f}s")):
             if key in metrics:
                 parts.append(fmt.format(metrics[key]))
         self.log("  ".join(parts))
@@ -262,7 +355,7 @@ class RLHFRun:
                 "normalization": {"mean": list(self.ds.mean), "std": list(self.ds.std)},
                 "weights_origin": self.weights_origin, "arch": "resnet18", "finetune": self.learner.finetune,
                 "epoch": self.epoch, "step": self.learner.version, "episodes": self.episodes,
-                "config": dict(self.cfg)}
+                "config": self.cfg.to_flat()}
 
     def save(self):
         if not self.is_main:
@@ -286,6 +379,7 @@ class RLHFRun:
             self.learner.reference.load_state_dict(load_checkpoint(ref_path)["policy"])
         self.epoch = int(ckpt["epoch"])
         self.episodes = list(ckpt.get("episodes", []))
+        self.begin_epoch()
 
     def export_training_data(self):
         if not self.is_main:
@@ -294,3 +388,47 @@ class RLHFRun:
         atomic_write_json(os.path.join(self.run_dir, "training_data.json"),
                           {"episodes": self.episodes, "human_feedback": feedback,
                            "class_names": list(self.ds.class_names)})
+
+
+def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks):
+    """The RLHFRun of a run folder (a new one, or resumed from its checkpoint with cfg.resume). Under
+    torchrun only rank 0 opens the store; a user error there is raised on every process."""
+    learner = Learner(ds.num_classes, backbone, cfg.finetune, cfg.ppo, cfg.rm, device, cfg.seed, ranks)
+
+    def open_store():
+        store = FeedbackStore(os.path.join(run_dir, "feedback.sqlite"))
+        store.check_classes(ds.class_names)
+        store.check_image_set(ds.hashes)
+        return store
+
+    store = ranks.on_main(open_store, (StoreError,), share=False)
+    run = RLHFRun(cfg, ds, learner, store, run_dir, origin, val)
+    ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
+    if cfg.resume and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("class_names") != ds.class_names:
+            raise CheckpointError(f"{ckpt_path} was trained on classes {ckpt.get('class_names')}, not "
+                                  f"{ds.class_names}: pass the run's --images/--classes or a new --out")
+        run.restore(ckpt)
+    run.save_reference()
+    if ranks.is_main:
+        atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_flat())
+    return run
+
+
+def run_headless(run, labeler):
+    """The loop with a simulated person, until cfg.epochs: each round asks the questions one update
+    needs, guessed in one batch; under torchrun each process asks the labeler about its block of them
+    and the answers are shared."""
+    while run.epoch < run.cfg.epochs:
+        run.refresh_ranking()
+        while asks := run.next_questions(max(1, run.cfg.batch_size - len(run.pending))):
+            probs = run.guess(asks)
+            start, stop = run.ranks.block(len(asks))
+            mine = [labeler.answer(asks[j]) for j in range(start, stop)]
+            answers = [a for block in run.ranks.gather(mine) for a in block]
+            for index, answer, p in zip(asks, answers, probs):
+                run.record(index, answer, p, run.learner.version)  # committed by the process holding the store
+            while run.update_due():
+                run.update()
+        run.finish_epoch()

@@ -131,18 +131,17 @@ def baseline_app(args):
     from feedback_store import FeedbackStore
     from learner import Learner
     from rlhf_run import RLHFRun
-    from train_rlhf import build_parser
+    from run_config import RunConfig
 
-    cfg = vars(build_parser().parse_args(["--images", args.images, "--image-size", str(args.image_size),
-                                          "--weights", "none", "--finetune", "all", "--batch-size", "8"]))
+    cfg = RunConfig(images=args.images, image_size=args.image_size, weights="none", finetune="all", batch_size=8,
+                    order="random")
     ds = AntBeeDataset(args.images, args.image_size)
     learner = Learner(ds.num_classes, None, "all", seed=1)
     run = RLHFRun(cfg, ds, learner, FeedbackStore(os.path.join(args.out, "feedback.sqlite")), args.out, "random")
     log = open(os.environ["RLHF_GUI_EVENTS"], "a", buffering=1, encoding="utf-8")
     key_t = None
-    for index in run.epoch_order(0):
+    while (index := run.next_question()) is not None:
         probs = learner.policy_probs(ds.batch([index]))[0]
-        sampled = int(learner.sample(probs[None])[0])
         root = tk.Tk()
         root.title(f"rlhf-imgcls  {index}  {os.path.basename(ds.paths[index])}")
         with Image.open(ds.paths[index]) as img:
@@ -172,8 +171,8 @@ def baseline_app(args):
         if not answer:
             return
         (a, key_t), = answer
-        run.record(index, a, probs, sampled)
-        if run.visit(index):
+        run.record(index, a, probs, learner.version)
+        if run.update_due():
             log.write(json.dumps({"kind": "update_started", "t": time.time()}) + "\n")
             run.update()
             log.write(json.dumps({"kind": "metrics", "t": time.time()}) + "\n")

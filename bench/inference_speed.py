@@ -27,9 +27,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize  # noqa: E402
-from inference import (Classifier, classify_files, fold_batchnorm, list_inputs, load_classifier,  # noqa: E402
-                       pick_precision)
-from models import PolicyModel  # noqa: E402
+from batch_classifier import Classifier, classify_files, list_inputs, load_classifier, pick_precision  # noqa: E402
+from models import PolicyModel, fold_batchnorm  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      "shared", "data", "hymenoptera_data", "train")
 
 
 def baseline_classify(net, path, image_size, class_names):
@@ -42,26 +44,31 @@ def baseline_classify(net, path, image_size, class_names):
     return class_names[int(probs.argmax())]
 
 
+def bench_classifier(model, files):
+    """The checkpoint's classifier, or a random-init one whose head is centred on these images (so that
+    both classes are predicted and the agreement figures mean something)."""
+    if model:
+        return load_classifier(model)
+    torch.manual_seed(0)
+    net = fold_batchnorm(PolicyModel(2).eval()).to(memory_format=torch.channels_last)
+    clf = Classifier(net, ["ants", "bees"], 224, IMAGENET_MEAN, IMAGENET_STD, "random-init, centred head", 0)
+    sample = normalize(torch.stack([load_image(f, clf.image_size) for f in files[::max(1, len(files) // 64)]]))
+    with torch.no_grad():
+        clf.net.model.fc.bias -= clf.net(sample.to(memory_format=torch.channels_last)).mean(0)
+    return clf
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default="/work/shared/data/hymenoptera_data/train", help="folder to classify")
+    p.add_argument("--images", default=SHARED, help="folder to classify (default %(default)s)")
     p.add_argument("--model", help="checkpoint or run folder (default: random-init ResNet18, 2 classes, 224 px)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds over every variant; medians are reported")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the batched path")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     args = p.parse_args()
 
-    if args.model:
-        clf = load_classifier(args.model)
-    else:
-        torch.manual_seed(0)
-        net = fold_batchnorm(PolicyModel(2).eval()).to(memory_format=torch.channels_last)
-        clf = Classifier(net, ["ants", "bees"], 224, IMAGENET_MEAN, IMAGENET_STD, "random-init, centred head", 0)
     files = list_inputs([args.images])
-    if not args.model:
-        sample = normalize(torch.stack([load_image(f, clf.image_size) for f in files[::max(1, len(files) // 64)]]))
-        with torch.no_grad():
-            clf.net.model.fc.bias -= clf.net(sample.to(memory_format=torch.channels_last)).mean(0)
+    clf = bench_classifier(args.model, files)
     base_net = copy.deepcopy(clf.net).to(memory_format=torch.contiguous_format)
     n = len(files)
     print(f"{n} images from {args.images}, {clf.image_size} px, model {clf.name}, {torch.get_num_threads()} "
@@ -98,6 +105,11 @@ def main():
             times[name].append(time.perf_counter() - t0)
         print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(
             f"{(args.batch_size if 'bare' in k else n) / v[-1]:.1f}" for k, v in times.items()), flush=True)
+    report(runs, times, preds, clf, n, args, load_before)
+
+
+def report(runs, times, preds, clf, n, args, load_before):
+    """The markdown table of medians and speed-ups, and how far the paths agree."""
     median = {name: statistics.median(t) for name, t in times.items()}
     base_s = median["baseline: one image at a time, fp32"]
     fp32, bf16, base_pred = (preds[k] for k in list(runs)[1:3] + list(runs)[:1])

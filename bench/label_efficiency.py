@@ -32,7 +32,10 @@ from dataset import AntBeeDataset  # noqa: E402
 from learner import evaluate_accuracy  # noqa: E402
 from models import PolicyModel, resolve_backbone_weights  # noqa: E402
 from ppo import original_design_loss  # noqa: E402
-from train_rlhf import FolderLabeler, default_config, open_run, run_headless  # noqa: E402
+from ddp import Ranks  # noqa: E402
+from rlhf_run import epoch_order, open_run, run_headless  # noqa: E402
+from run_config import RunConfig  # noqa: E402
+from simulated_labeler import FolderLabeler  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "hymenoptera_data", "train")
@@ -66,20 +69,18 @@ def val_accuracy(policy, val):
 
 def answered_subset(ds, budget, seed):
     """The images the random-order runs ask first: the first `budget` of epoch 0's order."""
-    order = list(range(len(ds)))
-    random.Random(seed * 1000).shuffle(order)
-    return order[:budget]
+    return epoch_order(len(ds), seed, 0, "random")[:budget]
 
 
 def run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
     with tempfile.TemporaryDirectory() as out:
-        config = default_config(images=ds.root, feedback="folder", epochs=args.epochs, image_size=args.image_size,
-                                weights=args.weights, finetune=args.finetune, seed=seed, max_answers=budget,
-                                feedback_noise=noise, checkpoint_every=0, val_every=0, out=out, **cfg)
-        run, learner, store = open_run(config, out, ds, None, backbone, origin, "cpu")
-        run_headless(run, learner, ds, FolderLabeler(ds, noise, 0.0, seed), args.epochs)
-        store.close()
-        return val_accuracy(learner.policy, val), len(run.answer_of)
+        config = RunConfig(images=ds.root, feedback="folder", epochs=args.epochs, image_size=args.image_size,
+                           weights=args.weights, finetune=args.finetune, seed=seed, max_answers=budget,
+                           feedback_noise=noise, checkpoint_every=0, val_every=0, out=out, **cfg)
+        run = open_run(config, out, ds, None, backbone, origin, "cpu", Ranks())
+        run_headless(run, FolderLabeler(ds, noise, 0.0, seed))
+        run.store.close()
+        return val_accuracy(run.learner.policy, val), len(run.answer_of)
 
 
 def baseline_start(ds, backbone, seed, budget, noise):
@@ -102,7 +103,7 @@ def run_original(ds, val, backbone, args, seed, budget, noise):
             with torch.no_grad():
                 probs = torch.softmax(policy(x), dim=1)[0]
             a = int(torch.multinomial(probs, 1))
-            answer = labeler.ask(i, probs, a)
+            answer = labeler.answer(i)
             asked += 1
             states.append(x[0]), actions.append(a), old.append(probs[a])
             rewards.append(1.0 if answer == a else -1.0)
@@ -118,7 +119,7 @@ def run_original(ds, val, backbone, args, seed, budget, noise):
 
 def run_supervised(ds, val, backbone, args, seed, budget, noise):
     policy, opt, labeler, subset = baseline_start(ds, backbone, seed, budget, noise)
-    labels = torch.tensor([labeler.ask(i, None, None) for i in subset])
+    labels = torch.tensor([labeler.answer(i) for i in subset])
     gen = torch.Generator().manual_seed(seed)
     for _ in range(args.epochs):
         perm = torch.randperm(len(subset), generator=gen)

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddp import Ranks, use_global_batchnorm, wrap_ddp  # noqa: E402
-from learner import one_hot_rewards, reward_model_update, set_train_mode  # noqa: E402
+from learner import one_hot_rewards, reward_model_update  # noqa: E402
 from models import PolicyModel, RewardModel  # noqa: E402
 from ppo import PPOConfig, ppo_update  # noqa: E402
 
@@ -33,10 +33,15 @@ def main(out):
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         step_gen = torch.Generator().manual_seed(2)
         if name == "policy":
-            cfg = PPOConfig(update_epochs=2, num_minibatches=2)
-            set_train_mode(net, 7)
-            stats = ppo_update(net, opt, x, rewards, cfg, ref_logprobs=torch.log_softmax(torch.randn(13, 2, generator=gen, dtype=torch.float64), 1),
-                               generator=step_gen, ranks=ranks)
+            cfg = PPOConfig(update_epochs=2, num_minibatches=2, kl_coef=0.1)
+            torch.manual_seed(5)
+            reference = model_cls(2).double().requires_grad_(False)  # another start: KL to it is not 0
+            if ranks.active:
+                use_global_batchnorm(reference)
+            for m in reference.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.momentum = 0.0
+            stats = ppo_update(net, opt, x, rewards, cfg, reference=reference, generator=step_gen, ranks=ranks)
         else:
             stats = {"rm_loss": reward_model_update(net, opt, x, answers, 3, 10, step_gen, ranks)}
         result[name] = {k: v.clone() for k, v in model.state_dict().items()}

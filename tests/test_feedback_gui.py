@@ -49,10 +49,11 @@ def pool(tmp_path):
 class Session:
     """train_rlhf.py --feedback gui on the test display, with its event log and its window."""
 
-    def __init__(self, display, tmp_path, *args):
+    def __init__(self, display, tmp_path, *args, env=None):
         self.display = display
         self.log = tmp_path / f"events-{time.monotonic_ns()}.jsonl"
-        env = {**os.environ, "DISPLAY": display, "RLHF_GUI_EVENTS": str(self.log), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "DISPLAY": display, "RLHF_GUI_EVENTS": str(self.log), "PYTHONUNBUFFERED": "1",
+               **(env or {})}
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_rlhf.py"), *map(str, args)],
                                      cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
@@ -232,7 +233,14 @@ def test_after_the_last_question_training_finishes_the_epochs_and_the_window_say
 
 def test_a_training_crash_reaches_the_window_and_keeps_every_answer(display, tmp_path, pool):
     out = tmp_path / "run"
-    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--surrogate", "broken")
+    # A fault injected where no flag can reach: the PPO loss raises, as a bug in training would.
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import ppo\n\ndef broken(*args, **kwargs):\n    raise ValueError('injected fault in the PPO loss')\n\n"
+        "ppo.ppo_loss = broken\n")
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY,
+                env={"PYTHONPATH": os.pathsep.join([str(inject), ROOT])})
     s.keys("0", "0", "1", "1")
     error, = s.wait_for("error")
     assert "training stopped: ValueError" in error["text"] and "--resume" in error["text"]

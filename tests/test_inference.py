@@ -19,7 +19,9 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import inference  # noqa: E402
+import batch_classifier  # noqa: E402
+from checkpoint import CheckpointError  # noqa: E402
+from dataset import load_image, normalize  # noqa: E402
 from models import PolicyModel  # noqa: E402
 from xvfb_display import XvfbDisplay  # noqa: E402
 
@@ -148,10 +150,10 @@ def test_bad_input_one_line_error_exit_2(case, models, images, tmp_path):
 
 
 def test_original_script_checkpoint(models, images, tmp_path):
-    clf = inference.load_classifier(str(models["original"]))
+    clf = batch_classifier.load_classifier(str(models["original"]))
     assert (clf.class_names, clf.image_size, clf.step) == (["ants", "bees"], 224, None)
-    rows = inference.classify_files(clf, [images[1][0]], workers=0)
-    x = inference.normalize(inference.load_image(images[1][0], 224)[None])
+    rows = batch_classifier.classify_files(clf, [images[1][0]], workers=0)
+    x = normalize(load_image(images[1][0], 224)[None])
     with torch.no_grad():
         expected = torch.softmax(models["policy"].eval()(x), dim=1)[0].tolist()
     assert list(rows[0]["probabilities"].values()) == pytest.approx(expected, abs=1e-4)
@@ -166,17 +168,17 @@ def test_original_format_loads_weights_only(models, tmp_path):
     # A pickled function would run code under weights_only=False; it must be refused instead.
     evil = tmp_path / "evil.pth"
     torch.save({"policy_model": models["policy"].state_dict(), "hook": os.getcwd}, evil)
-    with pytest.raises(inference.CheckpointError, match="evil.pth is not a readable checkpoint"):
-        inference.load_classifier(str(evil))
+    with pytest.raises(CheckpointError, match="evil.pth is not a readable checkpoint"):
+        batch_classifier.load_classifier(str(evil))
 
 
 def test_classify_files_order_rows_and_bf16(models, images):
     folder, good, bad = images
-    clf = inference.load_classifier(str(models["run"]))
-    files = inference.list_inputs([str(folder), good[0]])
+    clf = batch_classifier.load_classifier(str(models["run"]))
+    files = batch_classifier.list_inputs([str(folder), good[0]])
     assert files == sorted(files) and bad in files and len(files) == 4
     for precision in ("fp32", "bf16"):
-        rows = inference.classify_files(clf, files, batch_size=3, workers=0, precision=precision)
+        rows = batch_classifier.classify_files(clf, files, batch_size=3, workers=0, precision=precision)
         assert [r["path"] for r in rows] == files
         assert [r["error"] is None for r in rows] == [f != bad for f in files]
         assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in rows if r["error"] is None)

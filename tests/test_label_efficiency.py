@@ -4,6 +4,7 @@ import random
 import shutil
 import sys
 
+import pytest
 import torch
 
 from conftest import DIGITS, HYMENOPTERA, ROOT, make_subset
@@ -12,7 +13,7 @@ from feature_cache import FeatureCache, weights_digest
 from feedback_store import FeedbackStore
 from learner import Learner
 from rlhf_run import RLHFRun, question_order
-from train_rlhf import default_config
+from run_config import RunConfig
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
@@ -24,19 +25,20 @@ def test_least_sure_first_and_disagreement_counts_as_less_sure():
 
 def make_run(tmp_path, explore, n_per_class=10, **cfg):
     ds = AntBeeDataset(make_subset(tmp_path / "pool", DIGITS, n_per_class, classes=["3", "8"]), image_size=32)
-    config = default_config(images=ds.root, order="uncertain", explore=explore, seed=3, out=str(tmp_path), **cfg)
+    config = RunConfig(images=ds.root, order="uncertain", explore=explore, seed=3, out=str(tmp_path), **cfg)
     learner = Learner(2, None, "all", seed=0)
     return RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
 
 
 def questions_asked(run, ranking):
-    """Answer every question of epoch 0, with the models' ranking replaced by a known one."""
+    """Answer every question of epoch 0, with the models' ranking (after a first update) a known one."""
     run.rank_questions = lambda unasked, rng: [i for i in ranking if i in unasked]
+    run.learner.version = 1
+    run.refresh_ranking()
     asked = []
-    for index, ask in run.epoch_visits(0):
-        if ask:
-            asked.append(index)
-            run.answer_of[index] = 0
+    while (index := run.next_question()) is not None:
+        asked.append(index)
+        run.record(index, 0, torch.tensor([0.6, 0.4]), 1)
     return asked
 
 
@@ -61,15 +63,23 @@ def test_uncertain_ranking_uses_the_policy_margins(tmp_path):
     assert ranked == sorted(range(len(run.ds)), key=lambda i: (margins[i], i))
 
 
+def test_before_the_first_update_questions_follow_the_epochs_order(tmp_path):
+    run = make_run(tmp_path, explore=0.5)
+    run.rank_questions = lambda unasked, rng: pytest.fail("an untrained policy ranked the pool")
+    run.refresh_ranking()
+    assert run.next_questions(len(run.ds)) == run.order
+
+
 def test_budget_stops_questions_and_every_image_is_still_visited(tmp_path):
-    run = make_run(tmp_path, explore=0.1, max_answers=5)
-    visits = []
-    for index, ask in run.epoch_visits(0):
-        visits.append(index)
-        if ask:
-            run.answer_of[index] = 1
-    assert len(run.answer_of) == 5
-    assert sorted(visits) == list(range(len(run.ds)))
+    run = make_run(tmp_path, explore=0.1, max_answers=5, batch_size=100, no_reward_model=True)
+    for index in run.next_questions(100):
+        run.record(index, 1, torch.tensor([0.3, 0.7]), 0)
+    assert len(run.answer_of) == 5 and run.questions_done()
+    visited = []
+    run.visit = lambda index, visit=run.visit: (visited.append(index), visit(index))
+    run.update = lambda rm_only=False: run.pending.clear()
+    assert run.finish_epoch()
+    assert sorted(set(visited)) == list(range(len(run.ds)))
 
 
 def test_feature_cache_hits_and_is_rebuilt_when_weights_or_a_file_change(tmp_path):

@@ -1,4 +1,6 @@
 """The reward model learns the person's answers; the policy learns from them through PPO."""
+import random
+
 import torch
 
 from conftest import DIGITS, make_subset
@@ -49,24 +51,54 @@ def test_head_finetuning_trains_only_the_head():
 
 
 def test_reliability_is_zero_at_chance_and_grows_with_proven_accuracy():
-    assert reliability([1, 0] * 16, 2, 16) == 0.0          # a coin's record earns no trust
-    assert reliability([1] * 10, 2, 16) == 0.0             # too few answers to judge
-    assert reliability([1, 1, 1, 0] * 8, 2, 16) > 0.2      # right 75% of the time, measured on 32
-    assert reliability([1] * 64, 2, 16) == 1.0
-    assert reliability([1, 0, 0] * 10, 3, 16) == 0.0       # a third right is chance among 3 classes
+    balanced = [0, 1] * 32
+    assert reliability(list(zip([1, 0] * 16, balanced)), 2, 16) == 0.0        # a coin's record earns no trust
+    assert reliability(list(zip([1] * 10, balanced)), 2, 16) == 0.0           # too few answers to judge
+    assert reliability(list(zip([1, 1, 1, 1, 1, 1, 1, 0] * 8, balanced)), 2, 16) > 0.3  # 7 in 8, on 64
+    assert reliability(list(zip([1] * 64, balanced)), 2, 16) > 0.85
+    assert reliability(list(zip([1, 0, 0] * 10, [0, 1, 2] * 10)), 3, 16) == 0.0  # a third right among 3
 
 
 def test_a_reward_model_no_better_than_chance_does_not_train_the_policy_and_the_record_is_saved():
     torch.manual_seed(0)
     learner = Learner(2, None, "all", PPOConfig(), RewardModelConfig(rm_min_answers=8), seed=0)
     x, answers = torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4)
-    learner.rm_fresh = [1, 0] * 8
+    learner.rm_record = [(1, 0), (0, 1)] * 8
     stats = learner.update(x, answers, x_unanswered=x[:4], fresh=torch.zeros(8, dtype=torch.bool))
     assert stats["rm_weight"] == 0.0 and stats["rm_images"] == 0
     assert "rm_acc" not in stats                          # no fresh answers: nothing new was measured
-    learner.rm_fresh = [1] * 16
+    learner.rm_record = [(1, 0), (1, 1)] * 32
     stats = learner.update(x, answers, x_unanswered=x[:4], fresh=torch.zeros(8, dtype=torch.bool))
-    assert stats["rm_weight"] == 1.0 and stats["rm_images"] == 4
+    assert stats["rm_weight"] > 0.85 and stats["rm_images"] == 4
     resumed = Learner(2, None, "all", seed=1)
     resumed.load_state_dict(learner.state_dict())
-    assert resumed.rm_fresh == learner.rm_fresh and resumed.rm_reliability() == 1.0
+    assert resumed.rm_record == learner.rm_record and resumed.rm_reliability() == stats["rm_weight"]
+
+
+def test_a_coin_flip_reward_model_earns_no_trust_in_at_least_97_percent_of_runs():
+    rng = random.Random(0)
+    for n in (16, 32, 64):
+        trusted = 0
+        for _ in range(2000):
+            answers = [rng.randrange(2) for _ in range(n)]
+            record = [(int(rng.random() < 0.5), a) for a in answers]
+            trusted += reliability(record, 2, 16) > 0
+        assert trusted / 2000 <= 0.03, (n, trusted)
+    # a predictor that always names the commonest class is no better than chance either
+    answers = [0] * 12 + [1] * 4
+    assert reliability([(int(a == 0), a) for a in answers], 2, 16) == 0.0
+    # 16 right out of 16 is good evidence, not certainty
+    assert 0.0 < reliability([(1, a) for a in [0, 1] * 8], 2, 16) < 1.0
+
+
+def test_kl_to_the_reference_is_zero_while_the_policy_equals_it():
+    torch.manual_seed(0)
+    learner = Learner(2, None, "all", PPOConfig(learning_rate=0.0, update_epochs=1), seed=0)
+    stats = learner.ppo_step(torch.randn(8, 3, 32, 32), one_hot_rewards(torch.tensor([0, 1] * 4), 2))
+    assert abs(stats["kl_ref"]) < 1e-6 and abs(stats["approx_kl"]) < 1e-6
+
+
+def test_a_last_minibatch_of_one_image_trains_without_batch_statistics():
+    learner = Learner(2, None, "all", PPOConfig(num_minibatches=3), seed=0)  # 5 images: minibatches 2, 2, 1
+    stats = learner.ppo_step(torch.randn(5, 3, 16, 16), one_hot_rewards(torch.tensor([0, 1, 0, 1, 1]), 2))
+    assert learner.version == 1 and stats["update_epochs_run"] == 4

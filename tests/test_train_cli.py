@@ -1,6 +1,7 @@
 """train_rlhf.py as a user runs it: the files a run leaves, --resume, repeatability and every bad input."""
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -8,9 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import DIGITS, HYMENOPTERA, ROOT, assert_user_error, make_subset, metrics, run_cli, store_rows
+from run_config import ConfigError, RunConfig
 
 TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4"]
 
@@ -153,3 +156,34 @@ def test_help_documents_every_flag():
     for flag in ("--images", "--feedback-noise", "--max-answers", "--clip-coef", "--kl-coef", "--target-kl",
                  "--rm-min-answers", "--weights", "--finetune", "--device", "--seed", "--resume"):
         assert flag in proc.stdout
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--image-size", "100000", "from 16 to 1024"), ("--learning-rate", "nan", "--learning-rate nan"),
+    ("--update-epochs", "0", "--update-epochs 0"), ("--batch-size", "0", "--batch-size 0"),
+    ("--epochs", "-1", "at least 1"), ("--max-answers", "0", "at least 1"),
+    ("--feedback-noise", "1.5", "--feedback-noise 1.5"), ("--explore", "-1", "--explore -1.0"),
+    ("--num-minibatches", "1000", "--num-minibatches 1000")])
+def test_settings_out_of_range_are_refused_with_their_valid_range(flag, value, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        RunConfig.from_args([flag, value])
+
+
+def test_a_setting_out_of_range_is_one_line_before_anything_is_written(tmp_path, small_pool):
+    proc = run_cli("train_rlhf.py", "--images", small_pool, "--out", tmp_path / "r", *TINY, "--image-size", "0")
+    assert_user_error(proc, "--image-size 0", "from 16 to 1024")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_saved_config_out_of_range_is_refused_on_resume_and_names_the_file(tmp_path, small_pool):
+    out = tmp_path / "run"
+    proc = run_cli("train_rlhf.py", "--images", small_pool, "--out", out, "--epochs", "1", "--max-answers", "4", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    before = store_rows(out)
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "batch_size": -3}))
+    assert_user_error(run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "2"), "config.json",
+                      "--batch-size -3")
+    (out / "config.json").write_text(json.dumps({**saved, "surprise": 1}))
+    assert_user_error(run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "2"), "config.json", "surprise")
+    assert store_rows(out) == before

@@ -1,0 +1,214 @@
+"""The one configuration of a training run: a typed dataclass from which the command line is built.
+
+    cfg = RunConfig.from_args(["--images", "DIR", "--feedback", "folder"])   # what train_rlhf.py does
+    cfg = RunConfig(images="DIR", feedback="folder", epochs=1)               # what scripts and tests do
+    cfg.ppo.clip_coef, cfg.rm.rm_steps                                       # the two sub-configs
+
+Every field carries its help text and, where it has one, its valid range, so the parser, the checks at
+parse time and the checks of a `config.json` read back on --resume are one table. `config.json` holds the
+flat dict of every flag (`to_flat`), as it always has, so older runs resume unchanged.
+"""
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from data_download import DEFAULT_IMAGES
+from learner import RewardModelConfig
+from models import FINETUNE_CHOICES
+from ppo import PPOConfig
+
+# Flags that decide the shape of the models or the meaning of the answers: fixed for a run's lifetime.
+RUN_SHAPE = ("images", "classes", "image_size", "weights", "finetune")
+# Flags that act on one invocation only and are never taken from a saved config.json.
+PER_INVOCATION = ("resume", "download")
+
+
+class ConfigError(ValueError):
+    """A setting outside its valid range; the message names the flag and the range."""
+
+
+def setting(default, help, lo=None, hi=None, choices=None, flag=False, open_hi=False):
+    """A config field with its help text and valid range (lo <= value <= hi, or < hi with open_hi)."""
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "flag": flag, "open_hi": open_hi}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    images: str = setting(DEFAULT_IMAGES, "folder of images, one subfolder per class (offered for download "
+                          "when it is the default and missing)")
+    classes: Optional[List[str]] = setting(None, "class names in key order (default: the subfolder names)")
+    val: Optional[str] = setting(None, "labelled folder (one subfolder per class) scored as val_acc in the metrics")
+    out: Optional[str] = setting(None, "run folder (default runs/rlhf__SEED__TIME; with --resume, runs/latest)")
+    resume: bool = setting(False, "continue the run in --out (or runs/latest)", flag=True)
+    feedback: str = setting("gui", "who answers: the labeling window, or a simulated labeler using the class "
+                            "folders", choices=("gui", "folder"))
+    feedback_noise: float = setting(0.0, "simulated labeler: P(wrong answer)", lo=0.0, hi=1.0, open_hi=True)
+    feedback_skip: float = setting(0.0, "simulated labeler: P(skip)", lo=0.0, hi=1.0, open_hi=True)
+    epochs: int = setting(3, "passes over the image pool (total, across resumes)", lo=1)
+    batch_size: int = setting(8, "answers per PPO update", lo=1, hi=4096)
+    rm_per_update: int = setting(8, "unanswered images trained with reward-model rewards in each update", lo=0,
+                                 hi=4096)
+    no_reward_model: bool = setting(False, "train the policy on the person's answers only (no reward-model "
+                                    "rewards; for comparisons)", flag=True)
+    max_answers: Optional[int] = setting(None, "most questions the run may ask (default: no limit)", lo=1)
+    order: str = setting("uncertain", "which image to ask next: the policy's least sure first (uncertain), or "
+                         "the epoch's random or folder order", choices=("uncertain", "random", "sequential"))
+    explore: float = setting(0.1, "--order uncertain: share of questions picked at random from the unasked "
+                             "images", lo=0.0, hi=1.0)
+    score_pool: Optional[int] = setting(None, "--order uncertain: unasked images scored after each update "
+                                        "(default: all with --finetune layer4/head, whose features are cached; "
+                                        "64 with --finetune all)", lo=1)
+    score_batch: int = setting(64, "images per forward pass when scoring without gradients (ranking, "
+                               "validation)", lo=1, hi=4096)
+    weights: str = setting("auto", "auto|imagenet|none|PATH: backbone initialisation")
+    finetune: str = setting("all", "which layers train", choices=FINETUNE_CHOICES)
+    image_size: int = setting(224, "model input size in pixels", lo=16, hi=1024)
+    device: str = setting("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"))
+    seed: int = setting(1, "seed of every random choice: same command, same metrics", lo=0)
+    val_every: int = setting(1, "score --val every N updates (0: only at the end of each epoch)", lo=0)
+    checkpoint_every: int = setting(1, "write the checkpoint every N updates (0: only at epoch ends and exit)",
+                                    lo=0)
+    download: bool = setting(False, "download the default data set without asking", flag=True)
+    blind: bool = setting(False, "labeling window: hide the model's guess", flag=True)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+
+    # --- flat view: the command line and config.json ----------------------------------------
+    @staticmethod
+    def sections():
+        """(owner, field) for every setting, the sub-configs' fields flattened into one namespace."""
+        out = []
+        for cls in (RunConfig, PPOConfig, RewardModelConfig):
+            hints = typing.get_type_hints(cls)
+            out += [(cls, f, hints[f.name]) for f in dataclasses.fields(cls) if f.name not in ("ppo", "rm")]
+        return out
+
+    def to_flat(self):
+        """Every setting by name, as saved in config.json."""
+        flat = {f.name: getattr(self, f.name) for cls, f, _ in self.sections() if cls is RunConfig}
+        return {**flat, **dataclasses.asdict(self.ppo), **dataclasses.asdict(self.rm)}
+
+    @classmethod
+    def from_flat(cls, values, source="config"):
+        """A validated RunConfig from a flat dict (missing settings take their defaults)."""
+        known = {f.name: (owner, hint) for owner, f, hint in cls.sections()}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown settings {unknown}")
+        parts = {RunConfig: {}, PPOConfig: {}, RewardModelConfig: {}}
+        for name, value in values.items():
+            parts[known[name][0]][name] = value
+        cfg = cls(**parts[RunConfig], ppo=PPOConfig(**parts[PPOConfig]), rm=RewardModelConfig(**parts[RewardModelConfig]))
+        cfg.validate(source)
+        return cfg
+
+    def replace(self, **changes):
+        """A validated copy with some flat settings changed."""
+        return RunConfig.from_flat({**self.to_flat(), **changes})
+
+    # --- checks -----------------------------------------------------------------------------
+    def validate(self, source="command line"):
+        """Raise ConfigError naming the first setting outside its valid range."""
+        flat = self.to_flat()
+        for _, f, hint in self.sections():
+            check_value(f, hint, flat[f.name], source)
+        if self.ppo.num_minibatches > self.batch_size + self.rm_per_update:
+            raise ConfigError(f"--num-minibatches {self.ppo.num_minibatches} is more than the "
+                              f"{self.batch_size + self.rm_per_update} images of one update (--batch-size + "
+                              "--rm-per-update): use at most that")
+        return self
+
+    # --- the parser -------------------------------------------------------------------------
+    @classmethod
+    def parser(cls, description=None):
+        """The argparse parser of every setting, with its help, default and valid range."""
+        p = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        defaults = cls().to_flat()
+        for _, f, hint in cls.sections():
+            meta, name = f.metadata, "--" + f.name.replace("_", "-")
+            help_text = meta["help"] + range_text(meta) + ("" if meta.get("flag") else " (default %(default)s)")
+            if meta.get("flag"):
+                p.add_argument(name, action="store_true", help=help_text)
+                continue
+            base = value_type(hint)
+            kwargs = {"nargs": "+"} if base is list else {"type": parser_type(hint)}
+            p.add_argument(name, default=defaults[f.name], choices=meta.get("choices"), metavar=f.name.upper()
+                           if not meta.get("choices") else None, help=help_text, **kwargs)
+        return p
+
+    @classmethod
+    def from_args(cls, argv):
+        """Parse and validate a command line (raises ConfigError for a value out of range)."""
+        return cls.from_flat(vars(cls.parser().parse_args(argv)), "command line")
+
+    @classmethod
+    def given_flags(cls, argv):
+        """Names of the settings written on the command line (so --resume keeps the saved others)."""
+        p = cls.parser()
+        for a in p._actions:
+            a.default = argparse.SUPPRESS
+        return set(vars(p.parse_args(argv)))
+
+
+def value_type(hint):
+    """float, int, str, bool or list for a field's annotation (Optional unwrapped)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union:
+        return value_type(args[0])
+    return list if typing.get_origin(hint) in (list, List) else hint
+
+
+def parser_type(hint):
+    base = value_type(hint)
+    optional = type(None) in typing.get_args(hint)
+    if base is bool:
+        return parse_bool
+    if optional:
+        return lambda text: None if text.lower() == "none" else base(text)
+    return base
+
+
+def parse_bool(text):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def range_text(meta):
+    """'; at least LO' or '; from LO to HI' for a field's help and errors ('' when it has no range)."""
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is None and hi is None:
+        return ""
+    if hi is None:
+        return f"; at least {lo}"
+    return f"; from {lo} to {hi}" + (f" ({hi} excluded)" if meta.get("open_hi") else "")
+
+
+def check_value(f, hint, value, source):
+    """Raise ConfigError unless value fits the field's type and range."""
+    meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+    where = "" if source == "command line" else f" (in {source})"
+    if value is None and type(None) in typing.get_args(hint):
+        return
+    base = value_type(hint)
+    ok_type = (isinstance(value, list) and all(isinstance(v, str) for v in value) if base is list
+               else isinstance(value, bool) if base is bool
+               else isinstance(value, (int, float)) and not isinstance(value, bool) if base is float
+               else isinstance(value, base) and not isinstance(value, bool) if base is int
+               else isinstance(value, base))
+    if not ok_type:
+        raise ConfigError(f"{flag} {value!r}{where}: expected {base.__name__}")
+    if meta.get("choices") and value not in meta.get("choices"):
+        raise ConfigError(f"{flag} {value!r}{where}: choose one of {', '.join(meta['choices'])}")
+    if base in (int, float):
+        lo, hi = meta.get("lo"), meta.get("hi")
+        too_high = hi is not None and (value >= hi if meta.get("open_hi") else value > hi)
+        if not math.isfinite(value) or (lo is not None and value < lo) or too_high:
+            raise ConfigError(f"{flag} {value}{where}: must be {range_text(meta)[2:]}")

@@ -1,0 +1,32 @@
+"""A simulated person for headless runs and benchmarks: answers from the image's class folder.
+
+    labeler = FolderLabeler(dataset, noise=0.1, skip=0.05, seed=1)
+    labeler.answer(index)      # the folder's class, another class with P(noise), None (skip) with P(skip)
+"""
+import random
+
+
+class LabelerError(ValueError):
+    """The folder cannot drive a simulated labeler; the message names the image and the fix."""
+
+
+class FolderLabeler:
+    """Simulated person: answers with the image's class folder, wrong with P(noise), skipping with P(skip)."""
+
+    def __init__(self, dataset, noise=0.0, skip=0.0, seed=0):
+        missing = [p for p, y in zip(dataset.paths, dataset.labels) if y < 0]
+        if missing:
+            raise LabelerError(f"--feedback folder needs every image in a class folder; {missing[0]} is not: "
+                               "move it into one of " + ", ".join(dataset.class_names))
+        self.labels, self.k = dataset.labels, dataset.num_classes
+        self.noise, self.skip, self.seed = noise, skip, seed
+
+    def answer(self, index):
+        """The answer about pool image `index` (a class index, or None for a skip)."""
+        # One draw per (seed, image): the same answers whichever process asks, in whatever order.
+        rng = random.Random(f"{self.seed}:{index}")
+        if rng.random() < self.skip:
+            return None
+        if rng.random() < self.noise:
+            return rng.choice([c for c in range(self.k) if c != self.labels[index]])
+        return self.labels[index]
