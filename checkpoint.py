@@ -5,12 +5,15 @@ reads it without executing any pickled code.
 """
 import json
 import os
+import re
 import tempfile
 
 import torch
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+# _atomic_write's temporary name: "." + the target's name + mkstemp's 8 random characters + ".tmp"
+_TEMP_NAME = re.compile(r"\..+[a-z0-9_]{8}\.tmp")
 
 
 class CheckpointError(Exception):
@@ -33,6 +36,21 @@ def _atomic_write(path, write):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temp_files(folder):
+    """Delete the temporary files that a write killed before its os.replace left in folder; returns their names.
+
+    Call it before this process writes there: a write in flight in another process would lose its file."""
+    removed = []
+    for entry in os.scandir(folder):
+        if _TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(entry.name)
+    return sorted(removed)
 
 
 def atomic_write_bytes(path, data):
