@@ -48,9 +48,11 @@ def load_image(path, image_size):
         w, h = img.size
         scale = image_size / min(w, h)
         nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR)
         left, top = (nw - image_size) // 2, (nh - image_size) // 2
-        img = img.crop((left, top, left + image_size, top + image_size))
+        # The centre square of the image resized to nw x nh, resampled straight from the source: a
+        # 10000x1 strip would otherwise first be resized to 224x2,240,000 pixels (2.8 GB) and then cropped.
+        box = (left * w / nw, top * h / nh, (left + image_size) * w / nw, (top + image_size) * h / nh)
+        img = img.resize((image_size, image_size), Image.BILINEAR, box=box)
         data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return data.view(image_size, image_size, 3).permute(2, 0, 1).contiguous()
 

@@ -1,10 +1,15 @@
 """The image pool: deterministic scan, class folders, bad files skipped with one warning."""
+import json
 import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
+from PIL import Image
 
-from conftest import HYMENOPTERA, make_subset
+from conftest import HYMENOPTERA, ROOT, make_subset
 from dataset import AntBeeDataset, DatasetError
 
 
@@ -60,3 +65,31 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
         AntBeeDataset(tmp_path / "empty")
     with pytest.raises(DatasetError, match="holds no images"):
         AntBeeDataset(tmp_path / "empty", classes=["ants", "bees"])
+
+
+def draw(path, color, size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def test_a_long_strip_costs_no_more_memory_than_a_photo(tmp_path):
+    strip = draw(tmp_path / "strip.png", (200, 30, 60), size=(50000, 1))
+    photo = draw(tmp_path / "photo.png", (200, 30, 60), size=(400, 300))
+    assert strip.stat().st_size < 1000
+    # Resizing the short side first made 64 x 3,200,000 pixels (600 MB) of this 50000x1 strip.
+    code = textwrap.dedent(f"""
+        import json, resource, sys
+        sys.path.insert(0, {ROOT!r})
+        from dataset import load_image
+        photo = load_image({str(photo)!r}, 64)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        strip = load_image({str(strip)!r}, 64)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(json.dumps([strip.tolist() == photo.tolist(), grown // 1024]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    same_as_photo, grown_mb = json.loads(proc.stdout)
+    assert same_as_photo
+    assert grown_mb < 50
