@@ -5,6 +5,7 @@ reads it without executing any pickled code.
 """
 import json
 import os
+import re
 import tempfile
 from collections import namedtuple
 
@@ -21,6 +22,8 @@ ORIGINAL_IMAGE_SIZE = 224
 # What a classifier needs from a checkpoint: the policy's weights (`model.` keys) and how to read images.
 # step is None for the original script's files.
 PolicySpec = namedtuple("PolicySpec", "state class_names image_size mean std name step")
+# _atomic_write's temporary name: "." + the target's name + mkstemp's 8 random characters + ".tmp"
+_TEMP_NAME = re.compile(r"\..+[a-z0-9_]{8}\.tmp")
 
 
 class CheckpointError(Exception):
@@ -43,6 +46,21 @@ def _atomic_write(path, write):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temp_files(folder):
+    """Delete the temporary files that a write killed before its os.replace left in folder; returns their names.
+
+    Call it before this process writes there: a write in flight in another process would lose its file."""
+    removed = []
+    for entry in os.scandir(folder):
+        if _TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(entry.name)
+    return sorted(removed)
 
 
 def atomic_write_bytes(path, data):

@@ -12,10 +12,13 @@ import warnings
 import torch
 from PIL import Image, UnidentifiedImageError
 
-# The suffixes torchvision's ImageFolder accepts (torchvision.datasets.folder.IMG_EXTENSIONS).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# torchvision's ImageFolder suffixes (torchvision.datasets.folder.IMG_EXTENSIONS) and GIF, read as its first frame.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NOT_AN_IMAGE = "not an image type"
+ALREADY_SCANNED = "a link to a folder or file already scanned"
+CANNOT_OPEN = "a folder that cannot be opened"
 
 
 class DatasetError(Exception):
@@ -27,20 +30,59 @@ def is_image_file(path):
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def scan_image_folder(root):
+    """Image files under root, each real file once, in a sorted order; and (path, why) for each entry left out.
+
+    Links are followed, but a file or folder that can be reached without links is used where it lies."""
+    # Where each folder and file lies when no link is followed: a link to one of them is skipped even when
+    # the walk meets the link first, so that an image's class is the folder it lies in.
+    real_dirs, real_files = set(), set()
+    for folder, _, files in os.walk(root):
+        real_dirs.add(os.path.realpath(folder))
+        real_files.update(os.path.realpath(os.path.join(folder, f)) for f in files
+                          if not os.path.islink(os.path.join(folder, f)))
+    found, skipped = [], []
+    seen_dirs, seen_files = {os.path.realpath(root)}, set()
+    through_link = {}
+    unreadable = []
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable.append):
+        linked = through_link.get(folder, False)
+        keep = []
+        for name in sorted(dirs):
+            sub = os.path.join(folder, name)
+            real, via = os.path.realpath(sub), linked or os.path.islink(sub)
+            # a loop of links would otherwise list the same files again at every turn
+            if real in seen_dirs or (via and real in real_dirs):
+                skipped.append((sub, ALREADY_SCANNED))
+                continue
+            seen_dirs.add(real)
+            through_link[sub] = via
+            keep.append(name)
+        dirs[:] = keep
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if not is_image_file(name):
+                if not name.startswith("."):  # .DS_Store, editor and download leftovers say nothing
+                    skipped.append((path, NOT_AN_IMAGE))
+                continue
+            real = os.path.realpath(path)
+            if real in seen_files or ((linked or os.path.islink(path)) and real in real_files):
+                skipped.append((path, ALREADY_SCANNED))
+                continue
+            seen_files.add(real)
+            found.append(path)
+    skipped.extend((err.filename, CANNOT_OPEN) for err in unreadable)
+    return found, skipped
+
+
 def list_image_files(root):
-    """Every image file under root, recursively, in a sorted (platform-independent) order."""
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
-        found.extend(os.path.join(folder, f) for f in sorted(files) if is_image_file(f))
-    return found
+    """Every image file under root, recursively, each real file once, in a sorted (platform-independent) order."""
+    return scan_image_folder(root)[0]
 
 
 def load_image(path, image_size):
-    """Decode one image to a uint8 tensor (3, size, size): shorter side resized, then centre-cropped.
-
-    Raises OSError/UnidentifiedImageError/ValueError for files that are not readable images.
-    """
+    """Decode one image (a GIF's first frame) to a uint8 tensor (3, size, size): shorter side resized, then
+    centre-cropped. Raises OSError/UnidentifiedImageError/ValueError for files that are not readable images."""
     with Image.open(path) as img:
         # JPEG can decode at 1/2, 1/4 or 1/8 scale directly, which is far cheaper than a full decode.
         img.draft("RGB", (image_size, image_size))
@@ -48,9 +90,11 @@ def load_image(path, image_size):
         w, h = img.size
         scale = image_size / min(w, h)
         nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR)
         left, top = (nw - image_size) // 2, (nh - image_size) // 2
-        img = img.crop((left, top, left + image_size, top + image_size))
+        # The centre square of the image resized to nw x nh, resampled straight from the source: a
+        # 10000x1 strip would otherwise first be resized to 224x2,240,000 pixels (2.8 GB) and then cropped.
+        box = (left * w / nw, top * h / nh, (left + image_size) * w / nw, (top + image_size) * h / nh)
+        img = img.resize((image_size, image_size), Image.BILINEAR, box=box)
         data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return data.view(image_size, image_size, 3).permute(2, 0, 1).contiguous()
 
@@ -72,14 +116,30 @@ def normalize(batch_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return (x - m) / s
 
 
-def class_folders(root):
+def class_folders(root, paths=None):
     """Names of the subfolders of root that hold at least one image (recursively), sorted."""
-    names = []
-    for entry in sorted(os.listdir(root)):
-        sub = os.path.join(root, entry)
-        if os.path.isdir(sub) and list_image_files(sub):
-            names.append(entry)
-    return names
+    paths = list_image_files(root) if paths is None else paths
+    return sorted({rel.split(os.sep)[0] for rel in (os.path.relpath(p, root) for p in paths) if os.sep in rel})
+
+
+def skipped_summary(root, skipped, shown=5):
+    """One line for everything left out of a pool, grouped by why, with a few names of each."""
+    groups = {}
+    for path, why in skipped:
+        kind = why if why in (NOT_AN_IMAGE, ALREADY_SCANNED, CANNOT_OPEN) else "unreadable"
+        name = os.path.relpath(path, root) + (f" ({why})" if kind == "unreadable" else "")
+        groups.setdefault(kind, []).append(name)
+    parts = []
+    for kind, label in (("unreadable", "unreadable image file{s} (re-save them as JPEG or PNG, or remove them)"),
+                        (CANNOT_OPEN, "folder{s} that cannot be opened (check their permissions)"),
+                        (NOT_AN_IMAGE, "file{s} not an image type (only " + " ".join(IMAGE_EXTENSIONS) + " are read)"),
+                        (ALREADY_SCANNED, "link{s} to folders or files already scanned (each image is used once)")):
+        names = groups.get(kind)
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            label = label.format(s="" if len(names) == 1 else "s")
+            parts.append(f"{len(names)} {label}: {', '.join(names[:shown])}{more}")
+    return f"skipped {len(skipped)} in {root}: " + "; ".join(parts)
 
 
 class AntBeeDataset(torch.utils.data.Dataset):
@@ -95,17 +155,17 @@ class AntBeeDataset(torch.utils.data.Dataset):
         self.root = os.path.abspath(root)
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
-        folders = class_folders(root)
+        paths, skipped = scan_image_folder(root)
+        folders = class_folders(root, paths)
         self.class_names = list(classes) if classes else folders
         if len(self.class_names) < 2:
             raise DatasetError(
                 f"{root} has no class subfolders: put images in one subfolder per class "
                 f"(e.g. {root}/ants, {root}/bees) or name the classes with --classes A B")
-        paths = list_image_files(root)
         if not paths:
             raise DatasetError(f"image folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)}): "
                                "pass --images DIR with a folder of images")
-        self.paths, self.labels, self.hashes, self.skipped = [], [], [], []
+        self.paths, self.labels, self.hashes, self.skipped = [], [], [], skipped
         images = []
         for path in paths:
             try:
@@ -118,8 +178,7 @@ class AntBeeDataset(torch.utils.data.Dataset):
             top = os.path.relpath(path, root).split(os.sep)[0]
             self.labels.append(self.class_names.index(top) if top in self.class_names else -1)
         if self.skipped:
-            listing = "; ".join(f"{p} ({why})" for p, why in self.skipped)
-            warnings.warn(f"skipped {len(self.skipped)} unreadable image file(s): {listing}", stacklevel=2)
+            warnings.warn(skipped_summary(root, self.skipped), stacklevel=2)
         if not images:
             raise DatasetError(f"no readable image in {root}: every file failed to decode")
         self.images = torch.stack(images)

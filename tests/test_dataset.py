@@ -1,10 +1,15 @@
 """The image pool: deterministic scan, class folders, bad files skipped with one warning."""
+import json
 import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
+from PIL import Image
 
-from conftest import HYMENOPTERA, make_subset
+from conftest import HYMENOPTERA, ROOT, make_subset
 from dataset import AntBeeDataset, DatasetError
 
 
@@ -28,12 +33,6 @@ def test_classes_flag_names_classes_and_orders_keys(tmp_path):
     root = make_subset(tmp_path / "p", HYMENOPTERA, 2)
     ds = AntBeeDataset(root, image_size=32, classes=["bees", "ants"])
     assert ds.labels == [1, 1, 0, 0]
-
-
-def test_gif_placeholder_is_not_an_image_type():
-    ds = AntBeeDataset(HYMENOPTERA, image_size=16)
-    assert len(ds) == 244
-    assert not any(p.endswith(".gif") for p in ds.paths)
 
 
 def test_text_saved_as_jpg_and_truncated_jpeg_are_skipped_with_one_warning(tmp_path):
@@ -60,3 +59,80 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
         AntBeeDataset(tmp_path / "empty")
     with pytest.raises(DatasetError, match="holds no images"):
         AntBeeDataset(tmp_path / "empty", classes=["ants", "bees"])
+
+
+def draw(path, color, size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def load_with_one_warning(root, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = AntBeeDataset(root, image_size=16, **kwargs)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert "\n" not in message
+    return ds, message
+
+
+def test_each_real_file_is_used_once_whatever_links_point_at_it(tmp_path):
+    root = tmp_path / "pool"
+    for i in range(3):
+        draw(root / "ants" / f"a{i}.png", (10 * i, 0, 0))
+        draw(root / "bees" / f"b{i}.png", (0, 10 * i, 0))
+    draw(tmp_path / "elsewhere" / "wasps" / "w0.png", (0, 0, 200))
+    draw(tmp_path / "elsewhere" / "w1.png", (0, 0, 100))
+    os.symlink(root / "ants", root / "ants" / "loop")  # a loop: every turn would list ants again
+    os.symlink(root, root / "bees" / "up")
+    os.symlink(tmp_path / "elsewhere" / "wasps", root / "wasps")  # a class folder kept elsewhere
+    os.symlink(tmp_path / "elsewhere" / "w1.png", root / "wasps" / "w1.png")
+    os.symlink(root / "bees" / "b0.png", root / "ants" / "b0_again.png")  # lies in bees: a bee
+    ds, message = load_with_one_warning(root)
+    assert ds.class_names == ["ants", "bees", "wasps"]
+    assert [os.path.relpath(p, root) for p in ds.paths] == [
+        "ants/a0.png", "ants/a1.png", "ants/a2.png", "bees/b0.png", "bees/b1.png", "bees/b2.png",
+        "wasps/w0.png", "wasps/w1.png"]
+    assert ds.labels == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert message.startswith(f"skipped 3 in {root}: 3 links to folders or files already scanned")
+    assert "ants/loop" in message and "bees/up" in message and "ants/b0_again.png" in message
+
+
+def test_gif_is_read_as_its_first_frame_and_other_types_are_named_in_the_warning(tmp_path):
+    root = tmp_path / "pool"
+    draw(root / "ants" / "a.png", (0, 0, 0))
+    frames = [Image.new("RGB", (30, 20), c) for c in ((250, 0, 0), (0, 250, 0))]
+    (root / "bees").mkdir()
+    frames[0].save(root / "bees" / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    for i in range(7):
+        (root / "ants" / f"notes{i}.txt").write_text("not a picture")
+    (root / "bees" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    ds, message = load_with_one_warning(root)
+    assert [os.path.basename(p) for p in ds.paths] == ["a.png", "moving.gif"]
+    assert ds.images[1, :, 8, 8].tolist() == [250, 0, 0]
+    assert "skipped 7" in message and "7 files not an image type" in message
+    assert "ants/notes0.txt" in message and "ants/notes4.txt" in message and "and 2 more" in message
+    assert "notes5" not in message and "DS_Store" not in message
+
+
+def test_a_long_strip_costs_no_more_memory_than_a_photo(tmp_path):
+    strip = draw(tmp_path / "strip.png", (200, 30, 60), size=(50000, 1))
+    photo = draw(tmp_path / "photo.png", (200, 30, 60), size=(400, 300))
+    assert strip.stat().st_size < 1000
+    # Resizing the short side first made 64 x 3,200,000 pixels (600 MB) of this 50000x1 strip.
+    code = textwrap.dedent(f"""
+        import json, resource, sys
+        sys.path.insert(0, {ROOT!r})
+        from dataset import load_image
+        photo = load_image({str(photo)!r}, 64)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        strip = load_image({str(strip)!r}, 64)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(json.dumps([strip.tolist() == photo.tolist(), grown // 1024]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    same_as_photo, grown_mb = json.loads(proc.stdout)
+    assert same_as_photo
+    assert grown_mb < 50
