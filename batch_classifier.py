@@ -98,6 +98,8 @@ def list_inputs(paths):
     """Files to classify: files as given, folders searched recursively; each file once, first-seen order."""
     files, seen = [], set()
     for p in paths:
+        if not os.path.exists(p):
+            raise InferenceError(f"{p} does not exist: pass an image file or a folder of images")
         for f in (list_image_files(p) if os.path.isdir(p) else [p]):
             if os.path.realpath(f) not in seen:
                 seen.add(os.path.realpath(f))

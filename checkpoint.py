@@ -3,9 +3,13 @@
 A checkpoint is one dict of tensors and plain values (nanoGPT style), so `torch.load(weights_only=True)`
 reads it without executing any pickled code.
 """
+import errno
+import fcntl
 import json
 import os
 import re
+import shutil
+import sys
 import tempfile
 from collections import namedtuple
 
@@ -26,8 +30,34 @@ PolicySpec = namedtuple("PolicySpec", "state class_names image_size mean std nam
 _TEMP_NAME = re.compile(r"\..+[a-z0-9_]{8}\.tmp")
 
 
+LOCK_NAME = ".lock"
+
+
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+class RunLockedError(Exception):
+    """Another process writes this run folder; the message names it."""
+
+
+def lock_run_dir(run_dir):
+    """Hold the run folder's lock for the rest of this process's life: a run folder has one writer. The
+    kernel drops the lock when the process ends, kill -9 included, so a resume is never blocked by a dead
+    run. Raises RunLockedError naming the process that holds it."""
+    fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise RunLockedError(f"{run_dir} is in use by {holder}: a run folder has one writer; wait for it to "
+                             "end (or stop it), or pick another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} ({' '.join(os.path.basename(a) for a in sys.argv[:1])})\n".encode(), 0)
+    return fd  # held open: closing it would release the lock
 
 
 def _atomic_write(path, write):
@@ -75,7 +105,14 @@ def atomic_write_json(path, obj):
 
 def save_checkpoint(path, ckpt):
     """torch.save through a temporary file and os.replace."""
-    _atomic_write(path, lambda f: torch.save(ckpt, f))
+    def write(f):
+        try:
+            torch.save(ckpt, f)
+        except RuntimeError as err:  # torch's zip writer reports a failed write (a full disk) this way
+            full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < (64 << 20)
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          os.strerror(errno.ENOSPC) if full else f"write failed: {str(err).splitlines()[0]}") from None
+    _atomic_write(path, write)
 
 
 def load_checkpoint(path):

@@ -20,6 +20,7 @@ import traceback
 import torch
 from PIL import ImageTk
 
+from feedback_store import StoreError
 from labeling_workers import Guesser, Trainer, fit
 from rlhf_run import SKIP
 
@@ -28,6 +29,7 @@ POLL_MS = 40
 POLL_BATCH = 20     # outbox messages handled per tick, so that a burst never holds up a key
 RECENT = 20
 UNDO_DEPTH = 20     # answers u can take back, each holding its picture
+RETRY_MS = 2000     # an answer the store refused (locked by another program, disk full) is tried again
 NO_DISPLAY = ("--feedback gui needs a display and {why}: use --feedback folder (the simulated labeler), "
               "or run under a virtual display: xvfb-run python train_rlhf.py ...")
 
@@ -62,7 +64,8 @@ class LabelingWindow:
         self.agree = [r["predicted"] == r["answer"] for r in store.rows() if r["answer"] is not None]
         self.metrics, self.running, self.key_t, self.after_id, self.note = {}, None, None, None, None
         self.closing = self.finished = self.no_more = False
-        self.signals, self.box, self.epoch = 0, guesser.box, rlhf.epoch
+        self.signals, self.signum, self.box, self.epoch = 0, 0, guesser.box, rlhf.epoch
+        self.unsaved = None  # (question seq, answer) that the store refused; retried until it takes it
         path = os.environ.get("RLHF_GUI_EVENTS")
         self.events = open(path, "a", buffering=1, encoding="utf-8") if path else None
         root.title(TITLE)
@@ -97,14 +100,15 @@ class LabelingWindow:
         self.bars.bind("<Configure>", lambda e: self.current and self.draw_guess(self.current))
 
     def say(self, text, kind="note"):
-        """The message bar: errors (red) stay; notes (blue) go with the next answer."""
+        """The message bar: errors (red) stay; notes (blue) and retries (red) go with the next saved answer."""
         if not text:
-            if self.note == "note":
+            if self.note in ("note", "retry"):
                 self.message.pack_forget()
                 self.note = None
             return
         self.note = kind
-        self.message.configure(text=text, bg={"error": "#b00020", "done": "#1b5e20"}.get(kind, "#0d47a1"))
+        colour = {"error": "#b00020", "retry": "#b00020", "done": "#1b5e20"}.get(kind, "#0d47a1")
+        self.message.configure(text=text, bg=colour)
         self.message.pack(side="top", fill="x", before=self.canvas)
 
     def callback_error(self, exc, value, tb):
@@ -214,7 +218,15 @@ class LabelingWindow:
         if q is None or self.closing:
             return
         row = {**self.rlhf.answer_row(q.index, answer, q.probs, q.version), "epoch": q.epoch}
-        added = self.store.add(**row)  # committed before anything else: a kill from here on loses nothing
+        try:
+            added = self.store.add(**row)  # committed before anything else: a kill from here on loses nothing
+        except StoreError as err:  # nothing written: the image stays, the answer is tried again (a new key wins)
+            self.unsaved = (q.seq, answer)
+            self.say(f"not saved yet, trying again every {RETRY_MS // 1000} s: {err}", "retry")
+            self.root.after(RETRY_MS, lambda: self.current is q and self.unsaved == (q.seq, answer)
+                            and self.answer(answer, t))
+            return
+        self.unsaved = None
         self.trainer.inbox.put(("answer", (q, answer)))
         self.history.append((q, answer, added))
         self.count(q, answer, +1)
@@ -228,9 +240,15 @@ class LabelingWindow:
         if not self.history:
             self.say(f"nothing to undo: u takes back the last {UNDO_DEPTH} answers of this session")
             return
+        self.unsaved = None  # an answer still unsaved is dropped with the image it was for
         q, answer, added = self.history.pop()
         if added:
-            self.store.remove(self.rlhf.ds.hashes[q.index])
+            try:
+                self.store.remove(self.rlhf.ds.hashes[q.index])
+            except StoreError as err:  # the answer stays given; u can be pressed again
+                self.history.append((q, answer, added))
+                self.say(f"cannot undo now: {err}", "error")
+                return
         self.trainer.inbox.put(("undo", q))
         self.count(q, answer, -1)
         if self.current is not None:
@@ -256,6 +274,9 @@ class LabelingWindow:
             return
         self.closing, running = True, self.trainer.updating.is_set()
         self.log("quit", why=why, update_running=running)
+        if self.unsaved:
+            print(f"warning: the answer to {self.current.path} could not be saved and is not in the store: "
+                  "it will be asked again after --resume", file=sys.stderr)
         self.trainer.stop()
         self.guesser.tell(stopping=True)
         for b in self.buttons:
@@ -367,15 +388,17 @@ def run_session(root, rlhf):
     outbox = queue.Queue()
     guesser = Guesser(rlhf, outbox, (root.winfo_screenwidth(), root.winfo_screenheight()))
     trainer = Trainer(rlhf, outbox, guesser)
-    gui_store = type(rlhf.store)(rlhf.store.path)  # the Tk thread's own connection, for its commits
+    # The Tk thread's own connection, for its commits: a short busy timeout, so a store locked by another
+    # program freezes no key for long (the answer is kept and retried instead).
+    gui_store = type(rlhf.store)(rlhf.store.path, busy_timeout=0.5)
     window = LabelingWindow(root, rlhf, gui_store, rlhf.cfg, guesser, trainer, outbox)
 
     def on_signal(signum, frame):  # Ctrl-C, kill: the poll quits as the q key does
-        window.signals += 1
+        window.signals, window.signum = window.signals + 1, signum
         if window.signals > 1:  # asked twice: do not wait for the running update
             print("quit without waiting for the running update: every answer is saved, the checkpoint is "
                   "the last finished update's; continue with --resume", file=sys.stderr, flush=True)
-            os._exit(130)
+            os._exit(128 + signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -402,4 +425,5 @@ def run_session(root, rlhf):
         gui_store.close()
         if window.events:
             window.events.close()
-    return 1 if trainer.failed else 0
+    # a signal ends the process the usual way, 128 + its number, once the checkpoint is saved by the caller
+    return 1 if trainer.failed else 128 + window.signum if window.signum else 0

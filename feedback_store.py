@@ -28,7 +28,7 @@ class FeedbackStore:
 
     `busy_timeout` is how many seconds a write waits for another program's lock before StoreBusyError."""
 
-    def __init__(self, path, busy_timeout=10.0):
+    def __init__(self, path, busy_timeout=5.0):
         self.path = path
         self.busy_timeout = busy_timeout
         if os.path.isfile(path) and os.path.getsize(path) > 0:

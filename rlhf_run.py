@@ -16,6 +16,7 @@ in that order, so answered images train again and the rest train through the rew
 Under torchrun every process runs the same RLHFRun on the same answers; only rank 0 holds the store
 (`store` is None elsewhere) and writes files, so the folder is the same as a one-process run's.
 """
+import contextlib
 import json
 import os
 import random
@@ -336,10 +337,21 @@ class RLHFRun:
                                  (torch.tensor(self.val.labels[s:stop(s)]) for s in starts))
 
     # --- files --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self, path):
+        """An OSError while writing a run file (a full disk) as one line; nothing the person gave is lost."""
+        try:
+            yield
+        except OSError as err:
+            raise CheckpointError(f"cannot write {path} ({err.strerror or err}): free space on its disk or fix "
+                                  "its permissions; every answer is in feedback.sqlite and the last good "
+                                  "checkpoint is kept: continue with --resume") from None
+
     def write_metrics(self, metrics):
         if not self.is_main:
             return
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        with self.writing(path), open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         parts = [f"update {metrics['update']:4d}", f"epoch {metrics['epoch']}", f"answers {metrics['answers']}"]
         for key, fmt in (("mean_reward", "reward {:+.2f}"), ("agreement", "agree {:.2f}"),
@@ -360,16 +372,19 @@ class RLHFRun:
     def save(self):
         if not self.is_main:
             return
-        save_checkpoint(os.path.join(self.run_dir, CHECKPOINT_NAME), self.checkpoint_dict())
-        if self.cache is not None:
-            self.cache.save()
-        update_latest_link(self.run_dir)
+        path = os.path.join(self.run_dir, CHECKPOINT_NAME)
+        with self.writing(path):
+            save_checkpoint(path, self.checkpoint_dict())
+            if self.cache is not None:
+                self.cache.save()
+            update_latest_link(self.run_dir)
 
     def save_reference(self):
         """Write the KL reference once, when the run starts: it never changes afterwards."""
         path = os.path.join(self.run_dir, REFERENCE_NAME)
         if self.is_main and not os.path.isfile(path):
-            save_checkpoint(path, {"format_version": FORMAT_VERSION, "policy": self.learner.reference.state_dict()})
+            with self.writing(path):
+                save_checkpoint(path, {"format_version": FORMAT_VERSION, "policy": self.learner.reference.state_dict()})
 
     def restore(self, ckpt):
         """Continue from a checkpoint (and the run's reference policy)."""
@@ -385,9 +400,10 @@ class RLHFRun:
         if not self.is_main:
             return
         feedback = {row["path"]: row["answer"] for row in self.store.rows() if row["answer"] is not None}
-        atomic_write_json(os.path.join(self.run_dir, "training_data.json"),
-                          {"episodes": self.episodes, "human_feedback": feedback,
-                           "class_names": list(self.ds.class_names)})
+        path = os.path.join(self.run_dir, "training_data.json")
+        with self.writing(path):
+            atomic_write_json(path, {"episodes": self.episodes, "human_feedback": feedback,
+                                     "class_names": list(self.ds.class_names)})
 
 
 def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks):
@@ -412,23 +428,26 @@ def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks):
         run.restore(ckpt)
     run.save_reference()
     if ranks.is_main:
-        atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_flat())
+        with run.writing(os.path.join(run_dir, "config.json")):
+            atomic_write_json(os.path.join(run_dir, "config.json"), cfg.to_flat())
     return run
 
 
-def run_headless(run, labeler):
-    """The loop with a simulated person, until cfg.epochs: each round asks the questions one update
-    needs, guessed in one batch; under torchrun each process asks the labeler about its block of them
-    and the answers are shared."""
+def run_headless(run, labeler, stop=lambda: False):
+    """The loop with a simulated person, until cfg.epochs or until `stop()` (checked between updates):
+    each round asks the questions one update needs, guessed in one batch; under torchrun each process
+    asks the labeler about its block of them and the answers are shared. False when stopped early."""
     while run.epoch < run.cfg.epochs:
         run.refresh_ranking()
-        while asks := run.next_questions(max(1, run.cfg.batch_size - len(run.pending))):
+        while not stop() and (asks := run.next_questions(max(1, run.cfg.batch_size - len(run.pending)))):
             probs = run.guess(asks)
-            start, stop = run.ranks.block(len(asks))
-            mine = [labeler.answer(asks[j]) for j in range(start, stop)]
+            start, end = run.ranks.block(len(asks))
+            mine = [labeler.answer(asks[j]) for j in range(start, end)]
             answers = [a for block in run.ranks.gather(mine) for a in block]
             for index, answer, p in zip(asks, answers, probs):
                 run.record(index, answer, p, run.learner.version)  # committed by the process holding the store
-            while run.update_due():
+            while run.update_due() and not stop():
                 run.update()
-        run.finish_epoch()
+        if not run.finish_epoch(stop):
+            return False
+    return True

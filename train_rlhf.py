@@ -11,6 +11,7 @@ with the labeling window or the simulated labeler.
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -18,7 +19,8 @@ import warnings
 
 import torch
 
-from checkpoint import CHECKPOINT_NAME, CheckpointError, resolve_run_dir
+from checkpoint import (CHECKPOINT_NAME, CheckpointError, RunLockedError, lock_run_dir, remove_stale_temp_files,
+                        resolve_run_dir)
 from data_download import DEFAULT_IMAGES, DownloadError, ensure_default_data
 from dataset import AntBeeDataset, DatasetError
 from ddp import DeviceError, Ranks, exit_as_promised, pick_device, stopped_job_line
@@ -37,12 +39,11 @@ class UsageError(Exception):
 
 
 USER_ERRORS = (UsageError, ConfigError, DatasetError, StoreError, CheckpointError, WeightsError, DownloadError,
-               DeviceError, LabelerError)
+               DeviceError, LabelerError, RunLockedError)
 
 
-def resumed_config(cfg, argv):
-    """The run folder of --resume and its saved configuration, overridden by the flags given now."""
-    run_dir = resolve_run_dir(cfg.out or os.path.join("runs", "latest"))
+def resumed_config(cfg, argv, run_dir):
+    """The saved configuration of the run in run_dir, overridden by the flags given now."""
     saved = os.path.join(run_dir, "config.json")
     if not os.path.isfile(saved):
         raise UsageError(f"--resume: {run_dir} holds no run (no config.json): pass --out with a run folder")
@@ -54,31 +55,49 @@ def resumed_config(cfg, argv):
             raise UsageError(f"--resume: --{key.replace('_', '-')} {now[key]} differs from {old[key]} "
                              f"in {saved}: drop the flag or start a new --out")
     keep = {k: v for k, v in old.items() if k not in given and k not in PER_INVOCATION}
-    return run_dir, RunConfig.from_flat({**now, **keep, "out": run_dir, "resume": True}, saved)
+    return RunConfig.from_flat({**now, **keep, "out": run_dir, "resume": True}, saved)
 
 
-def prepare_run_dir(cfg, argv):
-    """The run folder, checked writable, and the configuration (merged with the saved one on --resume)."""
-    if cfg.resume:
-        run_dir, cfg = resumed_config(cfg, argv)
-    else:
-        run_dir = cfg.out or os.path.join("runs", f"rlhf__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-        if os.path.isfile(os.path.join(run_dir, "config.json")):
-            raise UsageError(f"{run_dir} already holds a run: add --resume to continue it or pick a new --out")
+def lock_folder(run_dir):
+    """Create run_dir if needed, lock it for this process and check it is writable; returns whether this
+    call created it (a failed start then removes it)."""
+    created = not os.path.isdir(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
+        lock_run_dir(run_dir)
         probe = os.path.join(run_dir, ".write-test")
         with open(probe, "w") as f:
             f.write("ok")
         os.unlink(probe)
     except OSError as err:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise UsageError(f"cannot write to run folder {run_dir} ({err.strerror}): pass a writable --out") from None
-    return run_dir, cfg
+    return created
+
+
+def prepare_run_dir(cfg, argv):
+    """The run folder, locked for this process, the configuration (merged with the saved one on --resume;
+    image folders made absolute, so a resume works from any folder) and whether this call created it."""
+    if cfg.resume:
+        run_dir = resolve_run_dir(cfg.out or os.path.join("runs", "latest"))
+        if not os.path.isdir(run_dir):
+            raise UsageError(f"--resume: {run_dir} holds no run (no such folder): pass --out with a run folder")
+        created = lock_folder(run_dir)
+        cfg = resumed_config(cfg, argv, run_dir)
+        for name in remove_stale_temp_files(run_dir):
+            print(f"warning: removed {name}, left in {run_dir} by a write that was killed", file=sys.stderr)
+        return run_dir, cfg, created
+    run_dir = cfg.out or os.path.join("runs", f"rlhf__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    created = lock_folder(run_dir)  # first: of two runs started at once on one folder, one gets it
+    if os.path.isfile(os.path.join(run_dir, "config.json")):
+        raise UsageError(f"{run_dir} already holds a run: add --resume to continue it or pick a new --out")
+    return run_dir, cfg.replace(images=os.path.abspath(cfg.images), val=cfg.val and os.path.abspath(cfg.val)), created
 
 
 def load_pool(cfg, ranks):
     """The image pool, the validation set and the backbone weights; warnings printed once (rank 0)."""
-    if cfg.images == DEFAULT_IMAGES:
+    if os.path.abspath(cfg.images) == os.path.abspath(DEFAULT_IMAGES):
         ranks.on_main(lambda: ensure_default_data(download=cfg.download, interactive=sys.stdin.isatty()),
                       (DownloadError,))
     with warnings.catch_warnings(record=True) as caught:
@@ -89,6 +108,14 @@ def load_pool(cfg, ranks):
     for w in caught if ranks.is_main else ():
         print(f"warning: {w.message}", file=sys.stderr)
     return ds, val, backbone, origin
+
+
+def check_window_classes(ds):
+    """The window answers with one digit key per class: refuse a pool it cannot label."""
+    if ds.num_classes > 10:
+        raise UsageError(f"--feedback gui answers with the keys 0-9, one per class, and {ds.root} has "
+                         f"{ds.num_classes} classes: label at most 10 classes at a time (--classes), or use "
+                         "--feedback folder")
 
 
 def open_window_root(cfg):
@@ -104,6 +131,21 @@ def open_window_root(cfg):
         raise UsageError(str(err)) from None
 
 
+def start(cfg, run_dir, ranks, device):
+    """Everything before the first question: the window's root, the pool, the RLHFRun."""
+    if ranks.active and cfg.feedback == "gui":
+        raise UsageError(GUI_UNDER_TORCHRUN)  # --resume of a run that was labeled in the window
+    gui, root = open_window_root(cfg) if cfg.feedback == "gui" else (None, None)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    ds, val, backbone, origin = load_pool(cfg, ranks)
+    if gui:
+        check_window_classes(ds)
+    else:
+        FolderLabeler(ds)  # refuses a pool it cannot answer for, before anything is written
+    return gui, root, open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = RunConfig.from_args(argv)
@@ -113,26 +155,28 @@ def main(argv=None):
     device = pick_device(cfg.device, ranks)
     if device.startswith("cuda") and ranks.active:
         torch.cuda.set_device(device)  # nccl's collectives run on the current device
-    # rank 0 alone decides the folder (its default name holds the time) and checks it
-    run_dir, cfg = ranks.on_main(lambda: prepare_run_dir(cfg, argv), (UsageError, ConfigError))
-    if ranks.active and cfg.feedback == "gui":
-        raise UsageError(GUI_UNDER_TORCHRUN)  # --resume of a run that was labeled in the window
-    gui, root = open_window_root(cfg) if cfg.feedback == "gui" else (None, None)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    ds, val, backbone, origin = load_pool(cfg, ranks)
-    labeler = None if gui else FolderLabeler(ds, cfg.feedback_noise, cfg.feedback_skip, cfg.seed)
-    run = open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks)
+    # rank 0 alone decides the folder (its default name holds the time), checks and locks it
+    run_dir, cfg, created = ranks.on_main(lambda: prepare_run_dir(cfg, argv),
+                                          (UsageError, ConfigError, RunLockedError))
+    try:
+        gui, root, run = start(cfg, run_dir, ranks, device)
+    except BaseException:
+        if created and ranks.is_main:  # a failed start leaves no half-made run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     if ranks.is_main:
         answered, skipped = run.store.counts()
         where = f"device {device}" + (f", {ranks.world} processes" if ranks.active else "")
-        print(f"run {run_dir}: {len(ds)} images, classes {ds.class_names}, weights {origin}, {where}, "
+        print(f"run {run_dir}: {len(run.ds)} images, classes {run.ds.class_names}, weights {run.weights_origin}, {where}, "
               f"{answered} answers and {skipped} skips stored, epoch {run.epoch + 1}/{cfg.epochs}")
-    if gui and gui.run_session(root, run):
+    if gui:
+        code = gui.run_session(root, run)
+    else:
+        labeler = FolderLabeler(run.ds, cfg.feedback_noise, cfg.feedback_skip, cfg.seed)
+        code = 0 if run_headless(run, labeler, stop=lambda: SIGNALLED[0] != 0) else 128 + SIGNALLED[0]
+    if code == 1:
         run.store.close()  # training failed: the answers are stored, the last good checkpoint stays
         return 1
-    if not gui:
-        run_headless(run, labeler)
     run.save()
     if ranks.is_main:
         answered, skipped = run.store.counts()
@@ -140,21 +184,29 @@ def main(argv=None):
               f"{os.path.join(run_dir, CHECKPOINT_NAME)}")
         run.store.close()
     ranks.close()
-    return 0
+    return code  # 128 + the signal's number when a signal ended the window (after saving)
 
 
-def stop_on_sigterm(*_):
-    """Exit 143 through the normal path; under torchrun, SIGTERM means another process of the job ended."""
+SIGNALLED = [0]  # the signal that asked the headless loop to stop (0: none)
+
+
+def stop_on_signal(signum, frame):
+    """Ctrl-C or kill: the headless loop stops after the running update and saves; a second signal, or any
+    under torchrun (where SIGTERM means another process of the job ended), exits at once."""
     if Ranks.launched():
         print(stopped_job_line("torchrun stopped it after another process ended",
                                "every answer committed so far is in the run's feedback.sqlite; continue with "
                                "--resume"), file=sys.stderr)
-    sys.exit(143)
+        sys.exit(128 + signum)
+    if SIGNALLED[0]:
+        sys.exit(128 + signum)
+    SIGNALLED[0] = signum
 
 
 def cli():
-    # SIGTERM exits through the normal path so SQLite closes cleanly; answers are committed already.
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    # A signal ends the loop through the normal path, so the checkpoint is saved and SQLite closes cleanly.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_on_signal)
     exit_as_promised(main, USER_ERRORS, "every answer given so far is in the run's feedback.sqlite; continue "
                      "with --resume")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageStat
 
-from conftest import HYMENOPTERA, ROOT, assert_user_error, make_subset, store_rows
+from conftest import DIGITS, HYMENOPTERA, ROOT, assert_user_error, make_subset, store_rows
 from xvfb_display import XvfbDisplay, XvfbError
 
 SCREENS = "/tmp/rlhf-imgcls-screens"
@@ -200,7 +200,7 @@ def test_sigterm_keeps_the_answers_and_resume_reopens_at_the_first_unanswered_im
     waiting = s.events("shown")[-1]
     s.proc.send_signal(signal.SIGTERM)
     rc, stdout, stderr = s.finish()
-    assert rc == 0, stderr
+    assert rc == 128 + signal.SIGTERM, stderr  # the usual exit code of a signal, once everything is saved
     paths = question_paths(s)
     assert answers(out) == {paths[0]: 0, paths[1]: 1, paths[2]: 0}
     assert (out / "checkpoint.pt").is_file()
@@ -249,6 +249,17 @@ def test_a_training_crash_reaches_the_window_and_keeps_every_answer(display, tmp
     rc, stdout, stderr = s.finish()
     assert rc == 1 and "training stopped: ValueError" in stderr
     assert len(answers(out)) == 5
+
+
+def test_more_classes_than_digit_keys_are_refused_for_the_window(display, tmp_path):
+    many = make_subset(tmp_path / "many", DIGITS, 1)
+    for extra in ("a", "b"):  # 12 classes: 0-9, a, b
+        shutil.copytree(os.path.join(many, "0"), os.path.join(many, extra), symlinks=True)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_rlhf.py"), "--images", many, "--out",
+                           str(tmp_path / "run"), *TINY], env={**os.environ, "DISPLAY": display}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert_user_error(proc, "12 classes", "--feedback folder")
+    assert not (tmp_path / "run").exists()
 
 
 def test_without_a_display_one_line_names_the_ways_out(tmp_path, pool):
