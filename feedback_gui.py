@@ -59,9 +59,11 @@ class LabelingWindow:
         self.names = rlhf.ds.class_names
         self.ready = collections.deque()   # prepared questions not shown yet, in order
         self.current, self.photos, self.on_canvas = None, {}, None
-        self.history = collections.deque(maxlen=UNDO_DEPTH)  # (question, answer, row added)
+        self.history = collections.deque(maxlen=UNDO_DEPTH)  # (question, kind, answer, row added / row id)
         self.answered, self.skipped = store.counts()
         self.agree = [r["predicted"] == r["answer"] for r in store.rows() if r["answer"] is not None]
+        self.asking_verdicts = cfg.ask == "verdict"
+        self.yes = [v["verdict"] for v in store.verdicts()]  # the person's yes (1) and no (0), oldest first
         self.metrics, self.running, self.key_t, self.after_id, self.note = {}, None, None, None, None
         self.closing = self.finished = self.no_more = False
         self.signals, self.signum, self.box, self.epoch = 0, 0, guesser.box, rlhf.epoch
@@ -80,13 +82,17 @@ class LabelingWindow:
         keys = tk.Frame(root)
         self.buttons = [tk.Button(keys, text=f"{c}  {name}", command=lambda c=c: self.answer(c))
                         for c, name in enumerate(self.names)]
+        if self.asking_verdicts:
+            self.buttons = [tk.Button(keys, text="y  yes", command=lambda: self.verdict(1)),
+                            tk.Button(keys, text="n  no", command=lambda: self.verdict(0))] + self.buttons
         self.buttons += [tk.Button(keys, text="s  skip", command=lambda: self.answer(SKIP)),
                          tk.Button(keys, text="u  undo", command=self.undo),
                          tk.Button(keys, text="q  quit", command=lambda: self.quit("quit button"))]
         for i, b in enumerate(self.buttons):
             b.grid(row=i // 8, column=i % 8, padx=3, pady=3, sticky="ew")
         self.bars = tk.Canvas(root, height=20 * len(self.names) + 4, highlightthickness=0)
-        self.guess = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 11))
+        self.guess = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 22 if self.asking_verdicts else 11,
+                                                               "bold" if self.asking_verdicts else "normal"))
         self.file = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 12, "bold"))
         for w in (self.chart, self.status, keys, self.bars, self.guess, self.file):
             w.pack(side="bottom", fill="x", pady=2)
@@ -166,7 +172,8 @@ class LabelingWindow:
         self.draw_guess(q)
         key_t, self.key_t = self.key_t, None
         if self.events:  # after_idle runs after Tk's own redraws: "shown" is logged once the image is drawn
-            self.root.after_idle(lambda: self.log("shown", seq=q.seq, path=q.path, title=title, key_t=key_t))
+            self.root.after_idle(lambda: self.log("shown", seq=q.seq, path=q.path, title=title, key_t=key_t,
+                                                           proposed=q.proposed))
 
     def after_show(self):
         self.status_line()
@@ -180,7 +187,13 @@ class LabelingWindow:
             self.guess.configure(text="the model's guess is hidden (--blind)")
             return
         top, width = int(q.probs.argmax()), max(b.winfo_width(), 400) - 260
-        self.guess.configure(text=f"model's guess: {top} {self.names[top]}  ({q.probs[top]:.0%}, policy v{q.version})")
+        if self.asking_verdicts:
+            top = q.proposed
+            self.guess.configure(text=f"Is it  {self.names[top]}?   y yes · n no · 0-{len(self.names) - 1} the right "
+                                      "class", fg="#0d47a1")
+        else:
+            self.guess.configure(text=f"model's guess: {top} {self.names[top]}  ({q.probs[top]:.0%}, policy "
+                                      f"v{q.version})")
         for c, p in enumerate(map(float, q.probs)):
             y = 2 + 20 * c
             b.create_text(12, y + 9, anchor="w", text=f"{c}  {self.names[c]}")
@@ -206,6 +219,8 @@ class LabelingWindow:
         self.log("key", t=t, key=key, xtime=event.time)  # xtime: when the X server made the event, in ms
         if key.isdigit() and int(key) < len(self.names):
             self.answer(int(key), t)
+        elif key in ("y", "Y", "n", "N") and self.asking_verdicts:
+            self.verdict(int(key in ("y", "Y")), t)
         elif key in ("s", "S"):
             self.answer(SKIP, t)
         elif key in ("u", "U", "BackSpace"):
@@ -214,22 +229,37 @@ class LabelingWindow:
             self.quit(f"key {key}")
 
     def answer(self, answer, t=None):
+        """A class (or SKIP) for the image shown: committed at once, then passed to the trainer."""
         q = self.current
         if q is None or self.closing:
             return
         row = {**self.rlhf.answer_row(q.index, answer, q.probs, q.version), "epoch": q.epoch}
+        self.commit(q, "label", answer, lambda: self.store.add(**row), lambda added: ("answer", (q, answer)), t)
+
+    def verdict(self, verdict, t=None):
+        """Yes (1) or no (0) to the class proposed for the image shown (--ask verdict)."""
+        q = self.current
+        if q is None or self.closing:
+            return
+        self.commit(q, "verdict", verdict, lambda: self.store.add_verdict(
+            self.rlhf.ds.hashes[q.index], q.path, q.proposed, q.behaviour, verdict, self.cfg.propose, q.version,
+            q.epoch), lambda row: ("verdict", (q, verdict, row)), t)
+
+    def commit(self, q, kind, value, write, message, t):
+        """Write to the store before anything else (a kill from here on loses nothing), then move on."""
         try:
-            added = self.store.add(**row)  # committed before anything else: a kill from here on loses nothing
+            ref = write()
         except StoreError as err:  # nothing written: the image stays, the answer is tried again (a new key wins)
-            self.unsaved = (q.seq, answer)
+            self.unsaved = (q.seq, kind, value)
             self.say(f"not saved yet, trying again every {RETRY_MS // 1000} s: {err}", "retry")
-            self.root.after(RETRY_MS, lambda: self.current is q and self.unsaved == (q.seq, answer)
-                            and self.answer(answer, t))
+            again = self.answer if kind == "label" else self.verdict
+            self.root.after(RETRY_MS, lambda: self.current is q and self.unsaved == (q.seq, kind, value)
+                            and again(value, t))
             return
         self.unsaved = None
-        self.trainer.inbox.put(("answer", (q, answer)))
-        self.history.append((q, answer, added))
-        self.count(q, answer, +1)
+        self.trainer.inbox.put(message(ref))
+        self.history.append((q, kind, value, ref))
+        self.count(q, kind, value, +1)
         self.say("")
         self.current, self.key_t = (self.ready.popleft() if self.ready else None), t or time.time()
         self.show()
@@ -241,32 +271,33 @@ class LabelingWindow:
             self.say(f"nothing to undo: u takes back the last {UNDO_DEPTH} answers of this session")
             return
         self.unsaved = None  # an answer still unsaved is dropped with the image it was for
-        q, answer, added = self.history.pop()
-        if added:
-            try:
+        q, kind, value, ref = self.history.pop()
+        try:
+            if kind == "verdict":
+                self.store.remove_verdict(ref)
+            elif ref:
                 self.store.remove(self.rlhf.ds.hashes[q.index])
-            except StoreError as err:  # the answer stays given; u can be pressed again
-                self.history.append((q, answer, added))
-                self.say(f"cannot undo now: {err}", "error")
-                return
-        self.trainer.inbox.put(("undo", q))
-        self.count(q, answer, -1)
+        except StoreError as err:  # the answer stays given; u can be pressed again
+            self.history.append((q, kind, value, ref))
+            self.say(f"cannot undo now: {err}", "error")
+            return
+        self.trainer.inbox.put(("undo_verdict", ref) if kind == "verdict" else ("undo", q))
+        self.count(q, kind, value, -1)
         if self.current is not None:
             self.ready.appendleft(self.current)
         self.current = q
-        self.say(f"undone: {os.path.basename(q.path)} ({'skip' if answer is SKIP else self.names[answer]}) "
-                 "is removed and will train nothing; answer it again")
+        given = ("yes" if value else "no") if kind == "verdict" else "skip" if value is SKIP else self.names[value]
+        self.say(f"undone: {os.path.basename(q.path)} ({given}) is removed and will train nothing; answer it again")
         self.show()
 
-    def count(self, q, answer, sign):
-        if answer is SKIP:
+    def count(self, q, kind, value, sign):
+        if kind == "verdict":
+            self.yes.append(value) if sign > 0 else self.yes.pop()
+        elif value is SKIP:
             self.skipped += sign
-            return
-        self.answered += sign
-        if sign > 0:
-            self.agree.append(int(q.probs.argmax()) == answer)
         else:
-            self.agree.pop()
+            self.answered += sign
+            self.agree.append(int(q.probs.argmax()) == value) if sign > 0 else self.agree.pop()
 
     def quit(self, why):
         """Stop taking keys; the poll closes the window once the running update has finished."""
@@ -337,13 +368,16 @@ class LabelingWindow:
         epoch = q.epoch + 1 if q else min(self.epoch + 1, epochs)
         line = f"{self.answered} answered · {self.skipped} skipped · " + (
             f"{q.left} left in epoch {epoch}/{epochs}" if q else f"epoch {epoch}/{epochs}")
-        if self.agree:
-            recent = self.agree[-RECENT:]
-            line += (f"   agreement {sum(recent) / len(recent):.0%} last {len(recent)}"
-                     f" · {sum(self.agree) / len(self.agree):.0%} overall")
+        if self.asking_verdicts:
+            line = f"{len(self.yes)} verdicts · " + line
+        for name, record in (("yes", self.yes), ("agreement", self.agree)):
+            if record and (name == "yes") == self.asking_verdicts:
+                recent = record[-RECENT:]
+                line += (f"   {name} {sum(recent) / len(recent):.0%} last {len(recent)}"
+                         f" · {sum(record) / len(record):.0%} overall")
         last = (f"update {m['update']}: reward {m.get('mean_reward', float('nan')):+.2f} · "
                 f"KL {m.get('approx_kl', float('nan')):.4f} · {m.get('update_s', 0):.1f}s" if m else "no update yet")
-        need = self.cfg.batch_size - len(self.rlhf.pending)  # a glance at the trainer's list
+        need = self.cfg.batch_size - len(self.rlhf.pending) - len(self.rlhf.pending_no)  # a glance at the trainer's lists
         now = ("training stopped (see above)" if self.trainer.failed else "done" if self.finished
                else f"training update {self.running['update']}…" if self.running and self.running["update"]
                else "refitting the reward model without the undone answer…" if self.running
@@ -352,11 +386,13 @@ class LabelingWindow:
         self.status.configure(text=f"{line}\n{last}   ·   {now}")
 
     def draw_chart(self):
-        c, agree, n = self.chart, self.agree, len(self.agree)
+        agree = self.yes if self.asking_verdicts else self.agree
+        c, n = self.chart, len(agree)
         c.delete("all")
         w, h = max(c.winfo_width(), 200), int(c["height"])
+        what = "your yes to its proposals over verdicts" if self.asking_verdicts else "agreement with you over answers"
         c.create_text(8, 4, anchor="nw", font=("TkDefaultFont", 9), fill="#444444",
-                      text="agreement with you over answers:  blue last 20 · grey overall · dashed chance")
+                      text=f"{what}:  blue last 20 · grey overall · dashed chance")
         x0, x1, y0, y1 = 40, w - 10, 20, h - 6
         c.create_rectangle(x0, y0, x1, y1, outline="#cccccc")
         for v in (0.0, 0.5, 1.0):

@@ -12,7 +12,7 @@ import time
 from urllib.request import pathname2url
 
 SCHEMA_VERSION = 1
-TABLES = {"meta", "answers", "sqlite_sequence"}
+TABLES = {"meta", "answers", "verdicts", "sqlite_sequence"}
 
 
 class StoreError(Exception):
@@ -50,6 +50,18 @@ class FeedbackStore:
                         probability REAL,
                         sampled INTEGER,
                         reward REAL,
+                        policy_version INTEGER,
+                        epoch INTEGER,
+                        created REAL NOT NULL
+                    );
+                    CREATE TABLE IF NOT EXISTS verdicts (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        sha1 TEXT NOT NULL,
+                        path TEXT NOT NULL,
+                        proposed INTEGER NOT NULL,
+                        behaviour_prob REAL NOT NULL,
+                        verdict INTEGER NOT NULL,
+                        rule TEXT,
                         policy_version INTEGER,
                         epoch INTEGER,
                         created REAL NOT NULL
@@ -109,7 +121,7 @@ class FeedbackStore:
                              "--out") from None
 
     def _write(self, *statements):
-        """Run (sql, params) statements in one transaction; returns the last one's rowcount."""
+        """Run (sql, params) statements in one transaction; returns the last one's cursor."""
         with self._errors():
             self.db.execute("BEGIN IMMEDIATE")  # takes the write lock first, so the busy timeout applies
             try:
@@ -121,7 +133,7 @@ class FeedbackStore:
                     with contextlib.suppress(sqlite3.Error):
                         self.db.execute("ROLLBACK")
                 raise
-        return cur.rowcount
+        return cur
 
     def check_classes(self, class_names):
         """Record the class names on first use; refuse a database made for other classes."""
@@ -139,7 +151,7 @@ class FeedbackStore:
     def check_image_set(self, hashes):
         """Refuse a database whose answered images are none of the images in this pool."""
         with self._errors():
-            known = [r[0] for r in self.db.execute("SELECT sha1 FROM answers")]
+            known = [r[0] for r in self.db.execute("SELECT sha1 FROM answers UNION SELECT sha1 FROM verdicts")]
         if known and not set(known) & set(hashes):
             raise StoreError(f"{self.path} holds {len(known)} answers about other images: "
                              "pass the --images folder the run was made with, or a new --out")
@@ -152,11 +164,30 @@ class FeedbackStore:
         return self._write((
             "INSERT OR IGNORE INTO answers (sha1, path, answer, predicted, probability, sampled, reward,"
             " policy_version, epoch, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (sha1, path, answer, predicted, probability, sampled, reward, policy_version, epoch, time.time()))) == 1
+            (sha1, path, answer, predicted, probability, sampled, reward, policy_version, epoch, time.time()))).rowcount == 1
 
     def remove(self, sha1):
         """Delete an answer (undo); returns True when there was one. Raises StoreBusyError like add."""
-        return self._write(("DELETE FROM answers WHERE sha1=?", (sha1,))) == 1
+        return self._write(("DELETE FROM answers WHERE sha1=?", (sha1,))).rowcount == 1
+
+    def add_verdict(self, sha1, path, proposed, behaviour_prob, verdict, rule, policy_version=None, epoch=None):
+        """Commit one verdict (1 yes, 0 no) on the class `proposed` to the person, with the probability the
+        proposing rule gave it (behaviour_prob); returns its row id (for undo). Raises StoreBusyError like add."""
+        return self._write((
+            "INSERT INTO verdicts (sha1, path, proposed, behaviour_prob, verdict, rule, policy_version, epoch,"
+            " created) VALUES (?,?,?,?,?,?,?,?,?)",
+            (sha1, path, proposed, behaviour_prob, verdict, rule, policy_version, epoch, time.time()))).lastrowid
+
+    def remove_verdict(self, row_id):
+        """Delete a verdict (undo); returns True when there was one."""
+        return self._write(("DELETE FROM verdicts WHERE id=?", (row_id,))).rowcount == 1
+
+    def verdicts(self):
+        """Every verdict as a dict, oldest first."""
+        with self._errors():
+            cur = self.db.execute("SELECT * FROM verdicts ORDER BY id")
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur]
 
     def answers(self):
         """{sha1: answer or None (skip)} for every image asked about."""
@@ -175,6 +206,12 @@ class FeedbackStore:
         with self._errors():
             return tuple(self.db.execute(
                 "SELECT COUNT(answer), COUNT(*) - COUNT(answer) FROM answers").fetchone())
+
+    def verdict_counts(self):
+        """(yes, no)."""
+        with self._errors():
+            yes, total = self.db.execute("SELECT COALESCE(SUM(verdict), 0), COUNT(*) FROM verdicts").fetchone()
+        return yes, total - yes
 
     def close(self):
         self.db.close()

@@ -39,6 +39,8 @@ class Question:
     fitted: object
     box: tuple
     problem: str = ""
+    proposed: int = -1       # --ask verdict: the class put to the person, and the probability the rule gave it
+    behaviour: float = 1.0
 
 
 def fit(picture, box):
@@ -116,8 +118,9 @@ class Guesser(threading.Thread):
             fitted = fit(picture, box)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             problem = f"cannot show {os.path.basename(path)} ({err})"
+        proposed, behaviour = self.rlhf.propose(index, probs) if self.rlhf.cfg.ask == "verdict" else (-1, 1.0)
         return Question(seq, index, self.epoch, self.asked_before + seq + 1, self.total - seq, path, probs.numpy(),
-                        version, picture, fitted, box, problem)
+                        version, picture, fitted, box, problem, proposed, behaviour)
 
 
 class Trainer(threading.Thread, NullObserver):
@@ -178,7 +181,12 @@ class Trainer(threading.Thread, NullObserver):
         if kind == "answer":
             q, answer = message
             self.rlhf.record(q.index, answer, q.probs, q.version, commit=False)
+        elif kind == "verdict":
+            q, verdict, row = message
+            self.rlhf.record_verdict(q.index, q.proposed, q.behaviour, verdict, q.version, commit=False, row=row)
         elif kind == "undo" and self.rlhf.undo(message.index, commit=False):
+            self.rlhf.refit_reward_model()
+        elif kind == "undo_verdict" and self.rlhf.undo_verdict(message, commit=False):
             self.rlhf.refit_reward_model()
 
     # --- what the run tells (NullObserver) ----------------------------------------------------

@@ -77,14 +77,24 @@ def set_train_mode(model, batch_size):
     model.train(batch_size >= 2)
 
 
-def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, generator, ranks=None):
-    """`steps` cross-entropy steps on the reward model; x, answers: every answered image to draw from.
+def reward_model_loss(logits, classes, rejected):
+    """Per-row loss of the reward model, read as P(yes | image, class) = its softmax of that class: a label
+    or a yes is -log p(class) (cross-entropy), a no is -log(1 - p(class)) (the Bernoulli likelihood)."""
+    logp = F.log_softmax(logits, dim=-1).gather(1, classes[:, None]).squeeze(1)
+    no = -torch.log1p(-logp.exp().clamp(max=1.0 - 1e-6))
+    return torch.where(rejected, no, -logp)
+
+
+def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, generator, ranks=None, rejected=None):
+    """`steps` steps on the reward model; x, answers: every answered image to draw from (rejected: (N,) bool,
+    rows whose class the person said no to).
 
     The first minibatch always starts with the first rows (the caller puts the newest answers there).
     With `ranks`, each process computes its block of every minibatch. Returns the mean loss.
     """
     ranks = ranks or Ranks()
     n = x.shape[0]
+    rejected = torch.zeros(n, dtype=torch.bool) if rejected is None else rejected
     losses = []
     for step in range(steps):
         if step == 0:
@@ -94,7 +104,8 @@ def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, 
         set_train_mode(reward_model, idx.numel())
         start, stop = ranks.block(idx.numel())
         rows = idx[start:stop].to(x.device)
-        loss = F.cross_entropy(reward_model(x[rows]), answers[rows], reduction="sum") / (idx.numel() / ranks.world)
+        per_row = reward_model_loss(reward_model(x[rows]), answers[rows], rejected[rows.cpu()].to(x.device))
+        loss = per_row.sum() / (idx.numel() / ranks.world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -169,10 +180,12 @@ class Learner:
         against chance (see `reliability`)."""
         return reliability(self.rm_record[-self.rm_cfg.rm_window:], self.num_classes, self.rm_cfg.rm_min_answers)
 
-    def fit_reward_model(self, x, answers):
-        """rm_steps reward-model steps on inputs x with answers (the first rows first); returns the loss."""
+    def fit_reward_model(self, x, answers, rejected=None):
+        """rm_steps reward-model steps on inputs x with answers (the first rows first; rejected: rows the
+        person said no to); returns the loss."""
         return reward_model_update(self.rm_ddp, self.rm_opt, x.to(self.device), answers.to(self.device),
-                                   self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator, self.ranks)
+                                   self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator, self.ranks,
+                                   rejected)
 
     def score_reward_model(self, x_new, answers_new, fresh):
         """Record whether the reward model predicts the fresh new answers (before it is fitted on them);
@@ -185,25 +198,46 @@ class Learner:
         self.rm_record = (self.rm_record + [(int(h), int(a)) for h, a in zip(hits, answers)])[-self.rm_cfg.rm_window:]
         return sum(hits) / len(hits)
 
-    def update(self, x_new, answers_new, x_replay=None, answers_replay=None, x_unanswered=None, fresh=None):
+    def score_verdicts(self, x, proposed, verdicts):
+        """Record whether the reward model predicts fresh verdicts (yes when its P(yes) = p(proposed) is at
+        least 1/2) before it is fitted on them; returns their accuracy, or None for none. A verdict's
+        'answer' for the chance rate is K + verdict, apart from the classes."""
+        if not x.shape[0]:
+            return None
+        p = (self.predicted_rewards(x).gather(1, proposed[:, None]).squeeze(1) + 1.0) / 2.0
+        hits = ((p >= 0.5) == verdicts.bool()).tolist()
+        codes = (self.num_classes + verdicts.long()).tolist()
+        self.rm_record = (self.rm_record + [(int(h), int(c)) for h, c in zip(hits, codes)])[-self.rm_cfg.rm_window:]
+        return sum(hits) / len(hits)
+
+    def update(self, x_new, answers_new, x_replay=None, answers_replay=None, x_unanswered=None, fresh=None,
+               no=None):
         """Fit the reward model on the newest answers (plus replay), then one PPO step on the answered
         images with the person's rewards and on x_unanswered (if given) with the reward model's, scaled
         by its reliability (an unreliable reward model would teach the policy its own bias).
 
         fresh: (N,) bool, which of x_new the reward model has never been fitted on (default: all); only
-        those measure its accuracy. Returns a dict of metrics.
+        those measure its accuracy. no: None, or the verdicts "no" to learn from, (x, proposed classes,
+        behaviour probabilities, replayed x, replayed classes): the reward model fits them as rejections and
+        PPO learns each on its logged class alone (see ppo.verdict_rows). Returns a dict of metrics.
         """
         stats, k = {}, self.num_classes
+        x_no, a_no, mu_no, x_no_replay, a_no_replay = no if no is not None else (x_new[:0], answers_new[:0], None,
+                                                                                 x_new[:0], answers_new[:0])
         if x_new.shape[0]:
             fresh = torch.ones(len(answers_new), dtype=torch.bool) if fresh is None else fresh
             acc = self.score_reward_model(x_new, answers_new, fresh)
             if acc is not None:
                 stats["rm_acc"] = acc
-            x_all, a_all = x_new, answers_new
-            if x_replay is not None and x_replay.shape[0]:
-                x_all, a_all = torch.cat([x_new, x_replay]), torch.cat([answers_new, answers_replay])
-            stats["rm_loss"] = self.fit_reward_model(x_all, a_all)
             stats["agreement"] = (self.policy_probs(x_new).argmax(1) == answers_new).float().mean().item()
+        if x_new.shape[0] or x_no.shape[0]:
+            parts = [(x_new, answers_new, False), (x_no, a_no, True)]
+            if x_replay is not None:
+                parts.append((x_replay, answers_replay, False))
+            parts.append((x_no_replay, a_no_replay, True))
+            stats["rm_loss"] = self.fit_reward_model(
+                torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                torch.cat([torch.full((len(p[1]),), p[2], dtype=torch.bool) for p in parts]))
         xs, rewards = [x_new], [one_hot_rewards(answers_new, k)]
         weight = self.rm_reliability()
         stats["rm_weight"] = weight
@@ -212,15 +246,30 @@ class Learner:
             xs.append(x_unanswered)
             rewards.append(weight * self.predicted_rewards(x_unanswered))
         stats["rm_images"] = int(x_unanswered.shape[0]) if use_rm else 0
+        bandit = None
+        if x_no.shape[0]:  # each "no" on its logged class: reward -1 there, the reward model's baseline
+            xs.append(x_no)
+            rewards.append(-torch.ones(len(a_no), k))
+            n_before = sum(len(r) for r in rewards[:-1])
+            rows = torch.arange(n_before + len(a_no)) >= n_before
+            logged = torch.cat([torch.zeros(n_before, dtype=torch.long), a_no])
+            behaviour = torch.cat([torch.ones(n_before), mu_no.float()])
+            rm_rewards = torch.cat([torch.zeros(n_before, k), self.predicted_rewards(x_no)])
+            bandit = (rows, logged, behaviour, rm_rewards)
+            stats["verdict_no_images"] = int(len(a_no))
         x, r = torch.cat(xs), torch.cat(rewards)
         if x.shape[0]:
-            stats.update(self.ppo_step(x, r))
+            stats.update(self.ppo_step(x, r, bandit))
         return stats
 
-    def ppo_step(self, x, rewards):
-        """One PPO update of the policy on inputs x with reward vectors (N, K); returns statistics."""
+    def ppo_step(self, x, rewards, bandit=None):
+        """One PPO update of the policy on inputs x with reward vectors (N, K) (bandit: rows learnt from a
+        verdict, see ppo.verdict_rows); returns statistics."""
+        if bandit is not None:
+            bandit = tuple(t.to(self.device) for t in bandit)
         stats = ppo_update(self.policy_ddp, self.policy_opt, x.to(self.device), rewards.to(self.device),
-                           self.ppo_cfg, reference=self.reference_net, generator=self.generator, ranks=self.ranks)
+                           self.ppo_cfg, reference=self.reference_net, generator=self.generator, ranks=self.ranks,
+                           bandit=bandit)
         self.version += 1
         return stats
 

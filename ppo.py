@@ -28,6 +28,7 @@ class PPOConfig:
     target_kl: Optional[float] = field(default=None, metadata={"help": "stop the passes early once KL(old || new) exceeds this (None: never)", "lo": 0.0})
     norm_adv: bool = field(default=False, metadata={"help": "scale advantages to unit size within a minibatch of more than one image (off: rewards are already in [-1, 1], and scaling blows up the reward model's faint preferences)"})
     surrogate: str = field(default="expected", metadata={"help": "'expected': surrogate over every class weighted by the old policy; 'sampled': sampled class only", "choices": ("expected", "sampled")})
+    is_truncation: float = field(default=2.0, metadata={"help": "verdicts: the importance weight (old policy / proposing snapshot's probability of the proposed class) is cut at this", "lo": 0.0})
 
 
 def advantages(rewards, old_probs):
@@ -42,12 +43,14 @@ def normalize_advantages(adv, weights):
     return adv / (rms + 1e-8)
 
 
-def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None, denominator=None):
+def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None, denominator=None, bandit=None):
     """Clipped-surrogate PPO loss for one minibatch and the statistics CleanRL logs.
 
     new_logits, old_logprobs, rewards: (N, K); actions: (N,) sampled classes (used when surrogate is
     'sampled'); ref_logprobs: (N, K) or None. Per-image terms are summed and divided by `denominator`
     (default N: the mean; a process holding part of a minibatch passes minibatch size / processes).
+    bandit: None, or (rows, is_weight, baseline) for rows where only the logged action's reward is known
+    (a verdict): (N,) bool, (N,) importance weights, (N,) baselines; `actions` holds the logged classes there.
     Returns (loss, dict of floats).
     """
     denom = float(new_logits.shape[0] if denominator is None else denominator)
@@ -60,6 +63,11 @@ def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None,
         weights = F.one_hot(actions, rewards.shape[-1]).to(adv.dtype)
     else:
         raise ValueError(f"surrogate must be 'expected' or 'sampled', not {cfg.surrogate!r}")
+    if bandit is not None:
+        rows, is_weight, baseline = bandit
+        logged = F.one_hot(actions, rewards.shape[-1]).to(adv.dtype)
+        weights = torch.where(rows[:, None], is_weight[:, None] * logged, weights)
+        adv = torch.where(rows[:, None], rewards - baseline[:, None], adv)
     if cfg.norm_adv and adv.shape[0] > 1:
         adv = normalize_advantages(adv, weights)
     log_ratio = new_logprobs - old_logprobs
@@ -84,7 +92,33 @@ def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None,
     return loss, stats
 
 
-def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=None, ranks=None):
+def verdict_rows(bandit, old_logprobs, cfg):
+    """(rows, importance weights, baselines) for ppo_loss from bandit = (rows (N,) bool, logged classes (N,),
+    behaviour probabilities (N,), reward model's rewards (N, K)): the weight is old policy / proposing
+    snapshot's probability of the logged class, cut at cfg.is_truncation (the snapshot that proposed is older
+    than the policy now updated); the baseline is the reward model's expected reward under the old policy."""
+    rows, logged, behaviour, rm_rewards = bandit
+    old_probs = old_logprobs.exp()
+    is_weight = (old_probs.gather(1, logged[:, None]).squeeze(1) / behaviour.clamp_min(1e-8)).clamp(max=cfg.is_truncation)
+    baseline = (old_probs * rm_rewards).sum(dim=-1)
+    return rows, torch.where(rows, is_weight, torch.zeros_like(is_weight)), baseline
+
+
+@torch.no_grad()
+def score_minibatches(net, x, parts, mine, rewards, ranks):
+    """Log-probabilities of net on every row (shaped like rewards), each minibatch scored together in the
+    mode it trains in (None for no net); each process scores its block, and the sum over processes is the
+    whole batch."""
+    if net is None:
+        return None
+    out = torch.zeros_like(rewards)
+    for mb, rows in zip(parts, mine):
+        net.train(len(mb) > 1)
+        out[rows] = F.log_softmax(net(x[rows]).to(rewards.dtype), dim=-1)
+    return ranks.all_reduce(out)
+
+
+def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=None, ranks=None, bandit=None):
     """Score the batch with the current policy (the old policy) and the reference, then run
     `update_epochs` passes over shuffled minibatches; returns the mean statistics.
 
@@ -94,6 +128,7 @@ def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=Non
     (its BatchNorm must not track statistics: momentum 0), so KL to it is 0 while the policy equals it.
     A minibatch of one image runs in eval mode (one image has no batch statistics). With `ranks`, every
     process passes the same x, rewards and generator state and computes only its block of each minibatch.
+    bandit: rows learnt from a verdict, see `verdict_rows`.
     """
     ranks = ranks or Ranks()
     n = x.shape[0]
@@ -103,18 +138,13 @@ def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=Non
     for mb in parts:
         start, stop = ranks.block(len(mb))
         mine.append(mb[start:stop].to(x.device))
-    old_logprobs = torch.zeros_like(rewards)
-    ref_logprobs = None if reference is None else torch.zeros_like(rewards)
-    with torch.no_grad():
-        for mb, rows in zip(parts, mine):
-            for net, out in ((policy, old_logprobs), (reference, ref_logprobs)):
-                if net is not None:
-                    net.train(len(mb) > 1)
-                    out[rows] = F.log_softmax(net(x[rows]).to(rewards.dtype), dim=-1)
-    ranks.all_reduce(old_logprobs)  # each row came from one process: the sum is the whole batch
-    if ref_logprobs is not None:
-        ranks.all_reduce(ref_logprobs)
+    old_logprobs, ref_logprobs = (score_minibatches(net, x, parts, mine, rewards, ranks)
+                                  for net in (policy, reference))
     actions = torch.multinomial(old_logprobs.exp().cpu(), 1, generator=generator).squeeze(1).to(x.device)
+    verdicts = None
+    if bandit is not None:
+        verdicts = verdict_rows(bandit, old_logprobs, cfg)
+        actions = torch.where(bandit[0], bandit[1], actions)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     totals, count, epochs_run = {}, 0, 0
     for _ in range(cfg.update_epochs):
@@ -123,7 +153,8 @@ def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=Non
             policy.train(len(parts[j]) > 1)
             loss, stats = ppo_loss(policy(x[rows]).to(rewards.dtype), old_logprobs[rows], rewards[rows],
                                    actions[rows], cfg, None if ref_logprobs is None else ref_logprobs[rows],
-                                   denominator=len(parts[j]) / ranks.world)
+                                   denominator=len(parts[j]) / ranks.world,
+                                   bandit=None if verdicts is None else tuple(v[rows] for v in verdicts))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

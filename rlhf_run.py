@@ -22,6 +22,7 @@ import os
 import random
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +51,19 @@ def epoch_order(n, seed, epoch, order):
     if order != "sequential":
         random.Random(f"{seed}:order:{epoch}").shuffle(positions)
     return positions
+
+
+@dataclass
+class Verdict:
+    """One yes (1) or no (0) of the person to the class `proposed` for image `index`, which the proposing
+    rule gave probability `behaviour` (row: its id in the store, None on processes that hold none)."""
+    row: object
+    index: int
+    proposed: int
+    behaviour: float
+    verdict: int
+    version: int
+    key: int = -1  # position in RLHFRun.verdicts
 
 
 class NullObserver:
@@ -82,12 +96,25 @@ class RLHFRun:
             key = f"{learner.finetune}-{dataset.image_size}-{weights_digest(learner.encoder)}"
             self.cache = FeatureCache(run_dir, learner.encode, key)
         # every process reads the cache before rank 0 can write it: the broadcast waits for all of them
-        by_hash = self.ranks.broadcast(store.answers() if store is not None else None)
+        by_hash, stored_verdicts = self.ranks.broadcast(
+            (store.answers(), store.verdicts()) if store is not None else None)
         self.answer_of = {i: by_hash[h] for i, h in enumerate(dataset.hashes) if h in by_hash}
-        # answers the reward model has been fitted on: only the others measure its reliability, and only
-        # these are replayed (answers already in the store came with the checkpoint that learnt them)
-        self.rm_fitted = {i for i, a in self.answer_of.items() if a is not SKIP}
+        self.index_of = {h: i for i, h in enumerate(dataset.hashes)}
+        self.verdicts = []             # Verdict records, in the order given (None where undone)
+        self.rejected = {}             # pool position -> classes the person said no to
+        self.no_keys = {}              # pool position -> keys of its verdicts "no"
+        self.yes_from = {}             # pool position -> key of the verdict "yes" that labelled it
+        self.implied = set()           # labelled because every other class was rejected
+        self.no_count = 0
         self.shown_of = {}             # pool position -> class shown with the answer given in this process
+        for row in stored_verdicts:
+            if row["sha1"] in self.index_of:
+                self._add_verdict(Verdict(row["id"], self.index_of[row["sha1"]], row["proposed"],
+                                          row["behaviour_prob"], row["verdict"], row["policy_version"]))
+        # answers and verdicts the reward model has been fitted on: only the others measure its reliability,
+        # and only these are replayed (those already in the store came with the checkpoint that learnt them)
+        self.rm_fitted = {i for i, a in self.answer_of.items() if a is not SKIP}
+        self.no_fitted = {v.key for v in self.verdicts if v is not None and not v.verdict}
         self.begin_epoch()
 
     def inputs(self, indices):
@@ -114,14 +141,21 @@ class RLHFRun:
             self.outstanding = set()   # handed out to be asked, no answer yet
             self.ask_rng = random.Random(f"{self.cfg.seed}:ask:{self.epoch}")
             self.rank_rng = random.Random(f"{self.cfg.seed}:rank:{self.epoch}")
+            self.propose_rng = random.Random(f"{self.cfg.seed}:propose:{self.epoch}")
         self.visited = set()           # pool positions queued for training in this epoch
         self.pending = []              # answered, waiting for the next update
+        self.pending_no = []           # keys of verdicts "no" waiting for the next update
+        self.no_queued = set()         # keys of verdicts "no" queued in this epoch
         self.unanswered = []           # skipped or never asked, for reward-model updates
         self.epoch_rewards = {}        # +1/-1 of the shown guess of each answer given this epoch
 
+    def answers_given(self):
+        """What --max-answers counts: labels, skips and verdicts (a class implied by no's adds nothing)."""
+        return len(self.answer_of) - len(self.implied) + self.no_count
+
     def can_ask(self):
         limit = self.cfg.max_answers
-        return bool(self.unasked) and (limit is None or len(self.answer_of) + len(self.outstanding) < limit)
+        return bool(self.unasked) and (limit is None or self.answers_given() + len(self.outstanding) < limit)
 
     def next_question(self):
         """Hand out the image to ask next, or None when this epoch asks no more."""
@@ -132,11 +166,22 @@ class RLHFRun:
                 index = self.ask_rng.choice(self.unasked)  # --explore: a share of the ranked ones at random
             else:
                 index = self._next_ranked()
+            self._take(index)
+            self.outstanding.add(index)
+            return index
+
+    def _take(self, index):
+        # Out of the unasked images in O(1): the last one takes its place.
+        if index in self.slot:
             k, last = self.slot.pop(index), self.unasked.pop()
             if last != index:
                 self.unasked[k], self.slot[last] = last, k
-            self.outstanding.add(index)
-            return index
+
+    def _put_back(self, index):
+        # Askable again (a "no" leaves other classes to propose); reached by the next ranking or the fallback.
+        if index not in self.slot:
+            self.slot[index] = len(self.unasked)
+            self.unasked.append(index)
 
     def _next_ranked(self):
         # The newest ranking first; a used-up or missing one falls back to the epoch's order.
@@ -147,7 +192,7 @@ class RLHFRun:
             setattr(self, head_name, head)
             if head < len(queue):
                 return queue[head]
-        raise AssertionError("can_ask() promised an unasked image")
+        return self.unasked[0]  # only images put back after a "no" are left
 
     def next_questions(self, n):
         """Up to n questions at once (the headless loop asks a round together)."""
@@ -165,7 +210,7 @@ class RLHFRun:
         """Questions this epoch may still hand out."""
         with self.lock:
             limit = self.cfg.max_answers
-            room = len(self.unasked) if limit is None else limit - len(self.answer_of) - len(self.outstanding)
+            room = len(self.unasked) if limit is None else limit - self.answers_given() - len(self.outstanding)
             return max(0, min(len(self.unasked), room))
 
     def refresh_ranking(self):
@@ -217,10 +262,7 @@ class RLHFRun:
             self.store.add(**row)
         with self.lock:
             self.outstanding.discard(index)
-            if index in self.slot:  # answered without being handed out (a caller that picks its own)
-                k, last = self.slot.pop(index), self.unasked.pop()
-                if last != index:
-                    self.unasked[k], self.slot[last] = last, k
+            self._take(index)  # answered without being handed out (a caller that picks its own)
             self.answer_of[index] = answer
         self.asked_this_run += 1
         if answer is not SKIP:
@@ -229,11 +271,19 @@ class RLHFRun:
         self.visit(index)
 
     def visit(self, index):
-        """Queue an image for training in this epoch: with its answer, or through the reward model."""
+        """Queue an image for training in this epoch: with its answer, or through the reward model (and
+        each "no" it had, on its logged class)."""
         if index in self.visited:
             return
         self.visited.add(index)
-        (self.unanswered if self.answer_of.get(index, SKIP) is SKIP else self.pending).append(index)
+        if self.answer_of.get(index, SKIP) is not SKIP:
+            self.pending.append(index)
+            return
+        self.unanswered.append(index)
+        for key in self.no_keys.get(index, ()):
+            if key not in self.no_queued:
+                self.no_queued.add(key)
+                self.pending_no.append(key)
 
     def undo(self, index, commit=True):
         """Take back the answer about image `index`: it leaves the store, the queues and the epoch's
@@ -265,35 +315,165 @@ class RLHFRun:
         self.learner.fit_reward_model(self.inputs(pick), torch.tensor([self.answer_of[i] for i in pick]))
         self.observer.update_done(None)
 
+    # --- verdicts (--ask verdict) ---------------------------------------------------------------
+    def allowed_classes(self, index):
+        """The classes still to propose for an image: a class the person rejected is never proposed again."""
+        return [c for c in range(self.ds.num_classes) if c not in self.rejected.get(index, ())]
+
+    def propose(self, index, probs):
+        """(class to propose for image `index`, the probability the --propose rule gave it), from the
+        policy's probs: 'sample' draws from the policy, 'greedy' takes its likeliest class; both among the
+        classes not rejected, mixed with --propose-explore of a uniform draw. The probability is logged with
+        the verdict, so PPO can correct for the rule."""
+        allowed = self.allowed_classes(index)
+        p = torch.as_tensor(probs, dtype=torch.float64)[allowed]
+        eps, n = self.cfg.propose_explore, len(allowed)
+        if self.cfg.propose == "greedy":
+            rule = torch.full((n,), eps / n, dtype=torch.float64)
+            rule[int(p.argmax())] += 1.0 - eps
+        else:
+            rule = (1.0 - eps) * p / p.sum().clamp_min(1e-12) + eps / n
+        with self.lock:
+            k = self.propose_rng.choices(range(n), weights=rule.tolist())[0]
+        return allowed[k], float(rule[k] / rule.sum())
+
+    def _add_verdict(self, v):
+        v.key = len(self.verdicts)
+        self.verdicts.append(v)
+        if v.verdict:
+            self.answer_of[v.index], self.yes_from[v.index] = v.proposed, v.key
+            return
+        self.no_count += 1
+        self.no_keys.setdefault(v.index, []).append(v.key)
+        self.rejected.setdefault(v.index, set()).add(v.proposed)
+        left = self.allowed_classes(v.index)
+        if len(left) == 1 and v.index not in self.answer_of:  # every other class rejected: a label
+            self.answer_of[v.index] = left[0]
+            self.implied.add(v.index)
+
+    def record_verdict(self, index, proposed, behaviour, verdict, policy_version, commit=True, row=None):
+        """The person's yes (1) or no (0) to `proposed` for image `index`; a yes is a full label, a no
+        leaves the other classes to propose later. commit=False when the caller committed it (row: its id).
+        Returns the verdict's key."""
+        if commit and self.store is not None:
+            row = self.store.add_verdict(self.ds.hashes[index], self.ds.paths[index], proposed, behaviour,
+                                         verdict, self.cfg.propose, policy_version, self.epoch)
+        v = Verdict(row, index, int(proposed), float(behaviour), int(verdict), policy_version)
+        with self.lock:
+            self.outstanding.discard(index)
+            self._take(index)
+            self._add_verdict(v)
+            if index not in self.answer_of and len(self.allowed_classes(index)) > 1:
+                self._put_back(index)
+        self.asked_this_run += 1
+        self.epoch_rewards[("verdict", v.key)] = 1.0 if verdict else -1.0
+        if index in self.answer_of:
+            self.visit(index)   # a yes, or the last class left after the no's: a label
+        else:
+            self.no_queued.add(v.key)
+            self.pending_no.append(v.key)
+        return v.key
+
+    def undo_verdict(self, row, commit=True):
+        """Take back the verdict with store id `row`: it is handed out again. True when the reward model had
+        been fitted on it (then call refit_reward_model)."""
+        v = next(v for v in self.verdicts if v is not None and v.row == row)
+        if commit and self.store is not None:
+            self.store.remove_verdict(row)
+        with self.lock:
+            self.verdicts[v.key] = None
+            if v.verdict:
+                self.answer_of.pop(v.index, None), self.yes_from.pop(v.index, None)
+            else:
+                self.no_count -= 1
+                self.no_keys[v.index].remove(v.key)
+                self.rejected[v.index].discard(v.proposed)
+                if v.index in self.implied:
+                    self.implied.discard(v.index), self.answer_of.pop(v.index, None)
+            self._take(v.index)
+            self.outstanding.add(v.index)
+        self.asked_this_run -= 1
+        self.epoch_rewards.pop(("verdict", v.key), None)
+        for queued, item in ((self.pending_no, v.key), (self.pending, v.index)):
+            if item in queued and (queued is self.pending_no or v.index not in self.answer_of):
+                queued.remove(item)
+        if v.index not in self.answer_of:
+            self.visited.discard(v.index)
+        fitted = v.key in self.no_fitted or bool(v.verdict and v.index in self.rm_fitted)
+        self.no_fitted.discard(v.key)
+        if v.verdict:
+            self.rm_fitted.discard(v.index)
+        return fitted and not self.cfg.no_reward_model
+
     # --- updates ------------------------------------------------------------------------------
     def update_due(self):
-        return len(self.pending) >= self.cfg.batch_size
+        return len(self.pending) + len(self.pending_no) >= self.cfg.batch_size
 
     def update(self, rm_only=False):
-        """One update on the pending answers plus some unanswered images; writes metrics and checkpoint."""
+        """One update on the pending answers and verdicts plus some unanswered images; writes metrics and
+        checkpoint."""
         self.observer.update_started(self.learner.version + 1)
-        t0 = time.perf_counter()
-        new = [] if rm_only else self.pending[:self.cfg.batch_size]
-        self.pending = self.pending[len(new):]
-        n_unans = self.cfg.batch_size if rm_only else self.cfg.rm_per_update
+        t0, bs = time.perf_counter(), self.cfg.batch_size
+        new = [] if rm_only else self.pending[:bs]
+        nos = [] if rm_only else self.pending_no[:bs - len(new)]
+        self.pending, self.pending_no = self.pending[len(new):], self.pending_no[len(nos):]
+        n_unans = bs if rm_only else self.cfg.rm_per_update
         take, self.unanswered = self.unanswered[:n_unans], self.unanswered[n_unans:]
-        new_set = set(new)
-        fitted = sorted(i for i in self.rm_fitted if i not in new_set and self.answer_of.get(i, SKIP) is not SKIP)
-        replay = self.rng.sample(fitted, min(len(fitted), max(0, self.learner.rm_cfg.rm_batch_size - len(new))))
-        fresh = [i not in self.rm_fitted for i in new]
-        stats = self.learner.update(
-            self.inputs(new), torch.tensor([self.answer_of[i] for i in new], dtype=torch.long),
-            self.inputs(replay), torch.tensor([self.answer_of[i] for i in replay], dtype=torch.long),
-            self.inputs(take) if (take and self.reward_model_ready()) else None,
-            fresh=torch.tensor(fresh, dtype=torch.bool))
-        self.rm_fitted.update(new)
+        replay, no_replay = self.replay(new, nos)
+        # labels the reward model meets for the first time measure it; labels from a yes count as verdicts
+        fresh = [i not in self.rm_fitted and i not in self.yes_from and i not in self.implied for i in new]
         shown = [1.0 if self.shown_of[i] == self.answer_of[i] else -1.0
                  for i, f in zip(new, fresh) if f and i in self.shown_of]
+        fresh_verdicts = ([self.yes_from[i] for i in new if i in self.yes_from and i not in self.rm_fitted]
+                          + [k for k in nos if k not in self.no_fitted])
+        shown += [1.0 if self.verdicts[k].verdict else -1.0 for k in fresh_verdicts]
+        stats = {}
+        if fresh_verdicts:
+            vs = [self.verdicts[k] for k in fresh_verdicts]
+            stats["rm_verdict_acc"] = self.learner.score_verdicts(
+                self.inputs([v.index for v in vs]), torch.tensor([v.proposed for v in vs]),
+                torch.tensor([v.verdict for v in vs]))
+        stats.update(self.learner.update(
+            self.inputs(new), self.labels(new), self.inputs(replay), self.labels(replay),
+            self.inputs(take) if (take and self.reward_model_ready()) else None,
+            fresh=torch.tensor(fresh, dtype=torch.bool), no=self.no_batch(nos, no_replay)))
+        self.rm_fitted.update(new)
+        self.no_fitted.update(nos)
+        return self.after_update(stats, len(new), len(nos), shown, t0)
+
+    def labels(self, indices):
+        return torch.tensor([self.answer_of[i] for i in indices], dtype=torch.long)
+
+    def replay(self, new, nos):
+        """Answers and verdicts "no" the reward model was fitted on, drawn to fill its batch beside the new."""
+        new_set, no_set = set(new), set(nos)
+        pool = [("label", i) for i in sorted(self.rm_fitted)
+                if i not in new_set and self.answer_of.get(i, SKIP) is not SKIP]
+        pool += [("no", k) for k in sorted(self.no_fitted) if k not in no_set and self.verdicts[k] is not None]
+        room = max(0, self.learner.rm_cfg.rm_batch_size - len(new) - len(nos))
+        pick = self.rng.sample(pool, min(len(pool), room))
+        return [i for kind, i in pick if kind == "label"], [k for kind, k in pick if kind == "no"]
+
+    def no_batch(self, nos, no_replay):
+        """The learner's `no` argument: verdicts "no" to learn from and to replay, or None."""
+        if not nos and not no_replay:
+            return None
+        new, old = [self.verdicts[k] for k in nos], [self.verdicts[k] for k in no_replay]
+        return (self.inputs([v.index for v in new]), torch.tensor([v.proposed for v in new], dtype=torch.long),
+                torch.tensor([v.behaviour for v in new], dtype=torch.float64),
+                self.inputs([v.index for v in old]), torch.tensor([v.proposed for v in old], dtype=torch.long))
+
+    def after_update(self, stats, n_labels, n_no, shown, t0):
+        """Metrics (printed and in metrics.jsonl), validation, checkpoint and a new ranking."""
         metrics = {"update": self.learner.version, "epoch": self.epoch + 1, "answers": self.answered_count(),
                    "asked": len(self.answer_of), "asked_this_run": self.asked_this_run,
-                   "human_images": len(new), **stats, "update_s": time.perf_counter() - t0}
+                   "human_images": n_labels, **stats, "update_s": time.perf_counter() - t0}
+        if self.cfg.ask == "verdict" or self.no_count:
+            live = [v for v in self.verdicts if v is not None]
+            metrics.update(verdicts=len(live), verdict_no_updated=n_no,
+                           yes_share=sum(v.verdict for v in live) / len(live) if live else 0.0)
         if shown:
-            metrics["mean_reward"] = sum(shown) / len(shown)  # of the guesses the person was shown
+            metrics["mean_reward"] = sum(shown) / len(shown)  # of what the person was shown
         if self.val is not None and self.cfg.val_every and self.learner.version % self.cfg.val_every == 0:
             metrics["val_acc"] = self.validate()
         self.write_metrics(metrics)
@@ -312,10 +492,10 @@ class RLHFRun:
             self.visit(index)
             if self.update_due():
                 self.update()
-        while self.pending or (self.unanswered and self.reward_model_ready()):
+        while self.pending or self.pending_no or (self.unanswered and self.reward_model_ready()):
             if stop():
                 return False
-            self.update(rm_only=not self.pending)
+            self.update(rm_only=not (self.pending or self.pending_no))
         total = sum(self.epoch_rewards.values())
         self.episodes.append({"epoch": self.epoch + 1, "total_samples": len(self.epoch_rewards),
                               "mean_reward": total / len(self.epoch_rewards) if self.epoch_rewards else 0.0})
@@ -439,15 +619,28 @@ def run_headless(run, labeler, stop=lambda: False):
     asks the labeler about its block of them and the answers are shared. False when stopped early."""
     while run.epoch < run.cfg.epochs:
         run.refresh_ranking()
-        while not stop() and (asks := run.next_questions(max(1, run.cfg.batch_size - len(run.pending)))):
-            probs = run.guess(asks)
-            start, end = run.ranks.block(len(asks))
-            mine = [labeler.answer(asks[j]) for j in range(start, end)]
-            answers = [a for block in run.ranks.gather(mine) for a in block]
-            for index, answer, p in zip(asks, answers, probs):
-                run.record(index, answer, p, run.learner.version)  # committed by the process holding the store
+        while not stop() and (asks := run.next_questions(max(1, run.cfg.batch_size - len(run.pending)
+                                                            - len(run.pending_no)))):
+            answer_round(run, labeler, asks)
             while run.update_due() and not stop():
                 run.update()
         if not run.finish_epoch(stop):
             return False
     return True
+
+
+def answer_round(run, labeler, asks):
+    """The simulated person's answers (or verdicts on proposals) about the round's questions, recorded."""
+    probs = run.guess(asks)
+    proposals = [run.propose(i, p) for i, p in zip(asks, probs)] if run.cfg.ask == "verdict" else None
+    start, end = run.ranks.block(len(asks))
+    if proposals is None:
+        mine = [labeler.answer(asks[j]) for j in range(start, end)]
+    else:
+        mine = [labeler.verdict(asks[j], proposals[j][0]) for j in range(start, end)]
+    answers = [a for block in run.ranks.gather(mine) for a in block]
+    for j, (index, answer, p) in enumerate(zip(asks, answers, probs)):
+        if proposals is None or answer is None:  # an answer, or a skip of either kind
+            run.record(index, answer, p, run.learner.version)  # committed by the process holding the store
+        else:
+            run.record_verdict(index, *proposals[j], answer, run.learner.version)

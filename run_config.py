@@ -48,6 +48,13 @@ class RunConfig:
     resume: bool = setting(False, "continue the run in --out (or runs/latest)", flag=True)
     feedback: str = setting("gui", "who answers: the labeling window, or a simulated labeler using the class "
                             "folders", choices=("gui", "folder"))
+    ask: str = setting("label", "what the person gives: the true class (label), or yes/no to the class the model "
+                       "proposes (verdict)", choices=("label", "verdict"))
+    propose: str = setting("sample", "--ask verdict: which class to propose: a draw from the policy (sample) or "
+                           "its likeliest (greedy), never a class already rejected for the image",
+                           choices=("sample", "greedy"))
+    propose_explore: float = setting(0.1, "--ask verdict: share of proposals drawn uniformly from the classes "
+                                     "not rejected", lo=0.0, hi=1.0)
     feedback_noise: float = setting(0.0, "simulated labeler: P(wrong answer)", lo=0.0, hi=1.0, open_hi=True)
     feedback_skip: float = setting(0.0, "simulated labeler: P(skip)", lo=0.0, hi=1.0, open_hi=True)
     epochs: int = setting(3, "passes over the image pool (total, across resumes)", lo=1)
@@ -118,6 +125,9 @@ class RunConfig:
         flat = self.to_flat()
         for _, f, hint in self.sections():
             check_value(f, hint, flat[f.name], source)
+        if self.blind and self.ask == "verdict":
+            raise ConfigError("--blind has no meaning with --ask verdict: the window shows the class it proposes "
+                              "(drop --blind, or use --ask label)")
         if self.ppo.num_minibatches > self.batch_size + self.rm_per_update:
             raise ConfigError(f"--num-minibatches {self.ppo.num_minibatches} is more than the "
                               f"{self.batch_size + self.rm_per_update} images of one update (--batch-size + "

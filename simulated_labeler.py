@@ -2,6 +2,7 @@
 
     labeler = FolderLabeler(dataset, noise=0.1, skip=0.05, seed=1)
     labeler.answer(index)      # the folder's class, another class with P(noise), None (skip) with P(skip)
+    labeler.verdict(index, c)  # 1 when c is the folder's class, else 0; flipped with P(noise); None: skip
 """
 import random
 
@@ -30,3 +31,12 @@ class FolderLabeler:
         if rng.random() < self.noise:
             return rng.choice([c for c in range(self.k) if c != self.labels[index]])
         return self.labels[index]
+
+    def verdict(self, index, proposed):
+        """Yes (1) when `proposed` is the image's class, else no (0); flipped with P(noise); None (skip)
+        with P(skip)."""
+        rng = random.Random(f"{self.seed}:{index}:{proposed}")
+        if rng.random() < self.skip:
+            return None
+        truth = int(proposed == self.labels[index])
+        return 1 - truth if rng.random() < self.noise else truth

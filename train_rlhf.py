@@ -146,6 +146,12 @@ def start(cfg, run_dir, ranks, device):
     return gui, root, open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks)
 
 
+def stored(store):
+    """What the store holds, in words: answers, skips and verdicts."""
+    (answered, skipped), (yes, no) = store.counts(), store.verdict_counts()
+    return f"{answered} answers, {skipped} skips" + (f", {yes} yes and {no} no verdicts" if yes + no else "")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = RunConfig.from_args(argv)
@@ -165,10 +171,9 @@ def main(argv=None):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     if ranks.is_main:
-        answered, skipped = run.store.counts()
         where = f"device {device}" + (f", {ranks.world} processes" if ranks.active else "")
-        print(f"run {run_dir}: {len(run.ds)} images, classes {run.ds.class_names}, weights {run.weights_origin}, {where}, "
-              f"{answered} answers and {skipped} skips stored, epoch {run.epoch + 1}/{cfg.epochs}")
+        print(f"run {run_dir}: {len(run.ds)} images, classes {run.ds.class_names}, weights {run.weights_origin}, "
+              f"{where}, {stored(run.store)} stored, epoch {run.epoch + 1}/{cfg.epochs}")
     if gui:
         code = gui.run_session(root, run)
     else:
@@ -179,8 +184,7 @@ def main(argv=None):
         return 1
     run.save()
     if ranks.is_main:
-        answered, skipped = run.store.counts()
-        print(f"done: {answered} answers, {skipped} skips, {run.learner.version} updates; checkpoint "
+        print(f"done: {stored(run.store)}, {run.learner.version} updates; checkpoint "
               f"{os.path.join(run_dir, CHECKPOINT_NAME)}")
         run.store.close()
     ranks.close()

@@ -166,7 +166,7 @@ def summarize(results, budgets, labels):
     return "\n".join(lines)
 
 
-def plot(results, budgets, x_values, path, title):
+def plot(results, budgets, x_values, path, title, xlabel="answers (distinct images)"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,7 +179,7 @@ def plot(results, budgets, x_values, path, title):
                     yerr=[statistics.stdev(a) if len(a) > 1 else 0 for _, a in done],
                     marker="o", capsize=3, label=name)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("answers (distinct images)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation accuracy")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

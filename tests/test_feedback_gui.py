@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -172,6 +173,41 @@ def test_keys_answer_skip_undo_and_quit_and_the_store_holds_exactly_the_answers(
     assert picture.size[0] >= 480 and ImageStat.Stat(picture).stddev[0] > 10, "blank screenshot"
 
 
+def verdict_rows(run_dir):
+    with sqlite3.connect(os.path.join(run_dir, "feedback.sqlite")) as db:
+        return db.execute("SELECT path, proposed, behaviour_prob, verdict FROM verdicts ORDER BY id").fetchall()
+
+
+def test_verdicts_yes_no_a_correction_skip_undo_and_resume_are_stored_row_by_row(display, tmp_path):
+    out = tmp_path / "run"
+    digits = make_subset(tmp_path / "digits", DIGITS, 5, classes=["1", "4", "7"])
+    s = Session(display, tmp_path, "--images", digits, "--out", out, *TINY, "--ask", "verdict", "--order",
+                "sequential")
+    s.keys("y", "n", "2", "s", "n")
+    s.keys("u")                      # the no to question 4 is taken back: question 4 again ...
+    s.keys("y")                      # ... answered yes
+    shot = s.screenshot("labeling_window_verdict.png")
+    s.keys("q")
+    rc, stdout, stderr = s.finish()
+    assert rc == 0, stderr
+    shown = {e["seq"]: e for e in s.events("shown")}
+    rows = verdict_rows(out)
+    assert [(path, proposed, verdict) for path, proposed, _, verdict in rows] == [
+        (shown[0]["path"], shown[0]["proposed"], 1), (shown[1]["path"], shown[1]["proposed"], 0),
+        (shown[4]["path"], shown[4]["proposed"], 1)]
+    assert all(0 < p <= 1 for _, _, p, _ in rows)  # the logged probability of each proposal
+    assert answers(out) == {shown[2]["path"]: 2, shown[3]["path"]: None}  # the correction and the skip
+    assert ImageStat.Stat(Image.open(shot).convert("L")).stddev[0] > 10, "blank screenshot"
+
+    again = Session(display, tmp_path, "--out", out, "--resume")
+    first = again.events("shown")[0]
+    assert first["path"] == shown[1]["path"] and first["proposed"] != shown[1]["proposed"]  # never re-proposed
+    again.keys("n", "Escape")
+    rc, stdout, stderr = again.finish()
+    assert rc == 0, stderr
+    assert verdict_rows(out)[:3] == rows and verdict_rows(out)[3][0] == shown[1]["path"]
+
+
 def test_closing_the_window_during_an_update_loses_nothing(display, tmp_path, pool):
     out = tmp_path / "run"
     # Bigger images and more PPO passes, so the update is still running when the window closes.
@@ -253,8 +289,8 @@ def test_a_training_crash_reaches_the_window_and_keeps_every_answer(display, tmp
 
 def test_more_classes_than_digit_keys_are_refused_for_the_window(display, tmp_path):
     many = make_subset(tmp_path / "many", DIGITS, 1)
-    for extra in ("a", "b"):  # 12 classes: 0-9, a, b
-        shutil.copytree(os.path.join(many, "0"), os.path.join(many, extra), symlinks=True)
+    for extra in ("a", "b"):  # 12 classes: 0-9, a, b (copies: a second link to one file counts once)
+        shutil.copytree(os.path.join(many, "0"), os.path.join(many, extra))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_rlhf.py"), "--images", many, "--out",
                            str(tmp_path / "run"), *TINY], env={**os.environ, "DISPLAY": display}, cwd=tmp_path,
                           capture_output=True, text=True, timeout=WAIT_S)

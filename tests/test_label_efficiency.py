@@ -144,3 +144,18 @@ def test_benchmark_writes_its_table_and_plot(tmp_path):
         assert f"| {name} |" in table
     assert "| 4 | 12 (all) |" in table
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verdict_benchmark_writes_its_table_and_plot(tmp_path):
+    import verdict_efficiency
+    data = make_subset(tmp_path / "digits", DIGITS, 5, classes=["1", "4", "7"])
+    out = tmp_path / "out"
+    assert verdict_efficiency.main(["--data", data, "--budgets", "6", "--seeds", "0", "--epochs", "1",
+                                    "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    for name in ("rlhf_verdict_sample", "rlhf_verdict_greedy", "complementary", "rlhf_label",
+                 "rlhf_verdict_sample (noise 0.1)", "complementary (noise 0.1)",
+                 "rlhf_verdict_sample: its reward model"):
+        assert f"| {name} |" in table
+    assert "| method | 6 |" in table
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,11 +1,14 @@
 """The reward model learns the person's answers; the policy learns from them through PPO."""
+import math
 import random
+
+import pytest
 
 import torch
 
 from conftest import DIGITS, make_subset
 from dataset import AntBeeDataset
-from learner import Learner, RewardModelConfig, one_hot_rewards, reliability
+from learner import Learner, RewardModelConfig, one_hot_rewards, reliability, reward_model_loss
 from ppo import PPOConfig
 
 
@@ -102,3 +105,19 @@ def test_a_last_minibatch_of_one_image_trains_without_batch_statistics():
     learner = Learner(2, None, "all", PPOConfig(num_minibatches=3), seed=0)  # 5 images: minibatches 2, 2, 1
     stats = learner.ppo_step(torch.randn(5, 3, 16, 16), one_hot_rewards(torch.tensor([0, 1, 0, 1, 1]), 2))
     assert learner.version == 1 and stats["update_epochs_run"] == 4
+
+
+def test_the_reward_model_reads_a_no_as_a_bernoulli_likelihood_on_its_class_probability():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.1, 0.6, 0.3]]))
+    loss = reward_model_loss(logits, torch.tensor([1, 1]), torch.tensor([False, True]))
+    assert loss[0].item() == pytest.approx(-math.log(0.6), rel=1e-5)       # yes / label: -log p
+    assert loss[1].item() == pytest.approx(-math.log(1 - 0.6), rel=1e-5)   # no: -log(1 - p)
+
+
+def test_the_reward_model_measures_itself_on_verdicts_before_fitting_them():
+    learner = Learner(3, None, "head", seed=0)
+    x = torch.randn(6, 512)
+    learner.predicted_rewards = lambda x: torch.tensor([[0.8, -0.6, -0.2]] * x.shape[0])  # P(yes) 0.9, 0.2, 0.4
+    acc = learner.score_verdicts(x, torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 0, 0, 1, 0, 0]))
+    assert acc == pytest.approx(4 / 6)
+    assert learner.rm_record == [(1, 4), (0, 3), (1, 3), (0, 4), (1, 3), (1, 3)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppo import PPOConfig, advantages, ppo_loss, ppo_update
+from ppo import PPOConfig, advantages, ppo_loss, ppo_update, verdict_rows
 
 
 def cfg(**kw):
@@ -117,3 +117,21 @@ def test_toy_bandit_converges_to_the_rewarded_class(surrogate):
     probs = torch.softmax(policy(torch.eye(3)), -1)
     best = probs[torch.arange(3), (torch.arange(3) + 1) % 3]
     assert (best > 0.9).all(), probs
+
+
+def test_a_verdicts_row_learns_its_logged_class_weighted_by_old_over_behaviour_probability():
+    # one image, 3 classes; the person said no to class 2, which a proposing snapshot gave probability 0.5
+    old = torch.log(torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64))
+    new_logits = torch.log(torch.tensor([[0.25, 0.30, 0.45]], dtype=torch.float64)).requires_grad_()
+    rm_rewards = torch.tensor([[0.2, -0.4, -0.6]], dtype=torch.float64)
+    rows, weight, baseline = verdict_rows((torch.tensor([True]), torch.tensor([2]), torch.tensor([0.25]),
+                                           rm_rewards), old, cfg(is_truncation=1.5))
+    # old/behaviour = 0.5/0.25 = 2, cut at 1.5; baseline = 0.2*0.2 + 0.3*(-0.4) + 0.5*(-0.6) = -0.38
+    assert weight.item() == pytest.approx(1.5) and baseline.item() == pytest.approx(-0.38)
+    rewards = torch.tensor([[-1.0, -1.0, -1.0]], dtype=torch.float64)
+    loss, stats = ppo_loss(new_logits, old, rewards, torch.tensor([2]), cfg(clip_coef=0.2, ent_coef=0.0),
+                           bandit=(rows, weight, baseline))
+    ratio, adv = 0.45 / 0.5, -1.0 + 0.38   # inside the clip range; advantage -0.62
+    assert stats["policy_loss"] == pytest.approx(-1.5 * ratio * adv)
+    loss.backward()
+    assert new_logits.grad[0, 2] > 0  # descending the loss lowers the rejected class's logit

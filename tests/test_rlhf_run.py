@@ -1,4 +1,8 @@
-"""The loop's owner, RLHFRun: answers, undo and updates as every driver (headless, window, bench) sees them."""
+"""The loop's owner, RLHFRun: answers, verdicts, undo and updates as every driver (headless, window, bench)
+sees them."""
+import sqlite3
+
+import pytest
 import torch
 
 from conftest import DIGITS, make_subset
@@ -11,10 +15,10 @@ from run_config import RunConfig
 GUESS = torch.tensor([0.7, 0.3])  # the guess shown with every answer: class 0
 
 
-def make_run(tmp_path, **cfg):
-    ds = AntBeeDataset(make_subset(tmp_path / "pool", DIGITS, 12, classes=["3", "8"]), image_size=32)
+def make_run(tmp_path, classes=("3", "8"), **cfg):
+    ds = AntBeeDataset(make_subset(tmp_path / "pool", DIGITS, 12, classes=list(classes)), image_size=32)
     config = RunConfig(images=ds.root, seed=3, out=str(tmp_path), checkpoint_every=0, **cfg)
-    learner = Learner(2, None, "all", config.ppo, config.rm, seed=0)
+    learner = Learner(len(classes), None, "all", config.ppo, config.rm, seed=0)
     return RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
 
 
@@ -85,3 +89,83 @@ def test_the_reward_model_measures_itself_on_answers_before_it_is_fitted_on_them
     assert "rm_acc" in first and len(run.learner.rm_record) == 4
     run.finish_epoch()                       # a second epoch revisits the same answers: nothing fresh
     assert len(run.learner.rm_record) == 4
+
+
+def test_a_rejected_class_is_never_proposed_again_and_the_last_one_left_is_a_label(tmp_path):
+    run = make_run(tmp_path, classes=("1", "4", "7"), ask="verdict", propose_explore=0.5, order="sequential")
+    index = run.next_question()
+    flat = torch.tensor([1 / 3] * 3)
+    proposed, behaviour = run.propose(index, flat)
+    assert behaviour == pytest.approx(1 / 3)
+    run.record_verdict(index, proposed, behaviour, 0, 0)
+    assert index in run.unasked and index not in run.answer_of  # asked again later, with another class
+    for _ in range(50):
+        again, p = run.propose(index, flat)
+        assert again != proposed and p == pytest.approx(1 / 2)
+    run.record_verdict(index, again, 0.5, 0, 0)
+    (left,) = set(range(3)) - {proposed, again}
+    assert run.answer_of[index] == left and index not in run.unasked  # two no's among three: a label
+    assert [r["verdict"] for r in run.store.verdicts()] == [0, 0] and run.answers_given() == 2
+
+
+def test_verdicts_count_against_the_budget_and_a_yes_is_a_label(tmp_path):
+    run = make_run(tmp_path, ask="verdict", max_answers=3, order="sequential")
+    first, second = run.next_questions(2)
+    run.record_verdict(first, 0, 0.6, 0, 0)     # no: image 'first' may come back
+    run.record_verdict(second, 1, 0.7, 1, 0)    # yes: a label
+    assert run.answer_of[second] == 1 and first in run.answer_of  # 2 classes: one no leaves the other
+    assert run.next_questions(5) == [run.order[2]]  # the third verdict is the last the budget allows
+    assert run.update_due() is False and len(run.pending) == 2
+
+
+def test_undoing_a_verdict_hands_the_question_out_again_and_takes_it_out_of_the_store(tmp_path):
+    run = make_run(tmp_path, classes=("1", "4", "7"), ask="verdict", order="sequential")
+    index = run.next_question()
+    key = run.record_verdict(index, 2, 0.4, 0, 0)
+    row = run.verdicts[key].row
+    assert run.pending_no == [key]
+    assert run.undo_verdict(row) is False  # not fitted yet: nothing to refit
+    assert run.store.verdicts() == [] and run.pending_no == [] and 2 in run.allowed_classes(index)
+    assert index in run.outstanding and not run.questions_done()
+
+
+def test_an_update_learns_from_a_no_on_its_logged_class(tmp_path):
+    run = make_run(tmp_path, classes=("1", "4", "7"), ask="verdict", batch_size=2, order="sequential")
+    a, b = run.next_questions(2)
+    run.record_verdict(a, 0, 0.5, 0, 0)
+    run.record_verdict(b, run.ds.labels[b], 0.5, 1, 0)
+    metrics = run.update()
+    assert metrics["verdict_no_images"] == 1 and metrics["verdicts"] == 2 and metrics["yes_share"] == 0.5
+    assert "rm_verdict_acc" in metrics and run.no_fitted == {0} and run.rm_fitted == {b}
+    # on the head alone (no BatchNorm statistics moving), each "no" lowers the rejected class
+    learner = Learner(3, None, "head", seed=0)
+    x = torch.randn(1, 512)
+    before = learner.policy_probs(x)[0, 0].item()
+    for _ in range(3):
+        learner.update(x[:0], torch.tensor([], dtype=torch.long),
+                       no=(x, torch.tensor([0]), torch.tensor([0.4]), x[:0], torch.tensor([], dtype=torch.long)))
+    assert learner.policy_probs(x)[0, 0].item() < before
+
+
+def test_a_store_of_the_first_format_opens_and_resumes_unchanged(tmp_path):
+    path = tmp_path / "f.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.execute("INSERT INTO answers (sha1, path, answer, predicted, probability, sampled, reward, policy_version,"
+               " epoch, created) VALUES ('abc', 'x.png', 1, 0, 0.6, 1, 1.0, 0, 0, 1.0)")
+    db.commit()
+    db.close()
+    store = FeedbackStore(str(path))
+    assert store.answers() == {"abc": 1} and store.verdicts() == [] and store.counts() == (1, 0)
+    store.add_verdict("def", "y.png", 0, 0.5, 1, "sample")
+    assert [v["sha1"] for v in store.verdicts()] == ["def"]
+
+
+OLD_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE answers (id INTEGER PRIMARY KEY AUTOINCREMENT, sha1 TEXT NOT NULL UNIQUE, path TEXT NOT NULL,
+    answer INTEGER, predicted INTEGER, probability REAL, sampled INTEGER, reward REAL, policy_version INTEGER,
+    epoch INTEGER, created REAL NOT NULL);
+INSERT INTO meta VALUES ('class_names', '["ants", "bees"]');
+INSERT INTO meta VALUES ('schema', '1');
+"""
