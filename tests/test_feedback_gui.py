@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageStat
 
-from conftest import HYMENOPTERA, ROOT, assert_user_error, make_subset, store_rows
+from conftest import ROOT, assert_user_error, make_subset, store_rows
 from xvfb_display import XvfbDisplay, XvfbError
 
 SCREENS = "/tmp/rlhf-imgcls-screens"
@@ -42,8 +42,9 @@ def display():
 
 
 @pytest.fixture
-def pool(tmp_path):
-    return make_subset(tmp_path / "pool", HYMENOPTERA, 10)  # 10 ants + 10 bees
+def pool(tmp_path, photos):
+    """10 ants + 10 bees."""
+    return make_subset(tmp_path / "pool", photos, 10)
 
 
 class Session:
