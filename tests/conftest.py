@@ -1,4 +1,5 @@
-"""Shared fixtures: the shared data sets, small image folders made of symlinks, and a CLI runner."""
+"""Shared fixtures: image sets drawn for the tests, the shared real photos where present, small image folders
+made of symlinks, and a CLI runner."""
 import json
 import os
 import sqlite3
@@ -7,16 +8,36 @@ import sys
 
 import pytest
 
+import synthetic_images
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("RLHF_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
-HYMENOPTERA = os.path.join(SHARED, "hymenoptera_data", "train")
-DIGITS = os.path.join(SHARED, "digits", "train")
 sys.path.insert(0, ROOT)
 
 
-def pytest_configure(config):
-    if not os.path.isdir(HYMENOPTERA):
-        raise pytest.UsageError(f"shared data missing at {HYMENOPTERA}: set RLHF_SHARED_DATA to the shared/data folder")
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """A folder with ants/ and bees/, 50 photo-like pictures each (JPEG and PNG) and a GIF placeholder in ants/.
+
+    Drawn once per session (a fraction of a second), so that a fresh clone needs nothing beside it."""
+    return synthetic_images.photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """A folder with 0/ .. 9/, 32 small greyscale PNG digits each."""
+    return synthetic_images.digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The shared real data sets (hymenoptera_data/, digits/): ../shared/data beside the clone, or the folder
+    RLHF_SHARED_DATA names. A test that asks for them is skipped where they are missing, as on a fresh clone;
+    the only way a test module may reach them (test_suite_hygiene.py checks)."""
+    path = os.environ.get("RLHF_SHARED_DATA") or os.path.join(os.path.dirname(ROOT), "shared", "data")
+    if not os.path.isdir(os.path.join(path, "hymenoptera_data", "train")):
+        pytest.skip(f"needs the shared photos (no {path}/hymenoptera_data/train): "
+                    "set RLHF_SHARED_DATA to the shared/data folder")
+    return path
 
 
 def make_subset(dest, source, per_class, classes=None, offset=0):
@@ -24,15 +45,17 @@ def make_subset(dest, source, per_class, classes=None, offset=0):
     for cls in classes or sorted(os.listdir(source)):
         os.makedirs(os.path.join(dest, cls), exist_ok=True)
         names = sorted(f for f in os.listdir(os.path.join(source, cls)) if not f.endswith(".gif"))
+        # a set too small would otherwise hand the test fewer images than it counts on, without a word
+        assert len(names) >= offset + per_class, f"{source}/{cls} holds {len(names)} images"
         for name in names[offset:offset + per_class]:
             os.symlink(os.path.join(source, cls, name), os.path.join(dest, cls, name))
     return str(dest)
 
 
 @pytest.fixture
-def small_pool(tmp_path):
+def small_pool(tmp_path, photos):
     """12 ants + 12 bees."""
-    return make_subset(tmp_path / "pool", HYMENOPTERA, 12)
+    return make_subset(tmp_path / "pool", photos, 12)
 
 
 def run_cli(script, *args, cwd=ROOT, timeout=300, env=None):

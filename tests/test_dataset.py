@@ -9,16 +9,16 @@ import warnings
 import pytest
 from PIL import Image
 
-from conftest import HYMENOPTERA, ROOT, make_subset
+from conftest import make_subset
 from dataset import AntBeeDataset, DatasetError
 
 
-def test_scan_is_recursive_sorted_and_labels_follow_class_folders(tmp_path):
-    root = make_subset(tmp_path / "p", HYMENOPTERA, 3)
+def test_scan_is_recursive_sorted_and_labels_follow_class_folders(tmp_path, photos):
+    root = make_subset(tmp_path / "p", photos, 3)
     nested = tmp_path / "p" / "bees" / "more"
     nested.mkdir()
-    src = sorted(os.listdir(os.path.join(HYMENOPTERA, "bees")))[10]
-    os.symlink(os.path.join(HYMENOPTERA, "bees", src), nested / src)
+    src = sorted(os.listdir(os.path.join(photos, "bees")))[10]
+    os.symlink(os.path.join(photos, "bees", src), nested / src)
     ds = AntBeeDataset(root, image_size=32)
     assert ds.class_names == ["ants", "bees"]
     assert len(ds) == 7
@@ -29,17 +29,32 @@ def test_scan_is_recursive_sorted_and_labels_follow_class_folders(tmp_path):
     assert AntBeeDataset(root, image_size=32).hashes == ds.hashes
 
 
-def test_classes_flag_names_classes_and_orders_keys(tmp_path):
-    root = make_subset(tmp_path / "p", HYMENOPTERA, 2)
+def test_classes_flag_names_classes_and_orders_keys(tmp_path, photos):
+    root = make_subset(tmp_path / "p", photos, 2)
     ds = AntBeeDataset(root, image_size=32, classes=["bees", "ants"])
     assert ds.labels == [1, 1, 0, 0]
 
 
-def test_text_saved_as_jpg_and_truncated_jpeg_are_skipped_with_one_warning(tmp_path):
-    root = make_subset(tmp_path / "p", HYMENOPTERA, 3)
+def test_a_gif_is_read_as_its_first_frame(photos):
+    assert os.path.isfile(os.path.join(photos, "ants", "placeholder.gif"))
+    ds = AntBeeDataset(photos, image_size=16)
+    assert len(ds) == 101
+    assert any(p.endswith(".gif") for p in ds.paths)
+    assert any(p.endswith(".png") for p in ds.paths) and any(p.endswith(".jpg") for p in ds.paths)
+
+
+def test_the_shared_photo_set_scans_to_its_244_photos_and_its_gif(shared_data):
+    # PyTorch's archive as downloaded: its "image not found" GIF is read like any GIF, its one .jpeg kept.
+    ds = AntBeeDataset(os.path.join(shared_data, "hymenoptera_data", "train"), image_size=16)
+    assert len(ds) == 245 and ds.class_names == ["ants", "bees"]
+    assert any(p.endswith(".gif") for p in ds.paths) and any(p.endswith(".jpeg") for p in ds.paths)
+
+
+def test_text_saved_as_jpg_and_truncated_jpeg_are_skipped_with_one_warning(tmp_path, photos):
+    root = make_subset(tmp_path / "p", photos, 3)
     (tmp_path / "p" / "ants" / "notes.jpg").write_text("this is not a picture")
-    good = sorted(os.listdir(os.path.join(HYMENOPTERA, "bees")))[5]
-    data = open(os.path.join(HYMENOPTERA, "bees", good), "rb").read()
+    good = [f for f in sorted(os.listdir(os.path.join(photos, "bees"))) if f.endswith(".jpg")][5]
+    data = open(os.path.join(photos, "bees", good), "rb").read()
     (tmp_path / "p" / "bees" / "cut.jpg").write_bytes(data[: len(data) // 3])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from conftest import DIGITS, HYMENOPTERA, ROOT, assert_user_error, make_subset, metrics, run_cli, store_rows
+from conftest import ROOT, assert_user_error, make_subset, metrics, run_cli, store_rows
 
 # One thread each: two processes share this machine's cores; --standalone picks a free port.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
@@ -42,8 +42,8 @@ def test_ppo_update_and_reward_model_step_on_two_processes_equal_one_process(tmp
             assert abs(value - b[part + "_stats"][key]) < 1e-9, (part, key)
 
 
-def test_inference_csv_from_two_processes_is_the_single_process_csv(tmp_path):
-    pool = make_subset(tmp_path / "pool", HYMENOPTERA, 9)
+def test_inference_csv_from_two_processes_is_the_single_process_csv(tmp_path, photos):
+    pool = make_subset(tmp_path / "pool", photos, 9)
     (tmp_path / "pool" / "ants" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     torch.manual_seed(0)
     from models import PolicyModel
@@ -63,8 +63,8 @@ def test_inference_csv_from_two_processes_is_the_single_process_csv(tmp_path):
     assert "18 of 19 images classified" in two.stdout and "2 processes" in two.stdout
 
 
-def test_two_process_headless_run_leaves_a_run_that_one_process_resumes(tmp_path):
-    pool = make_subset(tmp_path / "pool", DIGITS, 16, classes=["0", "1"])
+def test_two_process_headless_run_leaves_a_run_that_one_process_resumes(tmp_path, digits):
+    pool = make_subset(tmp_path / "pool", digits, 16, classes=["0", "1"])
     out = tmp_path / "run"
     proc = torchrun("train_rlhf.py", "--images", pool, "--val", pool, "--out", out, "--epochs", "2",
                     "--max-answers", "24", "--seed", "3", *TINY)
@@ -122,8 +122,8 @@ def _rank_pid(parent, rank):
     return None
 
 
-def test_killed_process_stops_the_job_and_the_store_keeps_every_answer(tmp_path):
-    pool = make_subset(tmp_path / "pool", DIGITS, 30, classes=["0", "1"])
+def test_killed_process_stops_the_job_and_the_store_keeps_every_answer(tmp_path, digits):
+    pool = make_subset(tmp_path / "pool", digits, 30, classes=["0", "1"])
     out = tmp_path / "run"
     launcher = subprocess.Popen([*TORCHRUN, os.path.join(ROOT, "train_rlhf.py"), "--images", pool, "--out", out,
                                  "--epochs", "20", *TINY], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,

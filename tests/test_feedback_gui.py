@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageStat
 
-from conftest import DIGITS, HYMENOPTERA, ROOT, assert_user_error, make_subset, store_rows
+from conftest import ROOT, assert_user_error, make_subset, store_rows
 from xvfb_display import XvfbDisplay, XvfbError
 
 SCREENS = "/tmp/rlhf-imgcls-screens"
@@ -43,8 +43,9 @@ def display():
 
 
 @pytest.fixture
-def pool(tmp_path):
-    return make_subset(tmp_path / "pool", HYMENOPTERA, 10)  # 10 ants + 10 bees
+def pool(tmp_path, photos):
+    """10 ants + 10 bees."""
+    return make_subset(tmp_path / "pool", photos, 10)
 
 
 class Session:
@@ -178,10 +179,10 @@ def verdict_rows(run_dir):
         return db.execute("SELECT path, proposed, behaviour_prob, verdict FROM verdicts ORDER BY id").fetchall()
 
 
-def test_verdicts_yes_no_a_correction_skip_undo_and_resume_are_stored_row_by_row(display, tmp_path):
+def test_verdicts_yes_no_a_correction_skip_undo_and_resume_are_stored_row_by_row(display, tmp_path, digits):
     out = tmp_path / "run"
-    digits = make_subset(tmp_path / "digits", DIGITS, 5, classes=["1", "4", "7"])
-    s = Session(display, tmp_path, "--images", digits, "--out", out, *TINY, "--ask", "verdict", "--order",
+    three = make_subset(tmp_path / "three", digits, 5, classes=["1", "4", "7"])
+    s = Session(display, tmp_path, "--images", three, "--out", out, *TINY, "--ask", "verdict", "--order",
                 "sequential")
     s.keys("y", "n", "2", "s", "n")
     s.keys("u")                      # the no to question 4 is taken back: question 4 again ...
@@ -287,8 +288,8 @@ def test_a_training_crash_reaches_the_window_and_keeps_every_answer(display, tmp
     assert len(answers(out)) == 5
 
 
-def test_more_classes_than_digit_keys_are_refused_for_the_window(display, tmp_path):
-    many = make_subset(tmp_path / "many", DIGITS, 1)
+def test_more_classes_than_digit_keys_are_refused_for_the_window(display, tmp_path, digits):
+    many = make_subset(tmp_path / "many", digits, 1)
     for extra in ("a", "b"):  # 12 classes: 0-9, a, b (copies: a second link to one file counts once)
         shutil.copytree(os.path.join(many, "0"), os.path.join(many, extra))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_rlhf.py"), "--images", many, "--out",

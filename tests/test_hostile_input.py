@@ -10,14 +10,14 @@ import time
 import pytest
 import torch
 
-from conftest import DIGITS, ROOT, assert_user_error, make_subset, metrics, run_cli, store_rows
+from conftest import ROOT, assert_user_error, make_subset, metrics, run_cli, store_rows
 
 TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4"]
 
 
 @pytest.fixture
-def pool(tmp_path):
-    return make_subset(tmp_path / "pool", DIGITS, 8, classes=["3", "8"])
+def pool(tmp_path, digits):
+    return make_subset(tmp_path / "pool", digits, 8, classes=["3", "8"])
 
 
 def first_run(tmp_path, pool, **kw):

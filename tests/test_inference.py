@@ -4,6 +4,7 @@
 
 The window test starts its own Xvfb (-displayfd) and leaves its screenshots in /tmp/rlhf-imgcls-screens/.
 """
+import contextlib
 import csv
 import json
 import os
@@ -26,22 +27,12 @@ from models import PolicyModel  # noqa: E402
 from xvfb_display import XvfbDisplay  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "inference.py")
-SHARED = "/work/shared/data"
-ANT = os.path.join(SHARED, "hymenoptera_data", "train", "ants", "0013035.jpg")
-BEE = os.path.join(SHARED, "hymenoptera_data", "train", "bees", "16838648_415acd9e3f.jpg")
-DIGIT = os.path.join(SHARED, "digits", "train", "3")
 SCREENS = "/tmp/rlhf-imgcls-screens"
 
 
-def sample_image(path, seed):
-    """A copy of a shared-data photo when available (read, never copied into the repo), else a synthetic one."""
-    digits = [os.path.join(DIGIT, f) for f in sorted(os.listdir(DIGIT))[:1]] if os.path.isdir(DIGIT) else []
-    sources = [ANT, BEE] + digits
-    src = sources[seed % len(sources)]
-    if os.path.isfile(src):
-        Image.open(src).convert("RGB").save(path)
-    else:
-        Image.effect_noise((80, 60), 40 + seed).convert("RGB").save(path)
+def sample_image(path, source):
+    """The picture at source, saved at path in the format its suffix names."""
+    Image.open(source).convert("RGB").save(path)
     return path
 
 
@@ -69,12 +60,13 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture
-def images(tmp_path):
+def images(tmp_path, photos, digits):
     """A small tree: three readable images (one in a subfolder), a corrupt JPEG and a non-image file."""
     folder = tmp_path / "imgs"
     (folder / "sub").mkdir(parents=True)
-    good = [sample_image(str(folder / "a.jpg"), 0), sample_image(str(folder / "b.png"), 1),
-            sample_image(str(folder / "sub" / "c.jpg"), 2)]
+    good = [sample_image(str(folder / "a.jpg"), os.path.join(photos, "ants", "ant_000.jpg")),
+            sample_image(str(folder / "b.png"), os.path.join(photos, "bees", "bee_000.jpg")),
+            sample_image(str(folder / "sub" / "c.jpg"), os.path.join(digits, "3", "digit_0000.png"))]
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (folder / "notes.txt").write_text("not an image")
     return folder, good, str(folder / "broken.jpg")
@@ -210,15 +202,15 @@ def screenshot(display, name, tmp_path):
     return path
 
 
-@pytest.mark.skipif(not shutil.which("Xvfb"), reason="Xvfb is not installed")
-def test_window_under_xvfb(models, tmp_path):
+@contextlib.contextmanager
+def inference_window(models, folder, tmp_path):
+    """The classification window on a private 1024x680 Xvfb, opened on folder: yields (display, process).
+
+    Checks on leaving that the window was closed with ctrl+q, exited 0 and printed no traceback."""
+    if not shutil.which("Xvfb"):
+        pytest.skip("Xvfb is not installed")
     missing = [tool for tool in ("xdotool", "import") if not shutil.which(tool)]
     assert not missing, f"install {' and '.join(missing)} (xdotool, ImageMagick) to drive the window test"
-    folder = tmp_path / "browse"
-    folder.mkdir()
-    sample_image(str(folder / "1_photo.jpg"), 0)
-    (folder / "2_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    sample_image(str(folder / "3_digit.png"), 2)
     xvfb = XvfbDisplay("1024x680x24")
     proc = None
     try:
@@ -226,17 +218,7 @@ def test_window_under_xvfb(models, tmp_path):
         env = {**os.environ, "DISPLAY": display}
         proc = subprocess.Popen([sys.executable, SCRIPT, "--model", str(models["run"]), "--open", str(folder)],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        win = wait_for_title(display, r"1_photo\.jpg: (ants|bees) [0-9]+%", proc)
-        shot = screenshot(display, "inference_window.png", tmp_path)
-        with Image.open(shot) as img:
-            picture = img.convert("RGB").crop((40, 80, 560, 520))  # inside the image canvas
-            assert picture.getcolors(100) is None, "the image canvas shows no picture (under 100 colours)"
-        xdotool(display, "windowfocus", "--sync", win)
-        xdotool(display, "key", "Right")
-        wait_for_title(display, r"2_broken\.png: unreadable", proc)
-        screenshot(display, "inference_window_error.png", tmp_path)
-        xdotool(display, "key", "Right")  # the window is still usable after the bad file
-        wait_for_title(display, r"3_digit\.png: (ants|bees) [0-9]+%", proc)
+        yield display, proc
         xdotool(display, "key", "ctrl+q")
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
@@ -246,3 +228,37 @@ def test_window_under_xvfb(models, tmp_path):
             proc.kill()
             proc.communicate()
         xvfb.stop()
+
+
+def assert_canvas_shows_a_picture(shot):
+    with Image.open(shot) as img:
+        picture = img.convert("RGB").crop((40, 80, 560, 520))  # inside the image canvas
+        assert picture.getcolors(100) is None, "the image canvas shows no picture (under 100 colours)"
+
+
+def test_window_under_xvfb(models, tmp_path, photos, digits):
+    folder = tmp_path / "browse"
+    folder.mkdir()
+    sample_image(str(folder / "1_photo.jpg"), os.path.join(photos, "bees", "bee_001.jpg"))
+    (folder / "2_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    sample_image(str(folder / "3_digit.png"), os.path.join(digits, "3", "digit_0000.png"))
+    with inference_window(models, folder, tmp_path) as (display, proc):
+        win = wait_for_title(display, r"1_photo\.jpg: (ants|bees) [0-9]+%", proc)
+        assert_canvas_shows_a_picture(screenshot(display, "inference_window.png", tmp_path))
+        xdotool(display, "windowfocus", "--sync", win)
+        xdotool(display, "key", "Right")
+        wait_for_title(display, r"2_broken\.png: unreadable", proc)
+        screenshot(display, "inference_window_error.png", tmp_path)
+        xdotool(display, "key", "Right")  # the window is still usable after the bad file
+        wait_for_title(display, r"3_digit\.png: (ants|bees) [0-9]+%", proc)
+
+
+def test_window_shows_a_real_photo(models, tmp_path, shared_data):
+    # A screenshot that looks like the product, for a person to judge; drawn pictures cannot tell whether a
+    # full-size photo is scaled down to the canvas.
+    folder = tmp_path / "browse"
+    folder.mkdir()
+    os.symlink(os.path.join(shared_data, "hymenoptera_data", "train", "ants", "0013035.jpg"), folder / "ant.jpg")
+    with inference_window(models, folder, tmp_path) as (display, proc):
+        wait_for_title(display, r"ant\.jpg: (ants|bees) [0-9]+%", proc)
+        assert_canvas_shows_a_picture(screenshot(display, "inference_window_photo.png", tmp_path))

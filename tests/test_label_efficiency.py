@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DIGITS, HYMENOPTERA, ROOT, make_subset
+from conftest import ROOT, make_subset
 from dataset import AntBeeDataset
 from feature_cache import FeatureCache, weights_digest
 from feedback_store import FeedbackStore
@@ -23,8 +23,8 @@ def test_least_sure_first_and_disagreement_counts_as_less_sure():
     assert order == [13, 11, 10, 12]
 
 
-def make_run(tmp_path, explore, n_per_class=10, **cfg):
-    ds = AntBeeDataset(make_subset(tmp_path / "pool", DIGITS, n_per_class, classes=["3", "8"]), image_size=32)
+def make_run(tmp_path, digits, explore, n_per_class=10, **cfg):
+    ds = AntBeeDataset(make_subset(tmp_path / "pool", digits, n_per_class, classes=["3", "8"]), image_size=32)
     config = RunConfig(images=ds.root, order="uncertain", explore=explore, seed=3, out=str(tmp_path), **cfg)
     learner = Learner(2, None, "all", seed=0)
     return RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
@@ -42,19 +42,19 @@ def questions_asked(run, ranking):
     return asked
 
 
-def test_uncertain_order_asks_the_ranking_with_a_random_share(tmp_path):
-    run = make_run(tmp_path, explore=0.0)
+def test_uncertain_order_asks_the_ranking_with_a_random_share(tmp_path, digits):
+    run = make_run(tmp_path, digits, explore=0.0)
     ranking = list(reversed(range(len(run.ds))))  # a known "least sure first" order
     assert questions_asked(run, ranking) == ranking
 
-    asked = questions_asked(make_run(tmp_path / "b", explore=0.5), ranking)
+    asked = questions_asked(make_run(tmp_path / "b", digits, explore=0.5), ranking)
     assert sorted(asked) == sorted(ranking)  # every image exactly once
     heads = sum(1 for k, i in enumerate(asked) if i == max(set(ranking) - set(asked[:k])))
     assert 0 < len(asked) - heads < len(asked)  # some questions came from the random share, most did not
 
 
-def test_uncertain_ranking_uses_the_policy_margins(tmp_path):
-    run = make_run(tmp_path, explore=0.0)
+def test_uncertain_ranking_uses_the_policy_margins(tmp_path, digits):
+    run = make_run(tmp_path, digits, explore=0.0)
     x = run.inputs(range(len(run.ds)))
     probs = run.learner.policy_probs(x)
     top2 = probs.topk(2, dim=1).values
@@ -63,15 +63,15 @@ def test_uncertain_ranking_uses_the_policy_margins(tmp_path):
     assert ranked == sorted(range(len(run.ds)), key=lambda i: (margins[i], i))
 
 
-def test_before_the_first_update_questions_follow_the_epochs_order(tmp_path):
-    run = make_run(tmp_path, explore=0.5)
+def test_before_the_first_update_questions_follow_the_epochs_order(tmp_path, digits):
+    run = make_run(tmp_path, digits, explore=0.5)
     run.rank_questions = lambda unasked, rng: pytest.fail("an untrained policy ranked the pool")
     run.refresh_ranking()
     assert run.next_questions(len(run.ds)) == run.order
 
 
-def test_budget_stops_questions_and_every_image_is_still_visited(tmp_path):
-    run = make_run(tmp_path, explore=0.1, max_answers=5, batch_size=100, no_reward_model=True)
+def test_budget_stops_questions_and_every_image_is_still_visited(tmp_path, digits):
+    run = make_run(tmp_path, digits, explore=0.1, max_answers=5, batch_size=100, no_reward_model=True)
     for index in run.next_questions(100):
         run.record(index, 1, torch.tensor([0.3, 0.7]), 0)
     assert len(run.answer_of) == 5 and run.questions_done()
@@ -82,8 +82,8 @@ def test_budget_stops_questions_and_every_image_is_still_visited(tmp_path):
     assert sorted(set(visited)) == list(range(len(run.ds)))
 
 
-def test_feature_cache_hits_and_is_rebuilt_when_weights_or_a_file_change(tmp_path):
-    pool = make_subset(tmp_path / "pool", HYMENOPTERA, 3)
+def test_feature_cache_hits_and_is_rebuilt_when_weights_or_a_file_change(tmp_path, photos):
+    pool = make_subset(tmp_path / "pool", photos, 3)
     ds = AntBeeDataset(pool, image_size=32)
     calls = []
 
@@ -106,8 +106,7 @@ def test_feature_cache_hits_and_is_rebuilt_when_weights_or_a_file_change(tmp_pat
     # one file replaced by another picture: only it is recomputed
     target = os.path.join(pool, "ants", sorted(os.listdir(os.path.join(pool, "ants")))[0])
     os.unlink(target)
-    shutil.copy(os.path.join(HYMENOPTERA, "ants", sorted(os.listdir(os.path.join(HYMENOPTERA, "ants")))[50]),
-                target)
+    shutil.copy(os.path.join(photos, "ants", sorted(os.listdir(os.path.join(photos, "ants")))[40]), target)
     changed = AntBeeDataset(pool, image_size=32)
     assert FeatureCache(str(tmp_path), encode, "key-b").fill(changed) == 1
 
@@ -121,8 +120,8 @@ def test_weights_digest_follows_the_weights():
     assert weights_digest(net) != before
 
 
-def test_head_finetuning_trains_on_cached_features(tmp_path):
-    run = make_run(tmp_path, explore=0.0, finetune="head")
+def test_head_finetuning_trains_on_cached_features(tmp_path, digits):
+    run = make_run(tmp_path, digits, explore=0.0, finetune="head")
     run.learner = Learner(2, None, "head", seed=0)
     run.cache = FeatureCache(str(tmp_path), run.learner.encode, "head-test")
     x = run.inputs(range(len(run.ds)))
@@ -131,10 +130,10 @@ def test_head_finetuning_trains_on_cached_features(tmp_path):
     assert "policy_loss" in stats
 
 
-def test_benchmark_writes_its_table_and_plot(tmp_path):
+def test_benchmark_writes_its_table_and_plot(tmp_path, photos):
     import label_efficiency
-    train = make_subset(tmp_path / "train", HYMENOPTERA, 6)
-    val = make_subset(tmp_path / "val", HYMENOPTERA, 3, offset=40)
+    train = make_subset(tmp_path / "train", photos, 6)
+    val = make_subset(tmp_path / "val", photos, 3, offset=40)
     out = tmp_path / "out"
     assert label_efficiency.main(["--images", train, "--val", val, "--budgets", "4", "all", "--seeds", "0",
                                   "--epochs", "1", "--image-size", "48", "--out", str(out)]) == 0
@@ -146,9 +145,9 @@ def test_benchmark_writes_its_table_and_plot(tmp_path):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_verdict_benchmark_writes_its_table_and_plot(tmp_path):
+def test_verdict_benchmark_writes_its_table_and_plot(tmp_path, digits):
     import verdict_efficiency
-    data = make_subset(tmp_path / "digits", DIGITS, 5, classes=["1", "4", "7"])
+    data = make_subset(tmp_path / "digits", digits, 5, classes=["1", "4", "7"])
     out = tmp_path / "out"
     assert verdict_efficiency.main(["--data", data, "--budgets", "6", "--seeds", "0", "--epochs", "1",
                                     "--out", str(out)]) == 0

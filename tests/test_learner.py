@@ -6,7 +6,7 @@ import pytest
 
 import torch
 
-from conftest import DIGITS, make_subset
+from conftest import make_subset
 from dataset import AntBeeDataset
 from learner import Learner, RewardModelConfig, one_hot_rewards, reliability, reward_model_loss
 from ppo import PPOConfig
@@ -17,8 +17,8 @@ def test_one_hot_rewards_follow_the_plus_minus_one_rule():
     assert r.tolist() == [[-1, 1, -1], [1, -1, -1]]
 
 
-def test_reward_model_fits_the_answers_it_was_given(tmp_path):
-    ds = AntBeeDataset(make_subset(tmp_path / "d", DIGITS, 6, classes=["0", "1", "7"]), image_size=32)
+def test_reward_model_fits_the_answers_it_was_given(tmp_path, digits):
+    ds = AntBeeDataset(make_subset(tmp_path / "d", digits, 6, classes=["0", "1", "7"]), image_size=32)
     answers = torch.tensor(ds.labels)
     learner = Learner(ds.num_classes, None, "all", PPOConfig(), RewardModelConfig(rm_learning_rate=1e-3), seed=0)
     x = ds.batch(list(range(len(ds))))
@@ -30,8 +30,8 @@ def test_reward_model_fits_the_answers_it_was_given(tmp_path):
     assert (predicted.gather(1, answers[:, None]) > 0).all()
 
 
-def test_policy_learns_answered_images_and_update_counts_versions(tmp_path):
-    ds = AntBeeDataset(make_subset(tmp_path / "d", DIGITS, 6, classes=["0", "1"]), image_size=32)
+def test_policy_learns_answered_images_and_update_counts_versions(tmp_path, digits):
+    ds = AntBeeDataset(make_subset(tmp_path / "d", digits, 6, classes=["0", "1"]), image_size=32)
     answers = torch.tensor(ds.labels)
     learner = Learner(2, None, "all", PPOConfig(learning_rate=1e-3), RewardModelConfig(), seed=0)
     x = ds.batch(list(range(len(ds))))

@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 import torch
 
-from conftest import DIGITS, make_subset
+from conftest import make_subset
 from dataset import AntBeeDataset
 from feedback_store import FeedbackStore
 from learner import Learner, RewardModelConfig
@@ -15,8 +15,8 @@ from run_config import RunConfig
 GUESS = torch.tensor([0.7, 0.3])  # the guess shown with every answer: class 0
 
 
-def make_run(tmp_path, classes=("3", "8"), **cfg):
-    ds = AntBeeDataset(make_subset(tmp_path / "pool", DIGITS, 12, classes=list(classes)), image_size=32)
+def make_run(tmp_path, digits, classes=("3", "8"), **cfg):
+    ds = AntBeeDataset(make_subset(tmp_path / "pool", digits, 12, classes=list(classes)), image_size=32)
     config = RunConfig(images=ds.root, seed=3, out=str(tmp_path), checkpoint_every=0, **cfg)
     learner = Learner(len(classes), None, "all", config.ppo, config.rm, seed=0)
     return RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
@@ -29,8 +29,8 @@ def answer(run, n):
     return asked
 
 
-def test_replay_draws_only_answers_the_reward_model_was_fitted_on(tmp_path):
-    run = make_run(tmp_path, batch_size=4, order="random")
+def test_replay_draws_only_answers_the_reward_model_was_fitted_on(tmp_path, digits):
+    run = make_run(tmp_path, digits, batch_size=4, order="random")
     replays = []
     update = run.learner.update
     run.learner.update = lambda x_new, a_new, x_rep, a_rep, *rest, **kw: (replays.append(len(a_rep)),
@@ -42,8 +42,8 @@ def test_replay_draws_only_answers_the_reward_model_was_fitted_on(tmp_path):
     assert replays[-1] == 4 and run.rm_fitted == set(run.pending) ^ set(run.answer_of)
 
 
-def test_store_and_metrics_speak_of_the_guess_the_person_was_shown(tmp_path):
-    run = make_run(tmp_path, batch_size=4, order="sequential")
+def test_store_and_metrics_speak_of_the_guess_the_person_was_shown(tmp_path, digits):
+    run = make_run(tmp_path, digits, batch_size=4, order="sequential")
     asked = answer(run, 4)
     metrics = run.update()
     rows = run.store.rows()
@@ -52,8 +52,8 @@ def test_store_and_metrics_speak_of_the_guess_the_person_was_shown(tmp_path):
     assert metrics["mean_reward"] == sum(r["reward"] for r in rows) / 4
 
 
-def test_undo_of_a_trained_answer_refits_the_reward_model_and_asks_it_again(tmp_path):
-    run = make_run(tmp_path, batch_size=4, order="sequential")
+def test_undo_of_a_trained_answer_refits_the_reward_model_and_asks_it_again(tmp_path, digits):
+    run = make_run(tmp_path, digits, batch_size=4, order="sequential")
     asked = answer(run, 4)
     run.update()
     before = {k: v.clone() for k, v in run.learner.reward_model.state_dict().items()}
@@ -69,8 +69,8 @@ def test_undo_of_a_trained_answer_refits_the_reward_model_and_asks_it_again(tmp_
     assert run.answer_of[asked[-1]] == 1 and asked[-1] in run.pending
 
 
-def test_disagreement_counts_only_once_the_reward_model_has_earned_trust(tmp_path):
-    run = make_run(tmp_path, explore=0.0)
+def test_disagreement_counts_only_once_the_reward_model_has_earned_trust(tmp_path, digits):
+    run = make_run(tmp_path, digits, explore=0.0)
     pool = list(range(len(run.ds)))
     run.learner.predicted_rewards = lambda x: torch.tensor([[1.0, -1.0]] * x.shape[0])  # it always says 0
     run.learner.policy_probs = lambda x: torch.tensor([[0.3, 0.7]] * (x.shape[0] // 2) + [[0.6, 0.4]] * (x.shape[0] - x.shape[0] // 2))
@@ -82,8 +82,8 @@ def test_disagreement_counts_only_once_the_reward_model_has_earned_trust(tmp_pat
     assert trusted[:half] == pool[:half]     # the policy says 1, a trusted reward model 0: least sure first
 
 
-def test_the_reward_model_measures_itself_on_answers_before_it_is_fitted_on_them(tmp_path):
-    run = make_run(tmp_path, batch_size=4, order="sequential", rm=RewardModelConfig(rm_min_answers=4))
+def test_the_reward_model_measures_itself_on_answers_before_it_is_fitted_on_them(tmp_path, digits):
+    run = make_run(tmp_path, digits, batch_size=4, order="sequential", rm=RewardModelConfig(rm_min_answers=4))
     answer(run, 4)
     first = run.update()
     assert "rm_acc" in first and len(run.learner.rm_record) == 4
@@ -91,8 +91,8 @@ def test_the_reward_model_measures_itself_on_answers_before_it_is_fitted_on_them
     assert len(run.learner.rm_record) == 4
 
 
-def test_a_rejected_class_is_never_proposed_again_and_the_last_one_left_is_a_label(tmp_path):
-    run = make_run(tmp_path, classes=("1", "4", "7"), ask="verdict", propose_explore=0.5, order="sequential")
+def test_a_rejected_class_is_never_proposed_again_and_the_last_one_left_is_a_label(tmp_path, digits):
+    run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", propose_explore=0.5, order="sequential")
     index = run.next_question()
     flat = torch.tensor([1 / 3] * 3)
     proposed, behaviour = run.propose(index, flat)
@@ -108,8 +108,8 @@ def test_a_rejected_class_is_never_proposed_again_and_the_last_one_left_is_a_lab
     assert [r["verdict"] for r in run.store.verdicts()] == [0, 0] and run.answers_given() == 2
 
 
-def test_verdicts_count_against_the_budget_and_a_yes_is_a_label(tmp_path):
-    run = make_run(tmp_path, ask="verdict", max_answers=3, order="sequential")
+def test_verdicts_count_against_the_budget_and_a_yes_is_a_label(tmp_path, digits):
+    run = make_run(tmp_path, digits, ask="verdict", max_answers=3, order="sequential")
     first, second = run.next_questions(2)
     run.record_verdict(first, 0, 0.6, 0, 0)     # no: image 'first' may come back
     run.record_verdict(second, 1, 0.7, 1, 0)    # yes: a label
@@ -118,8 +118,8 @@ def test_verdicts_count_against_the_budget_and_a_yes_is_a_label(tmp_path):
     assert run.update_due() is False and len(run.pending) == 2
 
 
-def test_undoing_a_verdict_hands_the_question_out_again_and_takes_it_out_of_the_store(tmp_path):
-    run = make_run(tmp_path, classes=("1", "4", "7"), ask="verdict", order="sequential")
+def test_undoing_a_verdict_hands_the_question_out_again_and_takes_it_out_of_the_store(tmp_path, digits):
+    run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", order="sequential")
     index = run.next_question()
     key = run.record_verdict(index, 2, 0.4, 0, 0)
     row = run.verdicts[key].row
@@ -129,8 +129,8 @@ def test_undoing_a_verdict_hands_the_question_out_again_and_takes_it_out_of_the_
     assert index in run.outstanding and not run.questions_done()
 
 
-def test_an_update_learns_from_a_no_on_its_logged_class(tmp_path):
-    run = make_run(tmp_path, classes=("1", "4", "7"), ask="verdict", batch_size=2, order="sequential")
+def test_an_update_learns_from_a_no_on_its_logged_class(tmp_path, digits):
+    run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", batch_size=2, order="sequential")
     a, b = run.next_questions(2)
     run.record_verdict(a, 0, 0.5, 0, 0)
     run.record_verdict(b, run.ds.labels[b], 0.5, 1, 0)

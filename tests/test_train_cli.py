@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import DIGITS, HYMENOPTERA, ROOT, assert_user_error, make_subset, metrics, run_cli, store_rows
+from conftest import ROOT, assert_user_error, make_subset, metrics, run_cli, store_rows
 from run_config import ConfigError, RunConfig
 
 TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4"]
@@ -68,9 +68,9 @@ def test_same_command_twice_gives_the_same_metrics(tmp_path, small_pool):
     assert results[0] == results[1]
 
 
-def test_kill_9_mid_run_loses_no_answer_and_resume_asks_none_again(tmp_path):
+def test_kill_9_mid_run_loses_no_answer_and_resume_asks_none_again(tmp_path, photos):
     out = tmp_path / "run"
-    pool = make_subset(tmp_path / "pool", HYMENOPTERA, 40)
+    pool = make_subset(tmp_path / "pool", photos, 40)
     args = [sys.executable, os.path.join(ROOT, "train_rlhf.py"), "--images", pool, "--out", str(out),
             "--epochs", "3", *TINY]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -124,9 +124,9 @@ def test_unwritable_out_and_resume_without_run_are_one_line_errors(tmp_path, sma
                               "--weights", tmp_path / "missing.pth"), "missing.pth", "--weights")
 
 
-def test_checkpoint_with_another_class_count_is_refused(tmp_path, small_pool):
-    digits = make_subset(tmp_path / "digits", DIGITS, 3, classes=["0", "1", "2"])
-    for name, images in (("two", small_pool), ("three", digits)):
+def test_checkpoint_with_another_class_count_is_refused(tmp_path, small_pool, digits):
+    three = make_subset(tmp_path / "digits", digits, 3, classes=["0", "1", "2"])
+    for name, images in (("two", small_pool), ("three", three)):
         proc = run_cli("train_rlhf.py", "--images", images, "--out", tmp_path / name, "--epochs", "1",
                        "--max-answers", "4", *TINY)
         assert proc.returncode == 0, proc.stderr
@@ -137,9 +137,9 @@ def test_checkpoint_with_another_class_count_is_refused(tmp_path, small_pool):
     assert store_rows(tmp_path / "two") == before
 
 
-def test_feedback_database_from_another_image_set_is_refused(tmp_path):
-    first = make_subset(tmp_path / "first", HYMENOPTERA, 4)
-    second = make_subset(tmp_path / "second", HYMENOPTERA, 4, offset=20)
+def test_feedback_database_from_another_image_set_is_refused(tmp_path, photos):
+    first = make_subset(tmp_path / "first", photos, 4)
+    second = make_subset(tmp_path / "second", photos, 4, offset=20)
     proc = run_cli("train_rlhf.py", "--images", first, "--out", tmp_path / "a", "--epochs", "1", *TINY)
     assert proc.returncode == 0, proc.stderr
     before = store_rows(tmp_path / "a")
