@@ -184,8 +184,11 @@ class FeedbackStore:
 
     def verdicts(self):
         """Every verdict as a dict, oldest first."""
+        return self._table("verdicts")
+
+    def _table(self, name):
         with self._errors():
-            cur = self.db.execute("SELECT * FROM verdicts ORDER BY id")
+            cur = self.db.execute(f"SELECT * FROM {name} ORDER BY id")
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r)) for r in cur]
 
@@ -195,11 +198,8 @@ class FeedbackStore:
             return {sha1: answer for sha1, answer in self.db.execute("SELECT sha1, answer FROM answers")}
 
     def rows(self):
-        """All rows as dicts, oldest first."""
-        with self._errors():
-            cur = self.db.execute("SELECT * FROM answers ORDER BY id")
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r)) for r in cur]
+        """All answers as dicts, oldest first."""
+        return self._table("answers")
 
     def counts(self):
         """(answered, skipped)."""

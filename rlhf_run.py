@@ -91,6 +91,7 @@ class RLHFRun:
         self.asked_this_run = 0
         self.episodes = []             # per epoch: mean reward of the shown guesses (training_data.json)
         self.rng = random.Random(f"{cfg.seed}:replay")
+        self.saved_at, self.saved_state = time.monotonic(), None
         self.cache = None
         if learner.finetune != "all":
             key = f"{learner.finetune}-{dataset.image_size}-{weights_digest(learner.encoder)}"
@@ -477,7 +478,8 @@ class RLHFRun:
         if self.val is not None and self.cfg.val_every and self.learner.version % self.cfg.val_every == 0:
             metrics["val_acc"] = self.validate()
         self.write_metrics(metrics)
-        if self.cfg.checkpoint_every and self.learner.version % self.cfg.checkpoint_every == 0:
+        every = self.cfg.checkpoint_every and self.learner.version % self.cfg.checkpoint_every == 0
+        if every or time.monotonic() - self.saved_at >= self.cfg.checkpoint_seconds:
             self.save()
         self.refresh_ranking()
         self.observer.update_done(metrics)
@@ -547,9 +549,13 @@ class RLHFRun:
                 "normalization": {"mean": list(self.ds.mean), "std": list(self.ds.std)},
                 "weights_origin": self.weights_origin, "arch": "resnet18", "finetune": self.learner.finetune,
                 "epoch": self.epoch, "step": self.learner.version, "episodes": self.episodes,
-                "config": self.cfg.to_flat()}
+                "config": self.cfg.to_flat(),
+                # what the reward model has learnt: answers given after this checkpoint are fresh on resume
+                "rm_fitted": sorted(self.ds.hashes[i] for i in self.rm_fitted),
+                "no_fitted": sorted(self.verdicts[k].row for k in self.no_fitted if self.verdicts[k] is not None)}
 
     def save(self):
+        self.saved_at, self.saved_state = time.monotonic(), (self.learner.version, self.epoch)
         if not self.is_main:
             return
         path = os.path.join(self.run_dir, CHECKPOINT_NAME)
@@ -558,6 +564,11 @@ class RLHFRun:
             if self.cache is not None:
                 self.cache.save()
             update_latest_link(self.run_dir)
+
+    def save_if_changed(self):
+        """The checkpoint, unless the last one written holds this very state (the epoch end just wrote it)."""
+        if self.saved_state != (self.learner.version, self.epoch):
+            self.save()
 
     def save_reference(self):
         """Write the KL reference once, when the run starts: it never changes afterwards."""
@@ -574,6 +585,10 @@ class RLHFRun:
             self.learner.reference.load_state_dict(load_checkpoint(ref_path)["policy"])
         self.epoch = int(ckpt["epoch"])
         self.episodes = list(ckpt.get("episodes", []))
+        if "rm_fitted" in ckpt:  # format 1 checkpoints were written after every update: all answers fitted
+            fitted, rows = set(ckpt["rm_fitted"]), set(ckpt["no_fitted"])
+            self.rm_fitted = {i for i in self.rm_fitted if self.ds.hashes[i] in fitted}
+            self.no_fitted = {v.key for v in self.verdicts if v is not None and v.row in rows}
         self.begin_epoch()
 
     def export_training_data(self):

@@ -79,8 +79,11 @@ class RunConfig:
     device: str = setting("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"))
     seed: int = setting(1, "seed of every random choice: same command, same metrics", lo=0)
     val_every: int = setting(1, "score --val every N updates (0: only at the end of each epoch)", lo=0)
-    checkpoint_every: int = setting(1, "write the checkpoint every N updates (0: only at epoch ends and exit)",
-                                    lo=0)
+    checkpoint_every: int = setting(0, "also write the checkpoint every N updates (0: by time alone)", lo=0)
+    checkpoint_seconds: float = setting(60.0, "write the checkpoint once this many seconds have passed since the "
+                                        "last (and at epoch ends, quit and signals; 0: after every update). "
+                                        "Answers are safe in feedback.sqlite at once; --resume retrains the "
+                                        "ones the checkpoint had not learnt", lo=0.0)
     download: bool = setting(False, "download the default data set without asking", flag=True)
     blind: bool = setting(False, "labeling window: hide the model's guess", flag=True)
     ppo: PPOConfig = field(default_factory=PPOConfig)

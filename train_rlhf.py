@@ -182,7 +182,7 @@ def main(argv=None):
     if code == 1:
         run.store.close()  # training failed: the answers are stored, the last good checkpoint stays
         return 1
-    run.save()
+    run.save_if_changed()
     if ranks.is_main:
         print(f"done: {stored(run.store)}, {run.learner.version} updates; checkpoint "
               f"{os.path.join(run_dir, CHECKPOINT_NAME)}")

@@ -203,6 +203,17 @@ def write_results(results, budgets, n_train, n_val, args, origin, t0):
     return table, header
 
 
+def common_flags(p, methods, image_size):
+    """The flags every efficiency benchmark takes: seeds, methods, noise, epochs, size, weights, out."""
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per cell")
+    p.add_argument("--methods", nargs="+", choices=methods, default=list(methods), help="methods to run")
+    p.add_argument("--noise", type=float, default=0.1, help="labeler noise of the extra rows (0: none)")
+    p.add_argument("--epochs", type=int, default=3, help="passes of every method")
+    p.add_argument("--image-size", type=int, default=image_size, help="input size (small, so the table fits a CPU)")
+    p.add_argument("--weights", default="none", help="backbone start: none|auto|imagenet|PATH")
+    p.add_argument("--out", required=True, help="folder for results.md and accuracy.png")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=SHARED, help="labelled folder to split into train/val (default %(default)s)")
@@ -210,14 +221,8 @@ def main(argv=None):
     p.add_argument("--val", help="labelled validation folder")
     p.add_argument("--budgets", nargs="+", default=["16", "32", "64", "128", "all"],
                    help="answer budgets (numbers or 'all')")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per cell")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
-    p.add_argument("--noise", type=float, default=0.1, help="labeler noise for the extra rows (0: none)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of every method")
-    p.add_argument("--image-size", type=int, default=64, help="input size (small, so the table fits a CPU)")
-    p.add_argument("--weights", default="none", help="backbone start: none|auto|imagenet|PATH")
+    common_flags(p, METHODS, image_size=64)
     p.add_argument("--finetune", default="all", choices=("all", "layer4", "head"), help="what trains (RLHF rows)")
-    p.add_argument("--out", required=True, help="folder for results.md and accuracy.png")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     os.makedirs(args.out, exist_ok=True)

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import AntBeeDataset  # noqa: E402
-from label_efficiency import plot, split_folder, summarize, val_accuracy  # noqa: E402
+from label_efficiency import common_flags, plot, split_folder, summarize, val_accuracy  # noqa: E402
 from learner import reward_model_loss  # noqa: E402
 from models import PolicyModel, resolve_backbone_weights  # noqa: E402
 from rlhf_run import open_run, run_headless  # noqa: E402
@@ -115,13 +115,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DIGITS, help="labelled folder split into train/val (default %(default)s)")
     p.add_argument("--budgets", nargs="+", type=int, default=[150, 300, 600, 1200, 2400], help="verdict budgets")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per cell")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
-    p.add_argument("--noise", type=float, default=0.1, help="verdict noise of the extra rows (0: none)")
-    p.add_argument("--epochs", type=int, default=3, help="passes of every method")
-    p.add_argument("--image-size", type=int, default=32, help="input size in pixels")
-    p.add_argument("--weights", default="none", help="backbone start: none|auto|imagenet|PATH")
-    p.add_argument("--out", required=True, help="folder for results.md and accuracy.png")
+    common_flags(p, METHODS, image_size=32)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

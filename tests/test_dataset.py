@@ -9,7 +9,7 @@ import warnings
 import pytest
 from PIL import Image
 
-from conftest import make_subset
+from conftest import ROOT, make_subset
 from dataset import AntBeeDataset, DatasetError
 
 

@@ -169,3 +169,14 @@ CREATE TABLE answers (id INTEGER PRIMARY KEY AUTOINCREMENT, sha1 TEXT NOT NULL U
 INSERT INTO meta VALUES ('class_names', '["ants", "bees"]');
 INSERT INTO meta VALUES ('schema', '1');
 """
+
+
+def test_a_resume_from_an_older_checkpoint_counts_later_answers_as_not_yet_learnt(tmp_path, digits):
+    run = make_run(tmp_path, digits, batch_size=4, order="sequential")
+    answer(run, 4)
+    run.update()
+    ckpt = run.checkpoint_dict()          # the checkpoint knows the four answers it has learnt
+    later = answer(run, 4)                # four more, in the store only (then the process is killed)
+    again = RLHFRun(run.cfg, run.ds, Learner(2, None, "all", seed=0), run.store, str(tmp_path), "random")
+    again.restore(ckpt)
+    assert len(again.answer_of) == 8 and not again.rm_fitted & set(later) and len(again.rm_fitted) == 4
