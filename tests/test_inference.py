@@ -109,9 +109,10 @@ def test_cli_default_model_prints_table(models, images):
 
 def test_cli_exit_2_when_nothing_readable(models, images, tmp_path):
     _, _, bad = images
-    res = run_cli(bad, tmp_path / "missing.png", "--model", models["run"], cwd=tmp_path)
+    (tmp_path / "notes.png").write_text("not a picture")
+    res = run_cli(bad, tmp_path / "notes.png", "--model", models["run"], cwd=tmp_path)
     assert res.returncode == 2
-    assert f"skipped {bad}:" in res.stderr and f"skipped {tmp_path / 'missing.png'}:" in res.stderr
+    assert f"skipped {bad}:" in res.stderr and f"skipped {tmp_path / 'notes.png'}:" in res.stderr
     assert res.stderr.splitlines()[-1].startswith("error: none of the 2 file(s)") and "Traceback" not in res.stderr
 
 

@@ -35,9 +35,9 @@ def test_policy_learns_answered_images_and_update_counts_versions(tmp_path, digi
     answers = torch.tensor(ds.labels)
     learner = Learner(2, None, "all", PPOConfig(learning_rate=1e-3), RewardModelConfig(), seed=0)
     x = ds.batch(list(range(len(ds))))
-    for _ in range(10):
+    for _ in range(20):
         stats = learner.update(x, answers, x_unanswered=x[:4])
-    assert learner.version == 10
+    assert learner.version == 20
     assert stats["rm_images"] == 4
     assert (learner.policy_probs(x).argmax(1) == answers).float().mean().item() >= 0.9
 
