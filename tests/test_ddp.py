@@ -123,7 +123,7 @@ def _rank_pid(parent, rank):
 
 
 def test_killed_process_stops_the_job_and_the_store_keeps_every_answer(tmp_path, digits):
-    pool = make_subset(tmp_path / "pool", digits, 30, classes=["0", "1"])
+    pool = make_subset(tmp_path / "pool", digits, 16, classes=["0", "1"])
     out = tmp_path / "run"
     launcher = subprocess.Popen([*TORCHRUN, os.path.join(ROOT, "train_rlhf.py"), "--images", pool, "--out", out,
                                  "--epochs", "20", *TINY], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
@@ -152,7 +152,7 @@ def test_killed_process_stops_the_job_and_the_store_keeps_every_answer(tmp_path,
     proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "1")
     assert proc.returncode == 0, proc.stderr
     after = store_rows(out)
-    assert after[:len(rows)] == rows and len({r[0] for r in after}) == len(after) == 60
+    assert after[:len(rows)] == rows and len({r[0] for r in after}) == len(after) == 32
 
 
 def test_labeling_window_and_inference_window_under_torchrun_are_refused(tmp_path):

@@ -311,3 +311,27 @@ def test_the_headless_path_and_the_training_modules_never_import_tkinter():
     code = ("import sys, train_rlhf, ppo, models, learner, rlhf_run\n"
             "assert 'tkinter' not in sys.modules, 'tkinter imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=WAIT_S)
+
+
+def test_an_answer_the_store_refuses_stays_on_screen_and_is_saved_once_the_store_is_free(display, tmp_path, pool):
+    out = tmp_path / "run"
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY)
+    s.keys("0")
+    holder = sqlite3.connect(out / "feedback.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another program holds the write lock
+    shown = len(s.events("shown"))
+    s.xdotool("key", "1")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(s.events("key")) < 2:
+        time.sleep(0.05)
+    time.sleep(1.5)  # the window's commit waits 0.5 s for the lock, then keeps the answer
+    assert len(s.events("shown")) == shown, "a key was acknowledged before its answer was on disk"
+    s.screenshot("labeling_window_store_busy.png")
+    holder.execute("ROLLBACK")
+    holder.close()
+    s.wait_for("shown", shown + 1)  # retried: saved, and the next image follows
+    s.keys("q")
+    rc, stdout, stderr = s.finish()
+    assert rc == 0, stderr
+    paths = question_paths(s)
+    assert answers(out) == {paths[0]: 0, paths[1]: 1}

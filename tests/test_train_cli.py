@@ -70,7 +70,7 @@ def test_same_command_twice_gives_the_same_metrics(tmp_path, small_pool):
 
 def test_kill_9_mid_run_loses_no_answer_and_resume_asks_none_again(tmp_path, photos):
     out = tmp_path / "run"
-    pool = make_subset(tmp_path / "pool", photos, 40)
+    pool = make_subset(tmp_path / "pool", photos, 20)
     args = [sys.executable, os.path.join(ROOT, "train_rlhf.py"), "--images", pool, "--out", str(out),
             "--epochs", "3", *TINY]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -84,22 +84,22 @@ def test_kill_9_mid_run_loses_no_answer_and_resume_asks_none_again(tmp_path, pho
                     count = conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
             except sqlite3.OperationalError:
                 count = 0
-            if count >= 20:
+            if count >= 12:
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     after_kill = store_rows(out)
-    assert len(after_kill) >= 20
+    assert len(after_kill) >= 12
 
-    proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "1", "--max-answers", "60")
+    proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "1", "--max-answers", "30")
     assert proc.returncode == 0, proc.stderr
     final = store_rows(out)
     assert final[:len(after_kill)] == after_kill
-    assert len(final) == 60 and len({r[0] for r in final}) == 60
+    assert len(final) == 30 and len({r[0] for r in final}) == 30
     asked = [m["asked_this_run"] for m in metrics(out)]
-    assert asked[-1] == 60 - len(after_kill)
+    assert asked[-1] == 30 - len(after_kill)
 
 
 def test_missing_empty_and_default_image_folders_are_one_line_errors(tmp_path):
