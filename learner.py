@@ -194,9 +194,7 @@ class Learner:
         hits = (rm_pred == answers_new.to(rm_pred.device))[fresh.to(rm_pred.device)].tolist()
         if not hits:
             return None
-        answers = answers_new[fresh].tolist()
-        self.rm_record = (self.rm_record + [(int(h), int(a)) for h, a in zip(hits, answers)])[-self.rm_cfg.rm_window:]
-        return sum(hits) / len(hits)
+        return self.remember(hits, answers_new[fresh].tolist())
 
     def score_verdicts(self, x, proposed, verdicts):
         """Record whether the reward model predicts fresh verdicts (yes when its P(yes) = p(proposed) is at
@@ -205,9 +203,12 @@ class Learner:
         if not x.shape[0]:
             return None
         p = (self.predicted_rewards(x).gather(1, proposed[:, None]).squeeze(1) + 1.0) / 2.0
-        hits = ((p >= 0.5) == verdicts.bool()).tolist()
-        codes = (self.num_classes + verdicts.long()).tolist()
-        self.rm_record = (self.rm_record + [(int(h), int(c)) for h, c in zip(hits, codes)])[-self.rm_cfg.rm_window:]
+        return self.remember(((p >= 0.5) == verdicts.bool()).tolist(), (self.num_classes + verdicts.long()).tolist())
+
+    def remember(self, hits, answers):
+        """Add (hit, answer) pairs to the reliability record, keeping the newest rm_window; returns their
+        accuracy."""
+        self.rm_record = (self.rm_record + [(int(h), int(a)) for h, a in zip(hits, answers)])[-self.rm_cfg.rm_window:]
         return sum(hits) / len(hits)
 
     def update(self, x_new, answers_new, x_replay=None, answers_replay=None, x_unanswered=None, fresh=None,

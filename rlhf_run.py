@@ -395,11 +395,12 @@ class RLHFRun:
             self.outstanding.add(v.index)
         self.asked_this_run -= 1
         self.epoch_rewards.pop(("verdict", v.key), None)
-        for queued, item in ((self.pending_no, v.key), (self.pending, v.index)):
-            if item in queued and (queued is self.pending_no or v.index not in self.answer_of):
-                queued.remove(item)
-        if v.index not in self.answer_of:
+        if v.key in self.pending_no:
+            self.pending_no.remove(v.key)
+        if v.index not in self.answer_of:  # the label it made is gone too
             self.visited.discard(v.index)
+            if v.index in self.pending:
+                self.pending.remove(v.index)
         fitted = v.key in self.no_fitted or bool(v.verdict and v.index in self.rm_fitted)
         self.no_fitted.discard(v.key)
         if v.verdict:
