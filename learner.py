@@ -77,6 +77,12 @@ def set_train_mode(model, batch_size):
     model.train(batch_size >= 2)
 
 
+def adam(params, lr, device="cpu"):
+    """Adam with its fused kernel where the device has one: on CPU a ResNet18 step takes 13 ms instead of
+    120 ms (bench/update_time.py), half of a small-image update. The same algorithm, summed in another order."""
+    return torch.optim.Adam(params, lr=lr, fused=torch.device(device).type in ("cpu", "cuda"))
+
+
 def reward_model_loss(logits, classes, rejected):
     """Per-row loss of the reward model, read as P(yes | image, class) = its softmax of that class: a label
     or a yes is -log p(class) (cross-entropy), a no is -log(1 - p(class)) (the Bernoulli likelihood)."""
@@ -136,8 +142,8 @@ class Learner:
         for m in self.reference.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = 0.0  # scored in train mode beside the policy, it must never track statistics
-        self.policy_opt = torch.optim.Adam(set_finetune(self.policy, finetune), lr=self.ppo_cfg.learning_rate)
-        self.rm_opt = torch.optim.Adam(set_finetune(self.reward_model, finetune), lr=self.rm_cfg.rm_learning_rate)
+        self.policy_opt = adam(set_finetune(self.policy, finetune), self.ppo_cfg.learning_rate, self.device)
+        self.rm_opt = adam(set_finetune(self.reward_model, finetune), self.rm_cfg.rm_learning_rate, self.device)
         self.encoder = frozen_part(self.policy, finetune).eval()
         self.policy_net = trainable_part(self.policy, finetune)
         self.rm_net = trainable_part(self.reward_model, finetune)

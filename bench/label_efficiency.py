@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import AntBeeDataset  # noqa: E402
-from learner import evaluate_accuracy  # noqa: E402
+from learner import adam, evaluate_accuracy  # noqa: E402
 from models import PolicyModel, resolve_backbone_weights  # noqa: E402
 from ppo import original_design_loss  # noqa: E402
 from ddp import Ranks  # noqa: E402
@@ -87,7 +87,7 @@ def baseline_start(ds, backbone, seed, budget, noise):
     """What both baselines start from: the seeded policy and its Adam, the labeler and the images to ask."""
     torch.manual_seed(seed)
     policy = PolicyModel(ds.num_classes, backbone)
-    return (policy, torch.optim.Adam(policy.parameters(), lr=3e-4), FolderLabeler(ds, noise, 0.0, seed),
+    return (policy, adam(policy.parameters(), 3e-4), FolderLabeler(ds, noise, 0.0, seed),
             answered_subset(ds, budget, seed))
 
 

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import AntBeeDataset  # noqa: E402
 from label_efficiency import common_flags, plot, split_folder, summarize, val_accuracy  # noqa: E402
-from learner import reward_model_loss  # noqa: E402
+from learner import adam, reward_model_loss  # noqa: E402
 from models import PolicyModel, resolve_backbone_weights  # noqa: E402
 from rlhf_run import open_run, run_headless  # noqa: E402
 from ddp import Ranks  # noqa: E402
@@ -61,7 +61,7 @@ def run_complementary(ds, val, backbone, args, seed, budget, noise):
     """Supervised learning from complementary labels on `budget` verdicts (see the module docstring)."""
     torch.manual_seed(seed)
     policy = PolicyModel(ds.num_classes, backbone)
-    opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
+    opt = adam(policy.parameters(), 3e-4)
     labeler, rng = FolderLabeler(ds, noise, 0.0, seed), random.Random(seed)
     rejected, verdicts, pool = {}, [], list(range(len(ds)))
     rng.shuffle(pool)
