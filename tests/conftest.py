@@ -13,6 +13,12 @@ import synthetic_images
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One test per core (pytest.ini): two processes with two OpenMP threads each on two cores spin against
+    # each other and every training step gets ten times slower. Set before torch is imported; subprocesses
+    # inherit it.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory):

@@ -57,7 +57,7 @@ def test_without_the_shared_data_tests_run_and_those_that_need_it_skip_saying_wh
     # As on a fresh clone: test_dataset.py holds both kinds of test.
     env = {**os.environ, "RLHF_SHARED_DATA": str(tmp_path / "nowhere")}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                           "--basetemp", str(tmp_path / "inner"), os.path.join(TESTS, "test_dataset.py")],
+                           "-n", "0", "--basetemp", str(tmp_path / "inner"), os.path.join(TESTS, "test_dataset.py")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"\d+ passed, 1 skipped", proc.stdout), proc.stdout
