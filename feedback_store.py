@@ -93,6 +93,7 @@ class FeedbackStore:
         with self._transaction():  # two connections opening one old store: the second finds the column
             if not has_kind():
                 self.db.execute("ALTER TABLE answers ADD COLUMN kind TEXT")
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     def _check_existing(self):
         """Refuse a damaged or foreign file before anything writes to it (a read-only connection cannot)."""
