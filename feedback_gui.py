@@ -250,9 +250,11 @@ class LabelingWindow:
         return 2 if len(self.names) > 5 and width >= 760 else 1
 
     def bars_height(self, width):
+        """Pixels the class bars need in a window this wide."""
         return BAR_ROW * -(-len(self.names) // self.bars_columns(width)) + 4
 
     def on_bars_resize(self, event):
+        """The bars' columns follow the window's width, and their height the columns."""
         height = self.bars_height(event.width)
         if int(self.bars["height"]) != height:
             self.bars.configure(height=height)  # the image canvas follows, and its photo is fitted again
