@@ -20,7 +20,8 @@ import traceback
 import torch
 from PIL import ImageTk
 
-from feedback_store import StoreError
+from feedback_store import IMPORTED, StoreError
+from label_transfer import store_label_rows
 from labeling_workers import Guesser, Trainer, fit
 from rlhf_run import SKIP
 
@@ -30,6 +31,10 @@ POLL_BATCH = 20     # outbox messages handled per tick, so that a burst never ho
 RECENT = 20
 UNDO_DEPTH = 20     # answers u can take back, each holding its picture
 RETRY_MS = 2000     # an answer the store refused (locked by another program, disk full) is tried again
+LOPSIDED_AFTER = 20  # answers before a class under half its fair share is worth a warning
+WINDOW_SIZE = (960, 840)
+SCREEN_MARGIN = (40, 80)  # left for the window manager's title bar and panels
+BAR_ROW = 20        # pixels per class in the bars under the image
 NO_DISPLAY = ("--feedback gui needs a display and {why}: use --feedback folder (the simulated labeler), "
               "or run under a virtual display: xvfb-run python train_rlhf.py ...")
 
@@ -50,6 +55,53 @@ def open_root():
     return root
 
 
+def lopsided(counts, min_answers=LOPSIDED_AFTER):
+    """Classes under half their fair share (total / number of classes) once min_answers are given."""
+    total = sum(counts)
+    if total < min_answers:
+        return []
+    return [c for c, n in enumerate(counts) if n < 0.5 * total / len(counts)]
+
+
+class ClassTally:
+    """The person's labels per class in this run, kept as the keys are pressed: labels, corrections, yes
+    verdicts, and the class left once every other was rejected (imported labels are not the person's)."""
+
+    def __init__(self, names, answers, verdicts):
+        self.num_classes = len(names)
+        self.counts = [0] * len(names)
+        for row in store_label_rows(answers, verdicts, names):
+            if row["class"] and row["kind"] != "imported":
+                self.counts[names.index(row["class"])] += 1
+        self.rejected = {}  # image hash -> classes the person said no to
+        for v in verdicts:
+            if not v["verdict"]:
+                self.rejected.setdefault(v["sha1"], set()).add(v["proposed"])
+
+    def label(self, cls, sign):
+        """A label (or correction) given (+1) or undone (-1)."""
+        self.counts[cls] += sign
+
+    def verdict(self, sha1, proposed, yes, sign):
+        """A yes or no about `proposed` for image sha1, given (+1) or undone (-1)."""
+        if yes:
+            self.counts[proposed] += sign
+            return
+        rejected = self.rejected.setdefault(sha1, set())
+        if sign < 0:
+            self.implied(rejected, -1)
+            rejected.discard(proposed)
+        else:
+            rejected.add(proposed)
+            self.implied(rejected, +1)
+
+    def implied(self, rejected, sign):
+        # every class but one rejected: the one left is the label (as RLHFRun reads it)
+        if len(rejected) == self.num_classes - 1:
+            left, = set(range(self.num_classes)) - rejected
+            self.counts[left] += sign
+
+
 class LabelingWindow:
     """The Tk side: widgets, keys, the prepared questions and the poll of the workers' outbox."""
 
@@ -60,10 +112,16 @@ class LabelingWindow:
         self.ready = collections.deque()   # prepared questions not shown yet, in order
         self.current, self.photos, self.on_canvas = None, {}, None
         self.history = collections.deque(maxlen=UNDO_DEPTH)  # (question, kind, answer, row added / row id)
-        self.answered, self.skipped = store.counts()
-        self.agree = [r["predicted"] == r["answer"] for r in store.rows() if r["answer"] is not None]
+        rows, verdicts = store.rows(), store.verdicts()
+        given = [r for r in rows if r["answer"] is not None and r.get("kind") != IMPORTED]
+        self.answered, self.skipped = len(given), sum(r["answer"] is None for r in rows)
+        self.imported = sum(r.get("kind") == IMPORTED for r in rows)
+        self.agree = [r["predicted"] == r["answer"] for r in given]
+        self.tally = ClassTally(self.names, rows, verdicts)
+        self.chart_view = "agreement"  # or "share": the person's answers per class (key c)
+        self.status_text = None
         self.asking_verdicts = cfg.ask == "verdict"
-        self.yes = [v["verdict"] for v in store.verdicts()]  # the person's yes (1) and no (0), oldest first
+        self.yes = [v["verdict"] for v in verdicts]  # the person's yes (1) and no (0), oldest first
         self.metrics, self.running, self.key_t, self.after_id, self.note = {}, None, None, None, None
         self.closing = self.finished = self.no_more = False
         self.signals, self.signum, self.box, self.epoch = 0, 0, guesser.box, rlhf.epoch
@@ -71,8 +129,11 @@ class LabelingWindow:
         path = os.environ.get("RLHF_GUI_EVENTS")
         self.events = open(path, "a", buffering=1, encoding="utf-8") if path else None
         root.title(TITLE)
-        root.geometry("960x840")
-        root.minsize(480, 480)
+        # on a small screen the window fits it: one taller than the screen loses its top or bottom
+        width, height = (min(size, screen - margin) for size, screen, margin in zip(
+            WINDOW_SIZE, (root.winfo_screenwidth(), root.winfo_screenheight()), SCREEN_MARGIN))
+        root.geometry(f"{width}x{height}")
+        root.minsize(min(480, width), min(480, height))
         root.protocol("WM_DELETE_WINDOW", lambda: self.quit("window closed"))
         root.report_callback_exception = self.callback_error
         root.bind("<KeyPress>", self.on_key)
@@ -90,7 +151,7 @@ class LabelingWindow:
                          tk.Button(keys, text="q  quit", command=lambda: self.quit("quit button"))]
         for i, b in enumerate(self.buttons):
             b.grid(row=i // 8, column=i % 8, padx=3, pady=3, sticky="ew")
-        self.bars = tk.Canvas(root, height=20 * len(self.names) + 4, highlightthickness=0)
+        self.bars = tk.Canvas(root, height=self.bars_height(width), highlightthickness=0)
         self.guess = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 22 if self.asking_verdicts else 11,
                                                                "bold" if self.asking_verdicts else "normal"))
         self.file = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 12, "bold"))
@@ -103,7 +164,7 @@ class LabelingWindow:
         self.warmer = tk.Label(root)  # never shown: giving it a photo makes Tk convert the pixels ahead
         self.canvas.bind("<Configure>", self.on_resize)
         self.chart.bind("<Configure>", lambda e: self.draw_chart())
-        self.bars.bind("<Configure>", lambda e: self.current and self.draw_guess(self.current))
+        self.bars.bind("<Configure>", self.on_bars_resize)
 
     def say(self, text, kind="note"):
         """The message bar: errors (red) stay; notes (blue) and retries (red) go with the next saved answer."""
@@ -158,6 +219,9 @@ class LabelingWindow:
             self.bars.delete("all")
             return
         self.guesser.tell(shown=q.seq)
+        size = (c.winfo_width(), c.winfo_height())
+        if min(size) >= 10 and size != self.box:  # a resize whose event has not come yet: fit what is there
+            self.set_box(*size)
         if q.picture is None:
             c.itemconfigure(self.image_item, state="hidden")
             c.itemconfigure(self.text_item, state="normal", text=q.problem + "\nanswer from the file name, or skip (s)")
@@ -173,42 +237,72 @@ class LabelingWindow:
         key_t, self.key_t = self.key_t, None
         if self.events:  # after_idle runs after Tk's own redraws: "shown" is logged once the image is drawn
             self.root.after_idle(lambda: self.log("shown", seq=q.seq, path=q.path, title=title, key_t=key_t,
-                                                           proposed=q.proposed))
+                                                  proposed=q.proposed, counts=list(self.tally.counts), box=self.box))
 
     def after_show(self):
         self.status_line()
         self.draw_chart()
         self.warm_next()
 
+    def bars_columns(self, width):
+        """Class bars side by side in two columns when there are many classes and room: the image keeps
+        the height they would take."""
+        return 2 if len(self.names) > 5 and width >= 760 else 1
+
+    def bars_height(self, width):
+        """Pixels the class bars need in a window this wide."""
+        return BAR_ROW * -(-len(self.names) // self.bars_columns(width)) + 4
+
+    def on_bars_resize(self, event):
+        """The bars' columns follow the window's width, and their height the columns."""
+        height = self.bars_height(event.width)
+        if int(self.bars["height"]) != height:
+            self.bars.configure(height=height)  # the image canvas follows, and its photo is fitted again
+        if self.current:
+            self.draw_guess(self.current)
+
     def draw_guess(self, q):
+        """The model's guess (or proposal) and, per class, its probability and the person's answers so far."""
         b = self.bars
         b.delete("all")
+        top = q.proposed if self.asking_verdicts else int(q.probs.argmax())
         if self.cfg.blind:
             self.guess.configure(text="the model's guess is hidden (--blind)")
-            return
-        top, width = int(q.probs.argmax()), max(b.winfo_width(), 400) - 260
-        if self.asking_verdicts:
-            top = q.proposed
+        elif self.asking_verdicts:
             self.guess.configure(text=f"Is it  {self.names[top]}?   y yes · n no · 0-{len(self.names) - 1} the right "
                                       "class", fg="#0d47a1")
         else:
             self.guess.configure(text=f"model's guess: {top} {self.names[top]}  ({q.probs[top]:.0%}, policy "
                                       f"v{q.version})")
+        width = max(b.winfo_width(), 400)
+        columns = self.bars_columns(width)
+        rows, low = -(-len(self.names) // columns), set(lopsided(self.tally.counts))
         for c, p in enumerate(map(float, q.probs)):
-            y = 2 + 20 * c
-            b.create_text(12, y + 9, anchor="w", text=f"{c}  {self.names[c]}")
-            b.create_rectangle(150, y + 3, 150 + width, y + 16, outline="#bbbbbb")
-            b.create_rectangle(150, y + 3, 150 + max(1, width * p), y + 16, width=0,
+            x0, y = width // columns * (c // rows), 2 + BAR_ROW * (c % rows)
+            right = x0 + width // columns - 10
+            n = self.tally.counts[c]
+            b.create_text(x0 + 12, y + 9, anchor="w", text=f"{c}  {self.names[c][:14]}")
+            b.create_text(right, y + 9, anchor="e", text=f"{n} answer{'' if n == 1 else 's'}",
+                          fill="#b00020" if c in low else "#555555")
+            if self.cfg.blind:
+                continue
+            start, end = x0 + 130, right - 150
+            b.create_rectangle(start, y + 3, end, y + 16, outline="#bbbbbb")
+            b.create_rectangle(start, y + 3, start + max(1, (end - start) * p), y + 16, width=0,
                                fill="#1565c0" if c == top else "#90a4ae")
-            b.create_text(160 + width, y + 9, anchor="w", text=f"{p:6.1%}")
+            b.create_text(end + 8, y + 9, anchor="w", text=f"{p:6.1%}")
+
+    def set_box(self, width, height):
+        """The image canvas is width x height: pictures are fitted to it from now on."""
+        self.box = self.guesser.box = (width, height)
+        for item in (self.image_item, self.text_item):
+            self.canvas.coords(item, width // 2, height // 2)
+        self.canvas.itemconfigure(self.text_item, width=width - 40)
 
     def on_resize(self, event):
         if event.width < 10 or event.height < 10:
             return
-        self.box = self.guesser.box = (event.width, event.height)
-        for item in (self.image_item, self.text_item):
-            self.canvas.coords(item, event.width // 2, event.height // 2)
-        self.canvas.itemconfigure(self.text_item, width=event.width - 40)
+        self.set_box(event.width, event.height)
         if self.current is not None and self.current.picture is not None:
             self.on_canvas = self.photo(self.current)
             self.canvas.itemconfigure(self.image_item, image=self.on_canvas)
@@ -225,6 +319,8 @@ class LabelingWindow:
             self.answer(SKIP, t)
         elif key in ("u", "U", "BackSpace"):
             self.undo()
+        elif key in ("c", "C"):
+            self.toggle_chart()
         elif key in ("q", "Q", "Escape"):
             self.quit(f"key {key}")
 
@@ -293,10 +389,12 @@ class LabelingWindow:
     def count(self, q, kind, value, sign):
         if kind == "verdict":
             self.yes.append(value) if sign > 0 else self.yes.pop()
+            self.tally.verdict(self.rlhf.ds.hashes[q.index], q.proposed, value, sign)
         elif value is SKIP:
             self.skipped += sign
         else:
             self.answered += sign
+            self.tally.label(value, sign)
             self.agree.append(int(q.probs.argmax()) == value) if sign > 0 else self.agree.pop()
 
     def quit(self, why):
@@ -366,7 +464,8 @@ class LabelingWindow:
     def status_line(self):
         q, m, epochs = self.current, self.metrics, self.cfg.epochs
         epoch = q.epoch + 1 if q else min(self.epoch + 1, epochs)
-        line = f"{self.answered} answered · {self.skipped} skipped · " + (
+        line = f"{self.answered} answered · {self.skipped} skipped · " + (f"{self.imported} imported · "
+                                                                          if self.imported else "") + (
             f"{q.left} left in epoch {epoch}/{epochs}" if q else f"epoch {epoch}/{epochs}")
         if self.asking_verdicts:
             line = f"{len(self.yes)} verdicts · " + line
@@ -383,16 +482,42 @@ class LabelingWindow:
                else "refitting the reward model without the undone answer…" if self.running
                else "training on the answers" if self.no_more
                else f"next update after {need} more answers" if need > 0 else "update due")
-        self.status.configure(text=f"{line}\n{last}   ·   {now}")
+        warning = self.balance_warning()
+        text = f"{line}\n{last}   ·   {now}" + (f"\n{warning}" if warning else "")
+        if text != self.status_text:
+            self.status_text = text
+            self.status.configure(text=text)
+            self.log("status", text=text)
+
+    def balance_warning(self):
+        """A line when the person's answers leave a class under half its fair share (often an ordering
+        problem: the images coming class by class), else ''."""
+        counts = self.tally.counts
+        low = lopsided(counts)
+        if not low:
+            return ""
+        named = ", ".join(f"{self.names[c]}: {counts[c]}" for c in low[:3]) + (" ..." if len(low) > 3 else "")
+        return (f"warning: answers lopsided: {named} of {sum(counts)} (fair share {sum(counts) / len(counts):.0f})"
+                " · images in class order? · c: chart per class")
+
+    def toggle_chart(self):
+        """Key c: the chart shows the agreement over time, or the person's answers per class."""
+        self.chart_view = "share" if self.chart_view == "agreement" else "agreement"
+        self.log("chart", view=self.chart_view)
+        self.draw_chart()
 
     def draw_chart(self):
-        agree = self.yes if self.asking_verdicts else self.agree
-        c, n = self.chart, len(agree)
+        c = self.chart
         c.delete("all")
         w, h = max(c.winfo_width(), 200), int(c["height"])
+        if self.chart_view == "share":
+            self.draw_share_chart(w, h)
+            return
+        agree = self.yes if self.asking_verdicts else self.agree
+        n = len(agree)
         what = "your yes to its proposals over verdicts" if self.asking_verdicts else "agreement with you over answers"
         c.create_text(8, 4, anchor="nw", font=("TkDefaultFont", 9), fill="#444444",
-                      text=f"{what}:  blue last 20 · grey overall · dashed chance")
+                      text=f"{what}:  blue last 20 · grey overall · dashed chance   (c: answers per class)")
         x0, x1, y0, y1 = 40, w - 10, 20, h - 6
         c.create_rectangle(x0, y0, x1, y1, outline="#cccccc")
         for v in (0.0, 0.5, 1.0):
@@ -410,6 +535,29 @@ class LabelingWindow:
                 overall += [x, y1 - (y1 - y0) * total / (i + 1)]
         c.create_line(*overall, fill="#9e9e9e", width=2)
         c.create_line(*recent, fill="#1565c0", width=2)
+
+    def draw_share_chart(self, w, h):
+        """One column per class: its share of the person's answers, beside the fair share and half of it."""
+        c, counts = self.chart, self.tally.counts
+        total, k, low = sum(counts), len(counts), set(lopsided(counts))
+        c.create_text(8, 4, anchor="nw", font=("TkDefaultFont", 9), fill="#444444",
+                      text=f"your {total} answers per class:  dashed fair share · dotted half of it, the warning "
+                           f"line after {LOPSIDED_AFTER} answers   (c: agreement)")
+        x0, x1, y0, y1 = 40, w - 10, 20, h - 18
+        scale = max([2 / k] + [n / total for n in counts if total])  # the tallest column, or twice the fair share
+        c.create_rectangle(x0, y0, x1, y1, outline="#cccccc")
+        for v in (0.0, scale):
+            c.create_text(x0 - 4, y1 - v / scale * (y1 - y0), anchor="e", font=("TkDefaultFont", 8), text=f"{v:.0%}")
+        step = (x1 - x0) / k
+        for cls, n in enumerate(counts):
+            left, share = x0 + cls * step, n / total if total else 0.0
+            c.create_rectangle(left + 3, y1 - share / scale * (y1 - y0), left + step - 3, y1, width=0,
+                               fill="#b00020" if cls in low else "#1565c0")
+            c.create_text(left + step / 2, y1 + 2, anchor="n", font=("TkDefaultFont", 8),
+                          text=f"{self.names[cls][:10]}: {n}")
+        for share, dash in ((1 / k, (4, 3)), (0.5 / k, (1, 3))):
+            y = y1 - share / scale * (y1 - y0)
+            c.create_line(x0, y, x1, y, dash=dash, fill="#555555")
 
 
 def run_session(root, rlhf):

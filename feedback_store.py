@@ -1,8 +1,10 @@
 """Every answer a person gives, committed to SQLite the moment it is given.
 
 One row per image content hash: an image is asked about at most once. `answer` is the class index the
-person gave, or NULL for a skip. The store survives a killed process: SQLite's commit is the unit of
-durability, so what was committed before a `kill -9` is there after `--resume`.
+person gave, or NULL for a skip; `kind` says how it was given (label, correction, skip, or import for a
+row from --import-labels; NULL in stores written before the column existed, which gain it when opened).
+The store survives a killed process: SQLite's commit is the unit of durability, so what was committed
+before a `kill -9` is there after `--resume`.
 """
 import contextlib
 import json
@@ -11,7 +13,8 @@ import sqlite3
 import time
 from urllib.request import pathname2url
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: answers.kind
+IMPORTED = "import"  # answers.kind of a row from --import-labels
 TABLES = {"meta", "answers", "verdicts", "sqlite_sequence"}
 
 
@@ -26,11 +29,18 @@ class StoreBusyError(StoreError):
 class FeedbackStore:
     """The SQLite feedback database of one run (`feedback.sqlite` in the run folder).
 
-    `busy_timeout` is how many seconds a write waits for another program's lock before StoreBusyError."""
+    `busy_timeout` is how many seconds a write waits for another program's lock before StoreBusyError;
+    `read_only` opens an existing store for reading alone (--export): no table is made, nothing migrated."""
 
-    def __init__(self, path, busy_timeout=5.0):
+    def __init__(self, path, busy_timeout=5.0, read_only=False):
         self.path = path
         self.busy_timeout = busy_timeout
+        if read_only:
+            self._check_existing()
+            with self._errors():
+                self.db = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=busy_timeout,
+                                          isolation_level=None, check_same_thread=False)
+            return
         if os.path.isfile(path) and os.path.getsize(path) > 0:
             self._check_existing()
         with self._errors():
@@ -52,7 +62,8 @@ class FeedbackStore:
                         reward REAL,
                         policy_version INTEGER,
                         epoch INTEGER,
-                        created REAL NOT NULL
+                        created REAL NOT NULL,
+                        kind TEXT
                     );
                     CREATE TABLE IF NOT EXISTS verdicts (
                         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -66,12 +77,28 @@ class FeedbackStore:
                         epoch INTEGER,
                         created REAL NOT NULL
                     );""")
+            self._migrate()
         except BaseException:
             self.db.close()
             raise
 
+    def _migrate(self):
+        """Give a store written by an older version the columns this one writes (its rows stay as they are)."""
+        def has_kind():
+            return "kind" in {r[1] for r in self.db.execute("PRAGMA table_info(answers)")}
+
+        with self._errors():
+            if has_kind():  # the usual case takes no write lock
+                return
+        with self._transaction():  # two connections opening one old store: the second finds the column
+            if not has_kind():
+                self.db.execute("ALTER TABLE answers ADD COLUMN kind TEXT")
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
     def _check_existing(self):
         """Refuse a damaged or foreign file before anything writes to it (a read-only connection cannot)."""
+        if not os.path.isfile(self.path):
+            raise StoreError(f"{self.path} does not exist: pass --out with a run folder")
         with self._errors():
             db = sqlite3.connect(f"file:{_uri_path(self.path)}?mode=ro", uri=True, timeout=self.busy_timeout)
         try:
@@ -120,30 +147,35 @@ class FeedbackStore:
             raise StoreError(f"{self.path}: {text}: check the disk and the file's permissions, or use a new "
                              "--out") from None
 
-    def _write(self, *statements):
-        """Run (sql, params) statements in one transaction; returns the last one's cursor."""
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction: committed whole, or rolled back whole."""
         with self._errors():
             self.db.execute("BEGIN IMMEDIATE")  # takes the write lock first, so the busy timeout applies
             try:
-                for sql, params in statements:
-                    cur = self.db.execute(sql, params)
+                yield
                 self.db.execute("COMMIT")
             except BaseException:
                 if self.db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         self.db.execute("ROLLBACK")
                 raise
+
+    def _write(self, *statements):
+        """Run (sql, params) statements in one transaction; returns the last one's cursor."""
+        cur = None
+        with self._transaction():
+            for sql, params in statements:
+                cur = self.db.execute(sql, params)
         return cur
 
     def check_classes(self, class_names):
         """Record the class names on first use; refuse a database made for other classes."""
-        with self._errors():
-            row = self.db.execute("SELECT value FROM meta WHERE key='class_names'").fetchone()
-        if row is None:
+        stored = self.class_names()
+        if stored is None:
             self._write(("INSERT INTO meta VALUES ('class_names', ?)", (json.dumps(list(class_names)),)),
                         ("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)))
             return
-        stored = json.loads(row[0])
         if stored != list(class_names):
             raise StoreError(f"{self.path} holds answers for classes {stored}, not {list(class_names)}: "
                              "use the same --images/--classes or a new --out")
@@ -157,14 +189,34 @@ class FeedbackStore:
                              "pass the --images folder the run was made with, or a new --out")
 
     def add(self, sha1, path, answer, predicted=None, probability=None, sampled=None, reward=None,
-            policy_version=None, epoch=None):
+            policy_version=None, epoch=None, kind=None):
         """Commit one answer (None = skip). A second answer for the same image replaces nothing.
 
         Raises StoreBusyError when another program holds the file: nothing was written, so retry later."""
         return self._write((
             "INSERT OR IGNORE INTO answers (sha1, path, answer, predicted, probability, sampled, reward,"
-            " policy_version, epoch, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (sha1, path, answer, predicted, probability, sampled, reward, policy_version, epoch, time.time()))).rowcount == 1
+            " policy_version, epoch, created, kind) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (sha1, path, answer, predicted, probability, sampled, reward, policy_version, epoch, time.time(),
+             kind))).rowcount == 1
+
+    def add_imported(self, labels):
+        """Commit (sha1, path, answer) labels from --import-labels in one transaction, marked kind 'import';
+        an image that already has an answer keeps it. Returns how many were added."""
+        before, now = self.db.total_changes, time.time()
+        self._write(*[("INSERT OR IGNORE INTO answers (sha1, path, answer, created, kind) VALUES (?,?,?,?,?)",
+                       (sha1, path, answer, now, IMPORTED)) for sha1, path, answer in labels])
+        return self.db.total_changes - before
+
+    def imported(self):
+        """Content hashes of the answers that came from --import-labels."""
+        with self._errors():
+            return {r[0] for r in self.db.execute("SELECT sha1 FROM answers WHERE kind=?", (IMPORTED,))}
+
+    def class_names(self):
+        """The class names the answers index (None before the run's first start)."""
+        with self._errors():
+            row = self.db.execute("SELECT value FROM meta WHERE key='class_names'").fetchone()
+        return None if row is None else json.loads(row[0])
 
     def remove(self, sha1):
         """Delete an answer (undo); returns True when there was one. Raises StoreBusyError like add."""
@@ -188,6 +240,8 @@ class FeedbackStore:
 
     def _table(self, name):
         with self._errors():
+            if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone():
+                return []  # read-only, a store written before the table existed
             cur = self.db.execute(f"SELECT * FROM {name} ORDER BY id")
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r)) for r in cur]

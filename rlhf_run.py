@@ -30,6 +30,7 @@ from checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, atomic
                         save_checkpoint, update_latest_link)
 from feature_cache import FeatureCache, weights_digest
 from feedback_store import FeedbackStore, StoreError
+from label_transfer import import_labels
 from learner import Learner, evaluate_accuracy
 
 REFERENCE_NAME = "reference.pt"
@@ -97,9 +98,10 @@ class RLHFRun:
             key = f"{learner.finetune}-{dataset.image_size}-{weights_digest(learner.encoder)}"
             self.cache = FeatureCache(run_dir, learner.encode, key)
         # every process reads the cache before rank 0 can write it: the broadcast waits for all of them
-        by_hash, stored_verdicts = self.ranks.broadcast(
-            (store.answers(), store.verdicts()) if store is not None else None)
+        by_hash, stored_verdicts, imported = self.ranks.broadcast(
+            (store.answers(), store.verdicts(), store.imported()) if store is not None else None)
         self.answer_of = {i: by_hash[h] for i, h in enumerate(dataset.hashes) if h in by_hash}
+        self.imported = {i for i, h in enumerate(dataset.hashes) if h in imported}  # from --import-labels
         self.index_of = {h: i for i, h in enumerate(dataset.hashes)}
         self.verdicts = []             # Verdict records, in the order given (None where undone)
         self.rejected = {}             # pool position -> classes the person said no to
@@ -151,8 +153,9 @@ class RLHFRun:
         self.epoch_rewards = {}        # +1/-1 of the shown guess of each answer given this epoch
 
     def answers_given(self):
-        """What --max-answers counts: labels, skips and verdicts (a class implied by no's adds nothing)."""
-        return len(self.answer_of) - len(self.implied) + self.no_count
+        """What --max-answers counts: labels, skips and verdicts (a class implied by no's adds nothing, and
+        an imported label was never asked)."""
+        return len(self.answer_of) - len(self.implied) - len(self.imported) + self.no_count
 
     def can_ask(self):
         limit = self.cfg.max_answers
@@ -250,10 +253,11 @@ class RLHFRun:
         """The store row of an answer: the guess shown (argmax of probs), its probability, the answer and
         the reward of the shown guess (+1 right, -1 wrong, None for a skip)."""
         shown = int(probs.argmax())
+        kind = "skip" if answer is SKIP else "correction" if self.cfg.ask == "verdict" else "label"
         return dict(sha1=self.ds.hashes[index], path=self.ds.paths[index], answer=answer, predicted=shown,
                     probability=float(probs[shown]),
                     reward=None if answer is SKIP else (1.0 if shown == answer else -1.0),
-                    policy_version=policy_version, epoch=self.epoch)
+                    policy_version=policy_version, epoch=self.epoch, kind=kind)
 
     def record(self, index, answer, probs, policy_version, commit=True):
         """The person's answer (class index or SKIP) about image `index`, shown with guess `probs`;
@@ -270,6 +274,12 @@ class RLHFRun:
             self.shown_of[index] = row["predicted"]
             self.epoch_rewards[index] = row["reward"]
         self.visit(index)
+
+    def learn_imported(self, indices):
+        """Labels just imported: queued for the next updates, as new answers the reward model has not seen."""
+        for index in indices:
+            self.rm_fitted.discard(index)
+            self.visit(index)
 
     def visit(self, index):
         """Queue an image for training in this epoch: with its answer, or through the reward model (and
@@ -468,7 +478,7 @@ class RLHFRun:
     def after_update(self, stats, n_labels, n_no, shown, t0):
         """Metrics (printed and in metrics.jsonl), validation, checkpoint and a new ranking."""
         metrics = {"update": self.learner.version, "epoch": self.epoch + 1, "answers": self.answered_count(),
-                   "asked": len(self.answer_of), "asked_this_run": self.asked_this_run,
+                   "imported": len(self.imported), "asked": len(self.answer_of), "asked_this_run": self.asked_this_run,
                    "human_images": n_labels, **stats, "update_s": time.perf_counter() - t0}
         if self.cfg.ask == "verdict" or self.no_count:
             live = [v for v in self.verdicts if v is not None]
@@ -505,7 +515,8 @@ class RLHFRun:
         self.epoch += 1
         if self.val is not None:
             self.write_metrics({"update": self.learner.version, "epoch": self.epoch, "epoch_end": True,
-                                "answers": self.answered_count(), "val_acc": self.validate()})
+                                "answers": self.answered_count(), "imported": len(self.imported),
+                                "val_acc": self.validate()})
         self.export_training_data()
         self.save()
         self.begin_epoch()
@@ -602,8 +613,9 @@ class RLHFRun:
                                      "class_names": list(self.ds.class_names)})
 
 
-def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks):
-    """The RLHFRun of a run folder (a new one, or resumed from its checkpoint with cfg.resume). Under
+def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows=None):
+    """The RLHFRun of a run folder (a new one, or resumed from its checkpoint with cfg.resume), with the
+    labels of cfg.import_labels (label_rows: that file's rows, on rank 0) stored and queued to learn. Under
     torchrun only rank 0 opens the store; a user error there is raised on every process."""
     learner = Learner(ds.num_classes, backbone, cfg.finetune, cfg.ppo, cfg.rm, device, cfg.seed, ranks)
 
@@ -614,6 +626,8 @@ def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks):
         return store
 
     store = ranks.on_main(open_store, (StoreError,), share=False)
+    report = cfg.import_labels and ranks.on_main(lambda: import_labels(store, ds, cfg.import_labels, label_rows),
+                                                 (StoreError,))
     run = RLHFRun(cfg, ds, learner, store, run_dir, origin, val)
     ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
     if cfg.resume and os.path.isfile(ckpt_path):
@@ -622,6 +636,9 @@ def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks):
             raise CheckpointError(f"{ckpt_path} was trained on classes {ckpt.get('class_names')}, not "
                                   f"{ds.class_names}: pass the run's --images/--classes or a new --out")
         run.restore(ckpt)
+    if report:
+        run.learn_imported(sorted(i for i, _ in report.added.values()))
+        run.log(report.line(ds.root))
     run.save_reference()
     if ranks.is_main:
         with run.writing(os.path.join(run_dir, "config.json")):

@@ -23,7 +23,7 @@ from ppo import PPOConfig
 # Flags that decide the shape of the models or the meaning of the answers: fixed for a run's lifetime.
 RUN_SHAPE = ("images", "classes", "image_size", "weights", "finetune")
 # Flags that act on one invocation only and are never taken from a saved config.json.
-PER_INVOCATION = ("resume", "download")
+PER_INVOCATION = ("resume", "download", "export", "import_labels")
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,14 @@ class RunConfig:
     val: Optional[str] = setting(None, "labelled folder (one subfolder per class) scored as val_acc in the metrics")
     out: Optional[str] = setting(None, "run folder (default runs/rlhf__SEED__TIME; with --resume, runs/latest)")
     resume: bool = setting(False, "continue the run in --out (or runs/latest)", flag=True)
+    export: Optional[str] = setting(None, "write the labels of the run in --out (or runs/latest) to a .csv or "
+                                    ".jsonl file, or to a folder (a path ending in / or an existing folder) "
+                                    "as an ImageFolder, and exit; the run is read, never changed, also while "
+                                    "it is being labeled")
+    import_labels: Optional[str] = setting(None, "labels that count as answered when the run starts (new or "
+                                           "--resume): a .csv or .jsonl written by --export, or a folder with "
+                                           "one subfolder per class; matched by content hash, so renamed or "
+                                           "moved images still match")
     feedback: str = setting("gui", "who answers: the labeling window, or a simulated labeler using the class "
                             "folders", choices=("gui", "folder"))
     ask: str = setting("label", "what the person gives: the true class (label), or yes/no to the class the model "
@@ -131,6 +139,9 @@ class RunConfig:
         if self.blind and self.ask == "verdict":
             raise ConfigError("--blind has no meaning with --ask verdict: the window shows the class it proposes "
                               "(drop --blind, or use --ask label)")
+        if self.export and self.import_labels:
+            raise ConfigError("--export and --import-labels: one at a time (export writes a run's labels out "
+                              "and exits; --import-labels reads labels into a run as it starts)")
         if self.ppo.num_minibatches > self.batch_size + self.rm_per_update:
             raise ConfigError(f"--num-minibatches {self.ppo.num_minibatches} is more than the "
                               f"{self.batch_size + self.rm_per_update} images of one update (--batch-size + "

@@ -3,6 +3,8 @@
     python train_rlhf.py                                   # labeling window on data/hymenoptera_data/train
     python train_rlhf.py --images DIR --feedback folder --epochs 3 --out runs/demo   # simulated labeler
     python train_rlhf.py --out runs/demo --resume          # continue; nothing already answered is asked again
+    python train_rlhf.py --out runs/demo --export labels.csv   # the run's labels (.jsonl, or DIR/ as an ImageFolder)
+    python train_rlhf.py --images DIR --import-labels labels.csv   # labels given elsewhere count as answered
     torchrun --nproc_per_node=2 train_rlhf.py --feedback folder ...   # the headless loop on 2 processes
 
 This script parses the flags (run_config.py), prepares the run folder and starts the loop (rlhf_run.py)
@@ -25,6 +27,7 @@ from data_download import DEFAULT_IMAGES, DownloadError, ensure_default_data
 from dataset import AntBeeDataset, DatasetError
 from ddp import DeviceError, Ranks, exit_as_promised, pick_device, stopped_job_line
 from feedback_store import StoreError
+from label_transfer import LabelTransferError, export_labels, read_label_source
 from models import WeightsError, resolve_backbone_weights
 from rlhf_run import open_run, run_headless
 from run_config import PER_INVOCATION, RUN_SHAPE, ConfigError, RunConfig
@@ -39,7 +42,7 @@ class UsageError(Exception):
 
 
 USER_ERRORS = (UsageError, ConfigError, DatasetError, StoreError, CheckpointError, WeightsError, DownloadError,
-               DeviceError, LabelerError, RunLockedError)
+               DeviceError, LabelerError, RunLockedError, LabelTransferError)
 
 
 def resumed_config(cfg, argv, run_dir):
@@ -131,8 +134,9 @@ def open_window_root(cfg):
         raise UsageError(str(err)) from None
 
 
-def start(cfg, run_dir, ranks, device):
-    """Everything before the first question: the window's root, the pool, the RLHFRun."""
+def start(cfg, run_dir, ranks, device, label_rows=None):
+    """Everything before the first question: the window's root, the pool, the RLHFRun (with the rows of
+    --import-labels stored)."""
     if ranks.active and cfg.feedback == "gui":
         raise UsageError(GUI_UNDER_TORCHRUN)  # --resume of a run that was labeled in the window
     gui, root = open_window_root(cfg) if cfg.feedback == "gui" else (None, None)
@@ -143,29 +147,36 @@ def start(cfg, run_dir, ranks, device):
         check_window_classes(ds)
     else:
         FolderLabeler(ds)  # refuses a pool it cannot answer for, before anything is written
-    return gui, root, open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks)
+    return gui, root, open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows)
 
 
 def stored(store):
     """What the store holds, in words: answers, skips and verdicts."""
-    (answered, skipped), (yes, no) = store.counts(), store.verdict_counts()
-    return f"{answered} answers, {skipped} skips" + (f", {yes} yes and {no} no verdicts" if yes + no else "")
+    (answered, skipped), (yes, no), imported = store.counts(), store.verdict_counts(), len(store.imported())
+    return (f"{answered} answers" + (f" ({imported} imported)" if imported else "") + f", {skipped} skips"
+            + (f", {yes} yes and {no} no verdicts" if yes + no else ""))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = RunConfig.from_args(argv)
+    if cfg.export:  # reads the run, takes no lock: a labeling session may hold it
+        print(export_labels(resolve_run_dir(cfg.out or os.path.join("runs", "latest")), cfg.export))
+        return 0
     if Ranks.launched() and cfg.feedback == "gui" and not cfg.resume:
         raise UsageError(GUI_UNDER_TORCHRUN)  # before anything is written
     ranks = Ranks.from_environment(pick_device(cfg.device))
     device = pick_device(cfg.device, ranks)
     if device.startswith("cuda") and ranks.active:
         torch.cuda.set_device(device)  # nccl's collectives run on the current device
+    # a label file that cannot be read stops the start before anything is written
+    label_rows = cfg.import_labels and ranks.on_main(lambda: read_label_source(cfg.import_labels),
+                                                     (LabelTransferError,), share=False)
     # rank 0 alone decides the folder (its default name holds the time), checks and locks it
     run_dir, cfg, created = ranks.on_main(lambda: prepare_run_dir(cfg, argv),
                                           (UsageError, ConfigError, RunLockedError))
     try:
-        gui, root, run = start(cfg, run_dir, ranks, device)
+        gui, root, run = start(cfg, run_dir, ranks, device, label_rows)
     except BaseException:
         if created and ranks.is_main:  # a failed start leaves no half-made run folder behind
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -3,6 +3,8 @@
     photos(root)   root/ants, root/bees: photo-like pictures (JPEG and PNG, several sizes, square or not)
                    and a GIF placeholder in ants/, as PyTorch's hymenoptera archive holds one
     digits(root)   root/0 .. root/9: 32x32 greyscale PNG digits, as the shared digits set holds
+    framed(root)   root/0 .. root/9: square pictures in a red frame, so a screenshot shows whether the whole
+                   picture is on screen
 
 Every picture comes from a seeded generator: the same files, byte for byte, on every run and machine with the
 same Pillow. The two photo classes differ in colour and shape (dark, thin ants on green; striped yellow bees
@@ -105,4 +107,22 @@ def digits(root, per_class=32):
             img.paste(rng.randint(170, 255), (x, y), ink)
             img = Image.blend(img, _noise(rng, (32, 32), "L"), 0.08)
             img.save(os.path.join(root, str(d), f"digit_{i:04d}.png"))
+    return str(root)
+
+
+FRAME = (230, 20, 20)
+
+
+def framed(root, classes=10, per_class=2, size=64):
+    """root/0 .. root/<classes - 1> with per_class PNGs each: a grey square, its class in white, inside a 3-pixel
+    red frame (FRAME) that no other pixel shares."""
+    font = ImageFont.load_default()
+    for c in range(classes):
+        os.makedirs(os.path.join(root, str(c)), exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("RGB", (size, size), (60 + 20 * i, 60, 60))
+            draw = ImageDraw.Draw(img)
+            draw.rectangle((0, 0, size - 1, size - 1), outline=FRAME, width=3)
+            draw.text((size // 3, size // 3), str(c), fill=(255, 255, 255), font=font)
+            img.save(os.path.join(root, str(c), f"framed_{i}.png"))
     return str(root)

@@ -14,8 +14,9 @@ import time
 
 import pytest
 import torch
-from PIL import Image, ImageStat
+from PIL import Image, ImageChops, ImageStat
 
+import synthetic_images
 from conftest import ROOT, assert_user_error, make_subset, store_rows
 from xvfb_display import XvfbDisplay, XvfbError
 
@@ -335,3 +336,110 @@ def test_an_answer_the_store_refuses_stays_on_screen_and_is_saved_once_the_store
     assert rc == 0, stderr
     paths = question_paths(s)
     assert answers(out) == {paths[0]: 0, paths[1]: 1}
+
+
+def wait_for_status(session, predicate):
+    """The newest status line once it satisfies predicate (the status line is drawn just after the image)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        lines = [e["text"] for e in session.events("status")]
+        if lines and predicate(lines[-1]):
+            return lines[-1]
+        if time.monotonic() > deadline or session.proc.poll() is not None:
+            pytest.fail(f"no such status line: {lines[-1:] or 'none'}")
+        time.sleep(0.05)
+
+
+def test_lopsided_answers_are_counted_beside_the_bars_and_warned_about_in_the_status_line(display, tmp_path, photos):
+    out = tmp_path / "run"
+    pool = make_subset(tmp_path / "pool", photos, 12)
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--order", "random")
+    s.keys(*["0"] * 16, *["1"] * 3)
+    assert s.events("shown")[-1]["counts"] == [16, 3]
+    line = wait_for_status(s, lambda text: text.startswith("19 answered"))
+    assert "warning" not in line  # bees are under half their share, but 19 answers are too few to say so
+    s.keys("1")
+    line = wait_for_status(s, lambda text: text.startswith("20 answered"))
+    assert "warning: answers lopsided: bees: 4 of 20 (fair share 10)" in line
+    s.xdotool("key", "c")
+    assert s.wait_for("chart")[-1]["view"] == "share"
+    shot = s.screenshot("labeling_window_class_share.png")
+    s.keys("u")  # 19 answers again: the warning goes
+    assert "warning" not in wait_for_status(s, lambda text: text.startswith("19 answered"))
+    assert s.events("shown")[-1]["counts"] == [16, 3]
+    s.keys("q")
+    rc, stdout, stderr = s.finish()
+    assert rc == 0, stderr
+    assert sorted(answers(out).values()) == [0] * 16 + [1] * 3
+    assert ImageStat.Stat(Image.open(shot).convert("L")).stddev[0] > 10, "blank screenshot"
+
+
+def test_ten_classes_on_a_small_screen_show_the_whole_image(tmp_path):
+    if not (shutil.which("Xvfb") and shutil.which("xdotool") and shutil.which("import")):
+        pytest.skip("the window tests need Xvfb, xdotool and ImageMagick's import")
+    pool = synthetic_images.framed(tmp_path / "framed")
+    with XvfbDisplay(screen="1024x700x24") as small:
+        s = Session(small.display, tmp_path, "--images", pool, "--out", tmp_path / "run", *TINY,
+                    "--order", "sequential")
+        try:
+            s.keys("0")
+            shot = s.screenshot("labeling_window_10_classes.png")
+            geometry = dict(line.split("=") for line in s.xdotool("getwindowgeometry", "--shell", s.window).split())
+        finally:
+            s.proc.kill()
+            s.proc.wait()
+    assert int(geometry["WIDTH"]) <= 1024 and int(geometry["HEIGHT"]) <= 700, geometry  # the window fits
+    # the picture's red frame is on screen whole: a square with all four sides drawn
+    r, g, b = Image.open(shot).convert("RGB").split()
+    dark = [band.point(lambda v: 255 * (v < 60)) for band in (g, b)]
+    mask = ImageChops.multiply(r.point(lambda v: 255 * (abs(v - synthetic_images.FRAME[0]) < 30)),
+                               ImageChops.multiply(*dark))
+    x0, y0, x1, y1 = mask.getbbox()
+    assert abs((x1 - x0) - (y1 - y0)) <= 2 and y1 - y0 >= 150, (x0, y0, x1, y1)
+    for edge in ((x0, y0, x1, y0 + 1), (x0, y1 - 1, x1, y1), (x0, y0, x0 + 1, y1), (x1 - 1, y0, x1, y1)):
+        assert ImageStat.Stat(mask.crop(edge)).mean[0] > 250, edge
+    shown = s.events("shown")[-1]
+    assert shown["box"][1] >= y1 - y0  # fitted to the canvas it really has
+
+
+def test_a_class_under_half_its_fair_share_is_lopsided_only_after_twenty_answers():
+    from feedback_gui import lopsided
+    assert lopsided([16, 4]) == [1] and lopsided([15, 4]) == [] and lopsided([10, 10]) == []
+    assert lopsided([10, 10, 3]) == [2] and lopsided([18, 1, 1], min_answers=30) == []
+
+
+def test_the_tally_counts_the_persons_labels_yes_and_a_class_left_by_nos_but_not_imports():
+    from feedback_gui import ClassTally
+    row = dict(path="/p/x.jpg", policy_version=0, created=1.0)
+    answers = [{**row, "sha1": "imp", "answer": 0, "kind": "import"},
+               {**row, "sha1": "l", "answer": 1, "kind": "label"},
+               {**row, "sha1": "old", "answer": 1, "kind": None},
+               {**row, "sha1": "s", "answer": None, "kind": "skip"}]
+    verdicts = [{**row, "sha1": "y", "proposed": 2, "verdict": 1}, {**row, "sha1": "x", "proposed": 0, "verdict": 0},
+                {**row, "sha1": "x", "proposed": 1, "verdict": 0}]
+    tally = ClassTally(["a", "b", "c"], answers, verdicts)
+    assert tally.counts == [0, 2, 2]  # the imported label is not the person's; x's no's leave c
+    tally.verdict("z", 0, 0, +1)
+    assert tally.counts == [0, 2, 2]  # one no of two: no label yet
+    tally.verdict("z", 1, 0, +1)
+    assert tally.counts == [0, 2, 3]
+    tally.verdict("z", 1, 0, -1)      # undone: the label it made goes too
+    tally.label(0, +1)
+    assert tally.counts == [1, 2, 2]
+
+
+def test_imported_labels_are_never_shown_and_count_apart_from_the_persons_answers(display, tmp_path, pool):
+    from dataset import file_sha1, list_image_files
+    imported = list_image_files(pool)[:5]
+    (tmp_path / "labels.csv").write_text("sha1,class\n" + "".join(f"{file_sha1(p)},bees\n" for p in imported))
+    out = tmp_path / "run"
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--import-labels", tmp_path / "labels.csv")
+    assert "0 answered · 0 skipped · 5 imported" in wait_for_status(s, lambda text: "imported" in text)
+    s.keys("0", "0")
+    assert s.events("shown")[-1]["counts"] == [2, 0]  # the person's answers; the five imported bees are apart
+    s.keys("q")
+    rc, stdout, stderr = s.finish()
+    assert rc == 0, stderr
+    assert "--import-labels" in stdout and "5 labels added" in stdout
+    assert not {e["path"] for e in s.events("shown")} & set(imported)
+    assert len(answers(out)) == 7

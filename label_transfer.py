@@ -1,0 +1,351 @@
+"""Labels in and out of a run: `--export` writes the labels a run holds, `--import-labels` reads labels that
+count as answered when a run starts.
+
+    python train_rlhf.py --out RUN --export labels.csv        # or labels.jsonl; --export DIR/ for an ImageFolder
+    python train_rlhf.py --images DIR --import-labels labels.csv   # or a .jsonl, or an ImageFolder DIR
+
+An export row is one label: the image's path (relative to the run's image folder), its content hash, the
+class, how it was given (`label`, `correction` in --ask verdict, `verdict-yes`, `implied` when every other
+class was rejected, `imported`), the policy version shown and the time. Each verdict "no" is a row too,
+of kind `verdict-no`, with no class and the rejected class in `rejected`: it is not a label, but it is
+what complementary-label learners read. Skips and undone answers are no rows. Export opens the run's
+store read-only and takes no lock, so it works while a labeling session holds the run.
+
+An import matches rows to the pool by content hash (by path when a row has no hash), so renamed or moved
+images still match; rows for images or classes the run does not have are counted, never fatal.
+"""
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from checkpoint import atomic_write_bytes
+from dataset import file_sha1, scan_image_folder
+from feedback_store import IMPORTED, FeedbackStore
+
+COLUMNS = ("path", "sha1", "class", "kind", "rejected", "policy_version", "time")
+VERDICT_NO = "verdict-no"
+TABLE_SUFFIXES = (".csv", ".jsonl")
+# torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder reads back (a GIF is not among them)
+IMAGE_FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+LABEL_FILE_HELP = ("pass a .csv or .jsonl written by --export (columns class and sha1 or path), or a folder "
+                   "with one subfolder per class")
+
+
+class LabelTransferError(Exception):
+    """A label file or export target the tool cannot use; the message names it and the fix."""
+
+
+# --- export -------------------------------------------------------------------------------------
+def export_labels(run_dir, target):
+    """Write the labels of the run in run_dir to target (.csv, .jsonl, or a folder as an ImageFolder);
+    returns the one line that says what was written. The run is read, never changed."""
+    to_folder = is_folder_target(target)
+    rows = run_label_rows(run_dir)
+    labels = [r for r in rows if r["class"]]
+    if to_folder:
+        done = write_image_folder(labels, target)
+        return (f"exported {done['images']} labelled images of {run_dir} to {target} as an ImageFolder "
+                f"({class_tally(labels)}; {done['links']} hard links, {done['copies']} copies)"
+                + (f"; {done['missing']} no longer at their stored path, left out" if done["missing"] else "")
+                + (f"; {done['gifs']} GIFs, which torchvision's ImageFolder does not read" if done["gifs"] else ""))
+    write_table(rows, target)
+    nos = len(rows) - len(labels)
+    return (f"exported {len(labels)} labels ({class_tally(labels)})" + (f" and {nos} verdict-no rows" if nos else "")
+            + f" of {run_dir} to {target}")
+
+
+def class_tally(labels):
+    counts = Counter(r["class"] for r in labels)
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items())) or "none yet"
+
+
+def is_folder_target(target):
+    """--export DIR/ or an existing folder: an ImageFolder; otherwise a .csv or .jsonl file."""
+    if target.endswith(("/", os.sep)) or os.path.isdir(target):
+        return True
+    if not target.lower().endswith(TABLE_SUFFIXES):
+        raise LabelTransferError(f"--export {target}: write a .csv or .jsonl file, or an ImageFolder: a folder "
+                                 "path ending in /")
+    return False
+
+
+def run_label_rows(run_dir):
+    """Every label and verdict "no" in the run's store, oldest first, as export rows (with `source`: the
+    image's path as stored)."""
+    db, saved = os.path.join(run_dir, "feedback.sqlite"), os.path.join(run_dir, "config.json")
+    for needed in (db, saved):
+        if not os.path.isfile(needed):
+            raise LabelTransferError(f"--export: {run_dir} holds no run (no {os.path.basename(needed)}): pass "
+                                     "--out with a run folder")
+    try:
+        with open(saved, encoding="utf-8") as f:
+            images = json.load(f)["images"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LabelTransferError(f"--export: cannot read the image folder from {saved} ({err}): pass --out "
+                                 "with a run folder") from None
+    store = FeedbackStore(db, read_only=True)
+    try:
+        names, answers, verdicts = store.class_names() or [], store.rows(), store.verdicts()
+    finally:
+        store.close()
+    rows = store_label_rows(answers, verdicts, names)
+    for r in rows:
+        r["path"] = os.path.relpath(r["source"], images).replace(os.sep, "/")
+    return sorted(rows, key=lambda r: r["created"])
+
+
+def store_label_rows(answers, verdicts, names):
+    """Export rows of the store's answers and verdicts: a row per label, per verdict "no", and per image
+    labelled by rejecting every other class."""
+    def row(stored, kind, cls, rejected=""):
+        return {"source": stored["path"], "sha1": stored["sha1"], "class": cls, "kind": kind, "rejected": rejected,
+                "policy_version": stored["policy_version"], "created": stored["created"],
+                "time": datetime.fromtimestamp(stored["created"], timezone.utc).isoformat(timespec="seconds")}
+
+    known = range(len(names))
+    out = [row(a, "imported" if a.get("kind") == IMPORTED else a.get("kind") or "label", names[a["answer"]])
+           for a in answers if a["answer"] in known]
+    labelled = {a["sha1"] for a in answers} | {v["sha1"] for v in verdicts if v["verdict"]}
+    rejected = {}  # sha1 -> (classes said no to, the last such verdict)
+    for v in verdicts:
+        if v["proposed"] not in known:
+            continue
+        if v["verdict"]:
+            out.append(row(v, "verdict-yes", names[v["proposed"]]))
+            continue
+        out.append(row(v, VERDICT_NO, "", names[v["proposed"]]))
+        classes = rejected.setdefault(v["sha1"], [set(), v])
+        classes[0].add(v["proposed"])
+        classes[1] = v
+    for sha1, (classes, last) in rejected.items():
+        left = [c for c in known if c not in classes]
+        if sha1 not in labelled and len(left) == 1:  # as RLHFRun reads it: the one class left is the label
+            out.append(row(last, "implied", names[left[0]]))
+    return out
+
+
+def write_table(rows, target):
+    """rows as CSV (a header line, then one line per row) or JSON lines, written atomically."""
+    if target.lower().endswith(".csv"):
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows([["" if r[c] is None else r[c] for c in COLUMNS] for r in rows])
+        data = text.getvalue()
+    else:
+        data = "".join(json.dumps({c: (r[c] if r[c] != "" else None) for c in COLUMNS}) + "\n" for r in rows)
+    with writing(target):
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        atomic_write_bytes(target, data.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def writing(target):
+    """An OSError while writing the export as one line naming the target."""
+    try:
+        yield
+    except OSError as err:
+        raise LabelTransferError(f"--export: cannot write {target} ({err.strerror or err}): pass a writable "
+                                 "path (with room on its disk); the run is unchanged") from None
+
+
+def write_image_folder(labels, target):
+    """One subfolder per class with the labelled images (hard links where the file system allows, copies
+    otherwise), made beside target and moved into place whole. Returns counts of what it did."""
+    folder = os.path.abspath(target)
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise LabelTransferError(f"--export {target}: the folder already holds files: pass a new or empty "
+                                 "folder (the export writes a whole ImageFolder)")
+    done = Counter(images=0, links=0, copies=0, missing=0, gifs=0)
+    with writing(target):
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        building = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{os.path.basename(folder)}.",
+                                    suffix=".tmp")
+        try:
+            taken = set()
+            for r in labels:
+                if not os.path.isfile(r["source"]):
+                    done["missing"] += 1
+                    continue
+                dest = image_folder_name(building, r, taken)
+                done[link_or_copy(r["source"], dest)] += 1
+                done["images"] += 1
+                done["gifs"] += not dest.lower().endswith(IMAGE_FOLDER_SUFFIXES)
+            os.replace(building, folder)  # onto a new name or an empty folder: readers never see half of it
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+    return done
+
+
+def image_folder_name(root, row, taken):
+    """root/<class>/<file name>, made unique with the content hash where two images share a name."""
+    cls = row["class"].replace(os.sep, "_").strip(".") or "_"
+    os.makedirs(os.path.join(root, cls), exist_ok=True)
+    name = os.path.basename(row["source"])
+    if (cls, name) in taken:
+        stem, ext = os.path.splitext(name)
+        name = f"{stem}_{row['sha1'][:10]}{ext}"
+    taken.add((cls, name))
+    return os.path.join(root, cls, name)
+
+
+def link_or_copy(source, dest):
+    """A hard link to source at dest (a copy where links fail: another disk, a file system without them)."""
+    try:
+        os.link(source, dest)
+        return "links"
+    except OSError:
+        shutil.copy2(source, dest)
+        return "copies"
+
+
+# --- import -------------------------------------------------------------------------------------
+@dataclass
+class LabelRow:
+    """One row of a label file: the class named ('' for none), the content hash and path where given."""
+    class_name: str
+    sha1: str = ""
+    path: str = ""
+    kind: str = ""
+
+
+@dataclass
+class ImportReport:
+    """What an import did: the labels added ({sha1: pool position}) and the rows left out, by reason."""
+    source: str
+    rows: int
+    added: dict = field(default_factory=dict)
+    left_out: Counter = field(default_factory=Counter)
+    unknown_classes: set = field(default_factory=set)
+
+    def line(self, pool_root):
+        """The one line that reports the import."""
+        unknown = ", ".join(sorted(self.unknown_classes)[:5])
+        reasons = {"answered": "already answered in this run (kept)", "image": f"for images not in {pool_root}",
+                   "class": f"for classes the run does not have ({unknown})",
+                   "repeated": "repeating an image already read (the first kept)",
+                   "verdict-no": "verdict-no rows (not labels)", "no class": "without a class",
+                   "unreadable": "unreadable image files"}
+        parts = [f"{n} {reasons[why]}" for why, n in self.left_out.items() if n]
+        return (f"--import-labels {self.source}: {self.rows} rows, {len(self.added)} labels added"
+                + "".join(f", {p}" for p in parts))
+
+
+def read_label_source(path):
+    """The rows of a label file (.csv, .jsonl) or ImageFolder; LabelTransferError when it cannot be read."""
+    if os.path.isdir(path):
+        return read_label_folder(path)
+    if not os.path.exists(path):
+        raise LabelTransferError(f"--import-labels {path}: no such file or folder: {LABEL_FILE_HELP}")
+    if not path.lower().endswith(TABLE_SUFFIXES):
+        raise LabelTransferError(f"--import-labels {path}: not a .csv, .jsonl or folder: {LABEL_FILE_HELP}")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
+            text = f.read()
+    except OSError as err:
+        raise LabelTransferError(f"--import-labels {path}: cannot read it ({err.strerror or err}): check its "
+                                 f"permissions, or {LABEL_FILE_HELP}") from None
+    except UnicodeDecodeError:
+        raise LabelTransferError(f"--import-labels {path}: not UTF-8 text: {LABEL_FILE_HELP}") from None
+    return read_csv_labels(path, text) if path.lower().endswith(".csv") else read_jsonl_labels(path, text)
+
+
+def malformed(path, where, what):
+    return LabelTransferError(f"--import-labels {path}: {where}: {what}: {LABEL_FILE_HELP}")
+
+
+def read_csv_labels(path, text):
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+        if "class" not in header or not {"sha1", "path"} & set(header):
+            raise malformed(path, "line 1", f"the header names no class, or neither sha1 nor path (it has "
+                            f"{', '.join(map(str, header)) or 'nothing'})")
+        return [LabelRow(*(str(r.get(k) or "").strip() for k in ("class", "sha1", "path", "kind")))
+                for r in reader]
+    except csv.Error as err:
+        raise malformed(path, f"line {reader.line_num}", f"not CSV ({err})") from None
+
+
+def read_jsonl_labels(path, text):
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as err:
+            raise malformed(path, f"line {number}", f"not JSON ({err})") from None
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k) or "", str) for k in ("class", "sha1", "path")):
+            raise malformed(path, f"line {number}", "not an object with text class, sha1 and path")
+        rows.append(LabelRow(*((obj.get(k) or "").strip() for k in ("class", "sha1", "path", "kind"))))
+    return rows
+
+
+def read_label_folder(root):
+    """An ImageFolder: each image under root/<class>/ is a label of that class, matched by its content."""
+    paths, _ = scan_image_folder(root)
+    rows = []
+    for p in paths:
+        parts = os.path.relpath(p, root).split(os.sep)
+        if len(parts) < 2:
+            continue  # beside the class folders: no class
+        try:
+            rows.append(LabelRow(parts[0], file_sha1(p), "/".join(parts)))
+        except OSError:
+            rows.append(LabelRow(parts[0], "", "", "unreadable"))
+    if not rows:
+        raise LabelTransferError(f"--import-labels {root}: no images in class subfolders: {LABEL_FILE_HELP}")
+    return rows
+
+
+def plan_import(source, rows, pool, answered):
+    """Which rows become labels of the pool (an AntBeeDataset): matched by hash (by path relative to the
+    pool's folder when a row has none), of a class the pool has, for an image not in `answered` (hashes)."""
+    report = ImportReport(source, len(rows))
+    index_of = {h: i for i, h in enumerate(pool.hashes)}
+    by_path = {os.path.relpath(p, pool.root).replace(os.sep, "/"): i for i, p in enumerate(pool.paths)}
+    chosen = set()
+    for r in rows:
+        if r.kind == "unreadable":
+            why = "unreadable"
+        elif not r.class_name:
+            why = "verdict-no" if r.kind == VERDICT_NO else "no class"
+        else:
+            index = index_of.get(r.sha1) if r.sha1 else by_path.get(pool_relative(r.path, pool.root))
+            why = ("image" if index is None else "class" if r.class_name not in pool.class_names
+                   else "repeated" if pool.hashes[index] in chosen
+                   else "answered" if pool.hashes[index] in answered else None)
+        if why == "class":
+            report.unknown_classes.add(r.class_name)
+        if why:
+            report.left_out[why] += 1
+            continue
+        chosen.add(pool.hashes[index])
+        report.added[pool.hashes[index]] = (index, pool.class_names.index(r.class_name))
+    return report
+
+
+def pool_relative(path, root):
+    """A row's path as the pool's relative paths are written ('' matches nothing)."""
+    if not path:
+        return ""
+    rel = os.path.relpath(path, root) if os.path.isabs(path) else path
+    return os.path.normpath(rel).replace(os.sep, "/")
+
+
+def import_labels(store, pool, source, rows):
+    """Commit the labels of rows that match the pool to the store, in one transaction, marked as imported;
+    returns the ImportReport (its `added`: {sha1: (pool position, class)})."""
+    answered = set(store.answers()) | {v["sha1"] for v in store.verdicts()}
+    report = plan_import(source, rows, pool, answered)
+    store.add_imported([(sha1, pool.paths[i], c) for sha1, (i, c) in report.added.items()])
+    return report
