@@ -30,6 +30,7 @@ from dataset import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize  # noqa: 
 from batch_classifier import Classifier, classify_files, list_inputs, load_classifier, pick_precision  # noqa: E402
 from models import PolicyModel, fold_batchnorm  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "hymenoptera_data", "train")
 
@@ -58,6 +59,54 @@ def bench_classifier(model, files):
     return clf
 
 
+def loop_app(args):
+    """The baseline as a whole process: load the checkpoint, then one image at a time (--loop-app)."""
+    clf = load_classifier(args.model)
+    net = copy.deepcopy(clf.net).to(memory_format=torch.contiguous_format)
+    for f in list_inputs([args.images]):
+        baseline_classify(net, f, clf.image_size, clf.class_names)
+
+
+def whole_process(args):
+    """`python inference.py DIR --csv` with its default flags (and --workers 1) against the one-at-a-time loop
+    as a process of its own, over --copies hard-linked copies of the folder; medians of --repeats rounds."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="inference-speed-") as work:
+        files = list_inputs([args.images])
+        for c in range(args.copies):
+            for i, f in enumerate(files):
+                os.makedirs(os.path.join(work, "images", str(c)), exist_ok=True)
+                os.link(f, os.path.join(work, "images", str(c), f"{i}_{os.path.basename(f)}"))
+        folder, model = os.path.join(work, "images"), args.model or os.path.join(work, "model.pt")
+        if not args.model:
+            clf = bench_classifier(None, files)  # seed 0, BatchNorm folded, head centred on these images
+            torch.manual_seed(0)
+            state = PolicyModel(2).state_dict()
+            state["model.fc.bias"] = clf.net.model.fc.bias.detach().clone()
+            torch.save({"format_version": 1, "policy": state, "class_names": clf.class_names, "image_size": 224,
+                        "step": 0}, model)
+        n = len(list_inputs([folder]))
+        cli = [sys.executable, os.path.join(ROOT, "inference.py"), folder, "--model", model, "--csv",
+               os.path.join(work, "out.csv")]
+        cmds = {"one image at a time (process)": [sys.executable, os.path.abspath(__file__), "--loop-app",
+                                                  "--images", folder, "--model", model],
+                "inference.py, default flags": cli, "inference.py --workers 1": cli + ["--workers", "1"]}
+        times = {name: [] for name in cmds}
+        for r in range(args.repeats):
+            for name, cmd in cmds.items():
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, capture_output=True, stdin=subprocess.DEVNULL)
+                times[name].append(time.perf_counter() - t0)
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+    base = statistics.median(times["one image at a time (process)"])
+    print(f"\n| whole process ({n} images, 224 px, {os.cpu_count()} CPUs) | wall (median) | images/s | "
+          "speed-up |\n|---|---:|---:|---:|")
+    for name, t in times.items():
+        med = statistics.median(t)
+        print(f"| {name} | {med:.1f} s | {n / med:.1f} | {base / med:.2f}x |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", default=SHARED, help="folder to classify (default %(default)s)")
@@ -65,7 +114,15 @@ def main():
     p.add_argument("--repeats", type=int, default=5, help="timed rounds over every variant; medians are reported")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the batched path")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    p.add_argument("--whole-process", action="store_true", help="time whole processes instead: inference.py "
+                   "with its default flags against the one-at-a-time loop run as a process")
+    p.add_argument("--copies", type=int, default=3, help="--whole-process: hard-linked copies of the folder")
+    p.add_argument("--loop-app", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.loop_app:
+        return loop_app(args)
+    if args.whole_process:
+        return whole_process(args)
 
     files = list_inputs([args.images])
     clf = bench_classifier(args.model, files)
