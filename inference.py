@@ -17,7 +17,7 @@ import time
 import torch
 
 from batch_classifier import (InferenceError, check_writable, classify_files, list_inputs, load_classifier,
-                              pick_precision, print_table, progress_bar, shard_files, write_csv, write_json)
+                              pick_precision, print_table, ProgressBar, shard_files, write_csv, write_json)
 from checkpoint import CheckpointError
 from dataset import IMAGE_EXTENSIONS
 from ddp import DeviceError, Ranks, exit_as_promised, pick_device
@@ -73,7 +73,7 @@ def main(argv=None):
         torch.cuda.set_device(device)
     t0 = time.perf_counter()
     mine = shard_files(files, args.batch_size, ranks)
-    show = progress_bar if sys.stderr.isatty() and len(mine) > 2 * args.batch_size and ranks.is_main else None
+    show = ProgressBar() if sys.stderr.isatty() and len(mine) > 2 * args.batch_size and ranks.is_main else None
     rows = classify_files(clf, mine, args.batch_size, args.workers, precision, device.split(":")[0], progress=show)
     rows = [r for part in ranks.gather(rows) for r in part]  # rank order is file order
     seconds = time.perf_counter() - t0
