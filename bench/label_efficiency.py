@@ -13,7 +13,14 @@ Methods:
   original         the original design's update, reproduced: sample, +1/-1, one step per 8 answers on
                    -min(ratio*r, clip(ratio)*r) with probability ratios, no baseline/reward model/KL, and
                    every image asked again each epoch (its budget counts distinct images)
-  supervised       cross-entropy on the same answers, same network, same epochs
+  supervised       cross-entropy on the images --order random asks first (the budget's first of epoch 0's
+                   seeded order), same network, same epochs
+  supervised_uncertain
+                   cross-entropy on exactly the images rlhf_uncertain asked (same seed, budget and noise)
+Fair to the baselines: both cross-entropy rows take STEPS_PER_BATCH (PPO's --update-epochs, 4) Adam steps per
+batch of 8 answers, as PPO does, over the same number of passes (--epochs). The original design keeps its own
+update (one step per 8 answers): that is the design being reproduced. The RLHF rows' reward models are scored
+on the validation images too ("its reward model" rows: the class they would reward most).
 """
 import argparse
 import os
@@ -40,7 +47,8 @@ from simulated_labeler import FolderLabeler  # noqa: E402
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "hymenoptera_data", "train")
 # In order of importance, so a benchmark cut short has the main comparisons first.
-METHODS = ("rlhf_uncertain", "supervised", "rlhf_random", "original", "ppo_human_only")
+METHODS = ("rlhf_uncertain", "supervised", "supervised_uncertain", "rlhf_random", "original", "ppo_human_only")
+STEPS_PER_BATCH = 4  # PPO's default --update-epochs: cross-entropy gets as many Adam steps per batch of 8
 NOISY_METHODS = ("rlhf_uncertain", "supervised")
 
 
@@ -73,6 +81,8 @@ def answered_subset(ds, budget, seed):
 
 
 def run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
+    """This tool, headless: (val accuracy, images asked, its reward model's val accuracy, the images it asked
+    and answered, in order)."""
     with tempfile.TemporaryDirectory() as out:
         config = RunConfig(images=ds.root, feedback="folder", epochs=args.epochs, image_size=args.image_size,
                            weights=args.weights, finetune=args.finetune, seed=seed, max_answers=budget,
@@ -80,7 +90,9 @@ def run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
         run = open_run(config, out, ds, None, backbone, origin, "cpu", Ranks())
         run_headless(run, FolderLabeler(ds, noise, 0.0, seed))
         run.store.close()
-        return val_accuracy(run.learner.policy, val), len(run.answer_of)
+        asked = [i for i, answer in run.answer_of.items() if answer is not None]
+        return (val_accuracy(run.learner.policy, val), len(run.answer_of), val_accuracy(run.learner.reward_model, val),
+                asked)
 
 
 def baseline_start(ds, backbone, seed, budget, noise):
@@ -114,11 +126,13 @@ def run_original(ds, val, backbone, args, seed, budget, noise):
                 loss.backward()
                 opt.step()
                 states, actions, rewards, old = [], [], [], []
-    return val_accuracy(policy, val), asked
+    return val_accuracy(policy, val), asked, None
 
 
-def run_supervised(ds, val, backbone, args, seed, budget, noise):
-    policy, opt, labeler, subset = baseline_start(ds, backbone, seed, budget, noise)
+def run_supervised(ds, val, backbone, args, seed, budget, noise, subset=None):
+    """Cross-entropy on `subset` (default: what --order random asks first), STEPS_PER_BATCH steps per batch."""
+    policy, opt, labeler, first_asked = baseline_start(ds, backbone, seed, budget, noise)
+    subset = first_asked if subset is None else subset
     labels = torch.tensor([labeler.answer(i) for i in subset])
     gen = torch.Generator().manual_seed(seed)
     for _ in range(args.epochs):
@@ -126,20 +140,30 @@ def run_supervised(ds, val, backbone, args, seed, budget, noise):
         for s in range(0, len(subset), 8):
             mb = perm[s:s + 8]
             policy.train(len(mb) > 1)
-            loss = F.cross_entropy(policy(ds.batch([subset[j] for j in mb])), labels[mb])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return val_accuracy(policy, val), len(subset)
+            x = ds.batch([subset[j] for j in mb])
+            for _ in range(STEPS_PER_BATCH):
+                loss = F.cross_entropy(policy(x), labels[mb])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return val_accuracy(policy, val), len(subset), None
 
 
-def run_method(method, ds, val, backbone, origin, args, seed, budget, noise):
+def run_method(method, ds, val, backbone, origin, args, seed, budget, noise, uncertain_runs):
+    """(val accuracy, questions, reward model's val accuracy or None). uncertain_runs: (seed, budget, noise) ->
+    rlhf_uncertain's result, so that supervised_uncertain reads the images it asked without a second run."""
+    key = (seed, budget, noise)
+    if method in ("rlhf_uncertain", "supervised_uncertain") and key not in uncertain_runs:
+        uncertain_runs[key] = run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, order="uncertain")
     if method == "rlhf_uncertain":
-        return run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, order="uncertain")
+        return uncertain_runs[key][:3]
+    if method == "supervised_uncertain":
+        return run_supervised(ds, val, backbone, args, seed, budget, noise, uncertain_runs[key][3])
     if method == "rlhf_random":
-        return run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, order="random")
+        return run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, order="random")[:3]
     if method == "ppo_human_only":
-        return run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, order="random", no_reward_model=True)
+        return run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, order="random",
+                        no_reward_model=True)[:3]
     if method == "original":
         return run_original(ds, val, backbone, args, seed, budget, noise)
     return run_supervised(ds, val, backbone, args, seed, budget, noise)
@@ -236,17 +260,22 @@ def main(argv=None):
         rows = [(m, 0.0) for m in args.methods]
         if args.noise:
             rows += [(m, args.noise) for m in NOISY_METHODS if m in args.methods]
-        results = {}
+        results, uncertain_runs = {}, {}
         t0 = time.time()
         for method, noise in rows:
             name = method if not noise else f"{method} (noise {noise})"
             results[name] = {b: [] for b in budgets}
             for b in budgets:
                 for seed in args.seeds:
-                    acc, asked = run_method(method, ds, val, backbone, origin, args, seed, b, noise)
+                    acc, asked, rm_acc = run_method(method, ds, val, backbone, origin, args, seed, b, noise,
+                                                    uncertain_runs)
                     results[name][b].append((acc, asked))
-                    print(f"{name:32s} budget {b:4d} seed {seed}: val_acc {acc:.3f}  questions {asked}"
-                          f"  [{time.time() - t0:.0f}s]", flush=True)
+                    if rm_acc is not None:
+                        results.setdefault(f"{name}: its reward model", {c: [] for c in budgets})[b].append(
+                            (rm_acc, asked))
+                    print(f"{name:32s} budget {b:4d} seed {seed}: val_acc {acc:.3f}  questions {asked}  reward "
+                          f"model {'-' if rm_acc is None else f'{rm_acc:.3f}'}  [{time.time() - t0:.0f}s]",
+                          flush=True)
                 # written after every cell, so a long benchmark leaves what it finished behind
                 table, header = write_results(results, budgets, len(ds), len(val), args, origin, t0)
     print(header)

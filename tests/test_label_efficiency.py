@@ -138,8 +138,8 @@ def test_benchmark_writes_its_table_and_plot(tmp_path, photos):
     assert label_efficiency.main(["--images", train, "--val", val, "--budgets", "4", "all", "--seeds", "0",
                                   "--epochs", "1", "--image-size", "48", "--out", str(out)]) == 0
     table = (out / "results.md").read_text()
-    for name in ("rlhf_uncertain", "rlhf_random", "ppo_human_only", "original", "supervised",
-                 "rlhf_uncertain (noise 0.1)", "supervised (noise 0.1)"):
+    for name in ("rlhf_uncertain", "rlhf_random", "ppo_human_only", "original", "supervised", "supervised_uncertain",
+                 "rlhf_uncertain (noise 0.1)", "supervised (noise 0.1)", "rlhf_uncertain: its reward model"):
         assert f"| {name} |" in table
     assert "| 4 | 12 (all) |" in table
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
