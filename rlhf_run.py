@@ -164,15 +164,18 @@ class RLHFRun:
     def next_question(self):
         """Hand out the image to ask next, or None when this epoch asks no more."""
         with self.lock:
-            if not self.can_ask():
-                return None
-            if self.ranking is not None and self.ask_rng.random() < self.cfg.explore:
-                index = self.ask_rng.choice(self.unasked)  # --explore: a share of the ranked ones at random
-            else:
-                index = self._next_ranked()
-            self._take(index)
-            self.outstanding.add(index)
-            return index
+            while self.can_ask():
+                if self.ranking is not None and self.ask_rng.random() < self.cfg.explore:
+                    index = self.ask_rng.choice(self.unasked)  # --explore: a share of the ranked ones at random
+                else:
+                    index = self._next_ranked()
+                self._take(index)
+                # the pool is read lazily: a file that stopped decoding since the scan is warned about once
+                # (dataset.py) and never asked
+                if self.ds.readable(index):
+                    self.outstanding.add(index)
+                    return index
+            return None
 
     def _take(self, index):
         # Out of the unasked images in O(1): the last one takes its place.

@@ -1,5 +1,6 @@
 """The loop's owner, RLHFRun: answers, verdicts, undo and updates as every driver (headless, window, bench)
 sees them."""
+import os
 import sqlite3
 
 import pytest
@@ -180,3 +181,14 @@ def test_a_resume_from_an_older_checkpoint_counts_later_answers_as_not_yet_learn
     again = RLHFRun(run.cfg, run.ds, Learner(2, None, "all", seed=0), run.store, str(tmp_path), "random")
     again.restore(ckpt)
     assert len(again.answer_of) == 8 and not again.rm_fitted & set(later) and len(again.rm_fitted) == 4
+
+
+def test_an_image_that_stops_decoding_after_the_scan_is_never_asked(tmp_path, digits):
+    run = make_run(tmp_path, digits, order="sequential")
+    broken = run.ds.paths[0]
+    os.unlink(broken)  # a symlink of the subset: now a file that no longer decodes
+    with open(broken, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.warns(UserWarning, match="cannot be decoded any more"):
+        asked = run.next_questions(len(run.ds))
+    assert 0 not in asked and sorted(asked) == list(range(1, len(run.ds)))
