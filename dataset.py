@@ -247,15 +247,16 @@ class AntBeeDataset(torch.utils.data.Dataset):
         for row, index in enumerate(indices):
             index = int(index)
             state = self.decoded.state[index]
-            if state == EMPTY:
-                state = self._decode(index)
             if state == FILLED:
                 out[row] = self.decoded.read(index)
+            elif state == EMPTY and (pixels := self._decode(index)) is not None:
+                out[row] = pixels
             else:  # a blank picture: normalised, it is the mean image
                 out[row] = np.round(np.array(self.mean) * 255).astype(np.uint8).reshape(3, 1, 1)
         return torch.from_numpy(out)
 
     def _decode(self, index):
+        # The image's pixels, stored in the decoded cache; None (warned once) when the file does not decode.
         try:
             pixels = load_image(self.paths[index], self.image_size).numpy()
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
@@ -265,9 +266,9 @@ class AntBeeDataset(torch.utils.data.Dataset):
                 self.unreadable.add(index)
                 warnings.warn(f"{self.paths[index]} cannot be decoded any more ({why}): it is shown as a blank "
                               "image and not asked; re-save it as JPEG or PNG and --resume", stacklevel=3)
-            return UNREADABLE
+            return None
         self.decoded.write(index, pixels)
-        return FILLED
+        return pixels
 
     @property
     def num_classes(self):

@@ -10,6 +10,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import warnings
 
 import numpy as np
 
@@ -31,7 +32,7 @@ class DecodedCache:
         self.slot_bytes = 3 * image_size * image_size
         self.data_start = -(-n // HEADER_ALIGN) * HEADER_ALIGN
         self.lock = threading.Lock()  # the window's two worker threads read and fill it at once
-        self.fd, self.memory = None, {}
+        self.fd, self.memory, self.write_failed = None, {}, False
         if path is None:
             self.state = bytearray(n)
             return
@@ -57,15 +58,27 @@ class DecodedCache:
         so a process killed in between leaves the slot EMPTY, never FILLED with half an image."""
         if self.fd is None:
             self.memory[index] = pixels
-        else:
-            os.pwrite(self.fd, np.ascontiguousarray(pixels).tobytes(), self.data_start + index * self.slot_bytes)
+        elif not self._written(pixels.tobytes(), self.data_start + index * self.slot_bytes):
+            return
         self.mark(index, FILLED)
 
     def mark(self, index, state):
+        """Record a slot's state (FILLED or UNREADABLE)."""
         with self.lock:
-            self.state[index] = state
-            if self.fd is not None:
-                os.pwrite(self.fd, bytes([state]), index)
+            if self.fd is None or self._written(bytes([state]), index):
+                self.state[index] = state
+
+    def _written(self, data, offset):
+        # A full disk must not stop a labeling session: the image is then decoded again at each use.
+        try:
+            os.pwrite(self.fd, data, offset)
+            return True
+        except OSError as err:
+            if not self.write_failed:
+                self.write_failed = True
+                warnings.warn(f"cannot write the decoded images to {self.path} ({err.strerror or err}): images "
+                              "not cached yet are decoded again at each use; free space on its disk", stacklevel=4)
+            return False
 
     def close(self):
         if self.fd is not None:

@@ -222,3 +222,24 @@ def test_a_slow_scan_shows_its_progress_on_one_line(tmp_path, photos, monkeypatc
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.count("\r") == 7 and err.rstrip().endswith(" s")
     assert f"reading {root}: 6/6" in err
+
+
+def test_a_full_disk_under_the_decoded_cache_is_warned_once_and_images_still_load(tmp_path, photos, monkeypatch):
+    import errno
+
+    import decoded_cache
+    root = make_subset(tmp_path / "p", photos, 3)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ds = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir))
+    expected = AntBeeDataset(root, image_size=16).batch(range(len(ds)))
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(decoded_cache.os, "pwrite", full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(ds.batch(range(len(ds))), expected) and torch.equal(ds.batch([0]), expected[:1])
+    assert len(caught) == 1 and "No space left" in str(caught[0].message) and str(run_dir) in str(caught[0].message)
+    assert ds.decoded.filled() == 0 and ds.unreadable == set()  # nothing claimed cached: decoded again next time
