@@ -235,6 +235,12 @@ class AntBeeDataset(torch.utils.data.Dataset):
         name = decoded_cache_name(cache_tag, self.hashes, image_size)
         self.decoded = DecodedCache(cache_dir and os.path.join(cache_dir, name), len(self.paths), image_size)
         self.unreadable = {i for i, s in enumerate(self.decoded.state) if s == UNREADABLE}
+        if self.unreadable:  # found by an earlier run of this pool: still never asked, and said so again
+            names = [relative_path(self.paths[i], root) for i in sorted(self.unreadable)]
+            warnings.warn(f"{len(names)} image file{'s' if len(names) > 1 else ''} in {root} did not decode in "
+                          f"an earlier run and {'are' if len(names) > 1 else 'is'} not asked: "
+                          f"{', '.join(names[:5])}{' and more' if len(names) > 5 else ''} (re-save as JPEG or "
+                          "PNG and --resume)", stacklevel=2)
 
     def readable(self, index):
         """Decode the image when needed; False when its file no longer decodes (see `unreadable`)."""

@@ -213,6 +213,32 @@ def test_an_image_that_stops_decoding_after_the_scan_is_warned_once_and_shown_bl
     assert x.shape == (3, 3, 16, 16) and float(x[1].abs().max()) < 0.01  # the mean image: no signal
 
 
+def png_that_passes_the_header_check_but_does_not_decode(path):
+    """A PNG whose chunks and checksums are right but whose pixel data is not zlib data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20, 20, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"not zlib data" * 9)
+                     + chunk(b"IEND", b""))
+
+
+def test_an_image_found_undecodable_is_named_again_on_resume(tmp_path, photos):
+    root = make_subset(tmp_path / "p", photos, 3)
+    png_that_passes_the_header_check_but_does_not_decode(tmp_path / "p" / "ants" / "zz.png")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ds = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir))
+    broken = ds.paths.index(os.path.join(root, "ants", "zz.png"))
+    with pytest.warns(UserWarning, match="cannot be decoded any more"):
+        ds.batch([broken])
+    again, message = load_with_one_warning(root, cache_dir=str(run_dir))
+    assert again.unreadable == {broken} and "ants/zz.png" in message and "earlier run" in message
+
+
 def test_a_slow_scan_shows_its_progress_on_one_line(tmp_path, photos, monkeypatch, capsys):
     import hash_cache
     monkeypatch.setattr(hash_cache, "PROGRESS_AFTER_S", 0)
