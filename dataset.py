@@ -6,11 +6,16 @@
     ds.labels[index]          # class from the folder name, or -1 when the folder names no class
 """
 import hashlib
+import io
 import os
 import warnings
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from decoded_cache import EMPTY, FILLED, UNREADABLE, DecodedCache, decoded_cache_name
+from hash_cache import HashCache, hash_files
 
 # torchvision's ImageFolder suffixes (torchvision.datasets.folder.IMG_EXTENSIONS) and GIF, read as its first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -19,6 +24,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NOT_AN_IMAGE = "not an image type"
 ALREADY_SCANNED = "a link to a folder or file already scanned"
 CANNOT_OPEN = "a folder that cannot be opened"
+JPEG_TAIL = 4096  # a whole JPEG ends with its end-of-image marker, at most a little padding after it
 
 
 class DatasetError(Exception):
@@ -37,9 +43,12 @@ def scan_image_folder(root):
     # Where each folder and file lies when no link is followed: a link to one of them is skipped even when
     # the walk meets the link first, so that an image's class is the folder it lies in.
     real_dirs, real_files = set(), set()
+    # a file that is not a link lies where its folder really is: one realpath per folder, not per file
+    # (resolving each of 100,000 paths took seconds)
     for folder, _, files in os.walk(root):
-        real_dirs.add(os.path.realpath(folder))
-        real_files.update(os.path.realpath(os.path.join(folder, f)) for f in files
+        real_folder = os.path.realpath(folder)
+        real_dirs.add(real_folder)
+        real_files.update(os.path.join(real_folder, f) for f in files
                           if not os.path.islink(os.path.join(folder, f)))
     found, skipped = [], []
     seen_dirs, seen_files = {os.path.realpath(root)}, set()
@@ -47,6 +56,7 @@ def scan_image_folder(root):
     unreadable = []
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable.append):
         linked = through_link.get(folder, False)
+        real_folder = os.path.realpath(folder)
         keep = []
         for name in sorted(dirs):
             sub = os.path.join(folder, name)
@@ -65,8 +75,9 @@ def scan_image_folder(root):
                 if not name.startswith("."):  # .DS_Store, editor and download leftovers say nothing
                     skipped.append((path, NOT_AN_IMAGE))
                 continue
-            real = os.path.realpath(path)
-            if real in seen_files or ((linked or os.path.islink(path)) and real in real_files):
+            is_link = os.path.islink(path)
+            real = os.path.realpath(path) if is_link else os.path.join(real_folder, name)
+            if real in seen_files or ((linked or is_link) and real in real_files):
                 skipped.append((path, ALREADY_SCANNED))
                 continue
             seen_files.add(real)
@@ -99,6 +110,33 @@ def load_image(path, image_size):
     return data.view(image_size, image_size, 3).permute(2, 0, 1).contiguous()
 
 
+def header_problem(data):
+    """Why the bytes of an image file cannot be an image, from a check far cheaper than decoding: the header,
+    a PNG's chunk checksums, a JPEG's end marker; "" when they look fine."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.size  # noqa: B018 (the header is parsed on open; size proves it named one)
+            kind = img.format
+        if kind == "PNG":
+            with Image.open(io.BytesIO(data)) as img:
+                img.verify()
+        if kind == "JPEG" and b"\xff\xd9" not in data[-JPEG_TAIL:]:
+            return "truncated JPEG (no end-of-image marker)"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ""
+
+
+def inspect_image_file(path):
+    """(content hash, header_problem) of one file, read once."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        return None, err.strerror or type(err).__name__
+    return hashlib.sha1(data).hexdigest(), header_problem(data)
+
+
 def file_sha1(path):
     """Content hash of a file: answers follow the picture, not its name."""
     h = hashlib.sha1()
@@ -116,10 +154,18 @@ def normalize(batch_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return (x - m) / s
 
 
+def relative_path(path, root):
+    """path relative to root; a plain cut for the paths the scan made by joining onto root (relpath's
+    normalising cost seconds on 100,000 files)."""
+    root = os.fspath(root)
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+
+
 def class_folders(root, paths=None):
     """Names of the subfolders of root that hold at least one image (recursively), sorted."""
     paths = list_image_files(root) if paths is None else paths
-    return sorted({rel.split(os.sep)[0] for rel in (os.path.relpath(p, root) for p in paths) if os.sep in rel})
+    return sorted({rel.split(os.sep)[0] for rel in (relative_path(p, root) for p in paths) if os.sep in rel})
 
 
 def skipped_summary(root, skipped, shown=5):
@@ -143,13 +189,16 @@ def skipped_summary(root, skipped, shown=5):
 
 
 class AntBeeDataset(torch.utils.data.Dataset):
-    """The pool of images to learn from, decoded once and kept in memory at the model's input size.
+    """The pool of images to learn from, read lazily: each image is decoded to the model's input size the
+    first time it is used and kept in a decoded cache (a file of the run folder with cache_dir, else memory).
 
     `classes` names the classes (default: the subfolders); `labels[i]` is the class of the folder an
-    image sits in, or -1 when it is not in a class folder. Unreadable files are skipped with one warning.
+    image sits in, or -1 when it is not in a class folder. Files that fail the header check are skipped with
+    one warning; one that fails to decode later is in `unreadable` (warned once) and shows as a blank image.
     """
 
-    def __init__(self, root, image_size=224, classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, root, image_size=224, classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 cache_dir=None, cache_tag="pool"):
         if not os.path.isdir(root):
             raise DatasetError(f"image folder {root} does not exist: pass --images DIR with a folder of images")
         self.root = os.path.abspath(root)
@@ -166,22 +215,66 @@ class AntBeeDataset(torch.utils.data.Dataset):
             raise DatasetError(f"image folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)}): "
                                "pass --images DIR with a folder of images")
         self.paths, self.labels, self.hashes, self.skipped = [], [], [], skipped
-        images = []
-        for path in paths:
-            try:
-                images.append(load_image(path, image_size))
-            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-                self.skipped.append((path, str(err).splitlines()[0] if str(err) else type(err).__name__))
+        hash_cache = HashCache(cache_dir)
+        try:
+            found = hash_files(paths, inspect_image_file, hash_cache, f"reading {root}")
+        finally:
+            hash_cache.close()
+        for path, (sha1, problem) in zip(paths, found):
+            if sha1 is None or problem:
+                self.skipped.append((path, problem))
                 continue
             self.paths.append(path)
-            self.hashes.append(file_sha1(path))
-            top = os.path.relpath(path, root).split(os.sep)[0]
+            self.hashes.append(sha1)
+            top = relative_path(path, root).split(os.sep)[0]
             self.labels.append(self.class_names.index(top) if top in self.class_names else -1)
         if self.skipped:
             warnings.warn(skipped_summary(root, self.skipped), stacklevel=2)
-        if not images:
+        if not self.paths:
             raise DatasetError(f"no readable image in {root}: every file failed to decode")
-        self.images = torch.stack(images)
+        name = decoded_cache_name(cache_tag, self.hashes, image_size)
+        self.decoded = DecodedCache(cache_dir and os.path.join(cache_dir, name), len(self.paths), image_size)
+        self.unreadable = {i for i, s in enumerate(self.decoded.state) if s == UNREADABLE}
+        if self.unreadable:  # found by an earlier run of this pool: still never asked, and said so again
+            names = [relative_path(self.paths[i], root) for i in sorted(self.unreadable)]
+            warnings.warn(f"{len(names)} image file{'s' if len(names) > 1 else ''} in {root} did not decode in "
+                          f"an earlier run and {'are' if len(names) > 1 else 'is'} not asked: "
+                          f"{', '.join(names[:5])}{' and more' if len(names) > 5 else ''} (re-save as JPEG or "
+                          "PNG and --resume)", stacklevel=2)
+
+    def readable(self, index):
+        """Decode the image when needed; False when its file no longer decodes (see `unreadable`)."""
+        self.uint8([index])
+        return index not in self.unreadable
+
+    def uint8(self, indices):
+        """The uint8 batch (N, 3, S, S) for pool positions, decoding (and caching) those not decoded yet."""
+        out = np.zeros((len(indices), 3, self.image_size, self.image_size), dtype=np.uint8)
+        for row, index in enumerate(indices):
+            index = int(index)
+            state = self.decoded.state[index]
+            if state == FILLED:
+                out[row] = self.decoded.read(index)
+            elif state == EMPTY and (pixels := self._decode(index)) is not None:
+                out[row] = pixels
+            else:  # a blank picture: normalised, it is the mean image
+                out[row] = np.round(np.array(self.mean) * 255).astype(np.uint8).reshape(3, 1, 1)
+        return torch.from_numpy(out)
+
+    def _decode(self, index):
+        # The image's pixels, stored in the decoded cache; None (warned once) when the file does not decode.
+        try:
+            pixels = load_image(self.paths[index], self.image_size).numpy()
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self.decoded.mark(index, UNREADABLE)
+            if index not in self.unreadable:
+                self.unreadable.add(index)
+                warnings.warn(f"{self.paths[index]} cannot be decoded any more ({why}): it is shown as a blank "
+                              "image and not asked; re-save it as JPEG or PNG and --resume", stacklevel=3)
+            return None
+        self.decoded.write(index, pixels)
+        return pixels
 
     @property
     def num_classes(self):
@@ -191,8 +284,8 @@ class AntBeeDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return normalize(self.images[index], self.mean, self.std), index
+        return normalize(self.uint8([index])[0], self.mean, self.std), index
 
     def batch(self, indices):
-        """Normalised float batch (N, 3, H, W) for a list of pool positions."""
-        return normalize(self.images[torch.as_tensor(indices, dtype=torch.long)], self.mean, self.std)
+        """Normalised float batch (N, 3, H, W) for a list of pool positions (decoding what is missing)."""
+        return normalize(self.uint8(list(indices)), self.mean, self.std)

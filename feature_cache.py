@@ -38,6 +38,10 @@ class FeatureCache:
                 self.features = saved["features"]
         self.dirty = False
 
+    def has(self, ds, index):
+        """True when the features of pool position index are cached."""
+        return ds.hashes[index] in self.features
+
     def fill(self, ds, indices=None):
         """Compute (batched) the features of every image of ds not cached yet; returns how many were new."""
         todo = [i for i in (range(len(ds)) if indices is None else indices) if ds.hashes[i] not in self.features]

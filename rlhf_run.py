@@ -36,7 +36,7 @@ from learner import Learner, evaluate_accuracy
 REFERENCE_NAME = "reference.pt"
 SKIP = None
 DISAGREE_BONUS = 0.5   # how much less sure an image counts when a fully trusted reward model disagrees
-DEFAULT_SCORE_POOL = 64  # --finetune all: unasked images scored per ranking (a forward pass each)
+DEFAULT_SCORE_POOL = 64  # unasked images per ranking that cost a forward pass (all, or uncached features)
 
 
 def question_order(indices, margins, disagree, disagree_bonus=DISAGREE_BONUS):
@@ -164,15 +164,18 @@ class RLHFRun:
     def next_question(self):
         """Hand out the image to ask next, or None when this epoch asks no more."""
         with self.lock:
-            if not self.can_ask():
-                return None
-            if self.ranking is not None and self.ask_rng.random() < self.cfg.explore:
-                index = self.ask_rng.choice(self.unasked)  # --explore: a share of the ranked ones at random
-            else:
-                index = self._next_ranked()
-            self._take(index)
-            self.outstanding.add(index)
-            return index
+            while self.can_ask():
+                if self.ranking is not None and self.ask_rng.random() < self.cfg.explore:
+                    index = self.ask_rng.choice(self.unasked)  # --explore: a share of the ranked ones at random
+                else:
+                    index = self._next_ranked()
+                self._take(index)
+                # the pool is read lazily: a file that stopped decoding since the scan is warned about once
+                # (dataset.py) and never asked
+                if self.ds.readable(index):
+                    self.outstanding.add(index)
+                    return index
+            return None
 
     def _take(self, index):
         # Out of the unasked images in O(1): the last one takes its place.
@@ -230,8 +233,15 @@ class RLHFRun:
 
     def rank_questions(self, unasked, rng):
         """Score a sample of the unasked images with the current models; most informative first."""
-        limit = self.cfg.score_pool or (len(unasked) if self.cache is not None else DEFAULT_SCORE_POOL)
-        pool = unasked if len(unasked) <= limit else rng.sample(unasked, limit)
+        if self.cache is not None and not self.cfg.score_pool:
+            # frozen features: every image whose features are cached costs a matrix product, the others a
+            # forward pass through the frozen layers, so a bounded sample of those joins each ranking
+            cached = [i for i in unasked if self.cache.has(self.ds, i)]
+            fresh = [i for i in unasked if not self.cache.has(self.ds, i)]
+            pool = cached + (fresh if len(fresh) <= DEFAULT_SCORE_POOL else rng.sample(fresh, DEFAULT_SCORE_POOL))
+        else:
+            limit = self.cfg.score_pool or DEFAULT_SCORE_POOL
+            pool = unasked if len(unasked) <= limit else rng.sample(unasked, limit)
         trust = 0.0 if self.cfg.no_reward_model else self.learner.rm_reliability()
         probs, disagree = [], []
         for start in range(0, len(pool), self.cfg.score_batch):

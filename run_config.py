@@ -77,8 +77,8 @@ class RunConfig:
     explore: float = setting(0.1, "--order uncertain: share of questions picked at random from the unasked "
                              "images", lo=0.0, hi=1.0)
     score_pool: Optional[int] = setting(None, "--order uncertain: unasked images scored after each update "
-                                        "(default: all with --finetune layer4/head, whose features are cached; "
-                                        "64 with --finetune all)", lo=1)
+                                        "(default: with --finetune layer4/head, all whose features are cached "
+                                        "plus 64 others; 64 with --finetune all)", lo=1)
     score_batch: int = setting(64, "images per forward pass when scoring without gradients (ranking, "
                                "validation)", lo=1, hi=4096)
     weights: str = setting("auto", "auto|imagenet|none|PATH: backbone initialisation")

@@ -98,15 +98,24 @@ def prepare_run_dir(cfg, argv):
     return run_dir, cfg.replace(images=os.path.abspath(cfg.images), val=cfg.val and os.path.abspath(cfg.val)), created
 
 
-def load_pool(cfg, ranks):
-    """The image pool, the validation set and the backbone weights; warnings printed once (rank 0)."""
+def load_pool(cfg, ranks, run_dir):
+    """The image pool, the validation set and the backbone weights; warnings printed once (rank 0). Their
+    content hashes and decoded images are cached in run_dir: rank 0 scans and creates the cache files first,
+    then the other processes find every file's hash there and share the decoded cache."""
     if os.path.abspath(cfg.images) == os.path.abspath(DEFAULT_IMAGES):
         ranks.on_main(lambda: ensure_default_data(download=cfg.download, interactive=sys.stdin.isatty()),
                       (DownloadError,))
+
+    def read_pools():
+        ds = AntBeeDataset(cfg.images, cfg.image_size, cfg.classes, cache_dir=run_dir)
+        val = AntBeeDataset(cfg.val, cfg.image_size, ds.class_names, cache_dir=run_dir,
+                            cache_tag="val") if cfg.val else None
+        return ds, val
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = AntBeeDataset(cfg.images, cfg.image_size, cfg.classes)
-        val = AntBeeDataset(cfg.val, cfg.image_size, ds.class_names) if cfg.val else None
+        pools = ranks.on_main(read_pools, (DatasetError,), share=False)
+        ds, val = pools if ranks.is_main else read_pools()
         backbone, origin = resolve_backbone_weights(cfg.weights)
     for w in caught if ranks.is_main else ():
         print(f"warning: {w.message}", file=sys.stderr)
@@ -142,7 +151,7 @@ def start(cfg, run_dir, ranks, device, label_rows=None):
     gui, root = open_window_root(cfg) if cfg.feedback == "gui" else (None, None)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    ds, val, backbone, origin = load_pool(cfg, ranks)
+    ds, val, backbone, origin = load_pool(cfg, ranks, run_dir)
     if gui:
         check_window_classes(ds)
     else:

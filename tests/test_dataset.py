@@ -5,8 +5,10 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT, make_subset
@@ -125,7 +127,7 @@ def test_gif_is_read_as_its_first_frame_and_other_types_are_named_in_the_warning
     (root / "bees" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     ds, message = load_with_one_warning(root)
     assert [os.path.basename(p) for p in ds.paths] == ["a.png", "moving.gif"]
-    assert ds.images[1, :, 8, 8].tolist() == [250, 0, 0]
+    assert ds.uint8([1])[0, :, 8, 8].tolist() == [250, 0, 0]
     assert "skipped 7" in message and "7 files not an image type" in message
     assert "ants/notes0.txt" in message and "ants/notes4.txt" in message and "and 2 more" in message
     assert "notes5" not in message and "DS_Store" not in message
@@ -151,3 +153,119 @@ def test_a_long_strip_costs_no_more_memory_than_a_photo(tmp_path):
     same_as_photo, grown_mb = json.loads(proc.stdout)
     assert same_as_photo
     assert grown_mb < 50
+
+
+def counting(monkeypatch, name):
+    """Count the calls of dataset.<name> (still doing its work); returns the list of paths it was given."""
+    import dataset
+    calls, real = [], getattr(dataset, name)
+    monkeypatch.setattr(dataset, name, lambda path, *rest: (calls.append(str(path)), real(path, *rest))[1])
+    return calls
+
+
+def test_a_resume_reads_again_only_the_file_that_changed(tmp_path, photos, monkeypatch):
+    root = make_subset(tmp_path / "p", photos, 4)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir))
+    changed = os.path.join(root, "bees", os.listdir(os.path.join(root, "bees"))[0])
+    os.unlink(changed)  # a symlink in the subset: now a file of its own, with other content
+    draw(Path(changed), (1, 2, 3), size=(33, 21))
+    read = counting(monkeypatch, "inspect_image_file")
+    again = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir))
+    assert read == [changed]
+    assert [h for h, p in zip(again.hashes, again.paths) if p != changed] == \
+        [h for h, p in zip(first.hashes, first.paths) if p != changed]
+    assert again.hashes[again.paths.index(changed)] != first.hashes[first.paths.index(changed)]
+
+
+def test_the_pool_is_decoded_lazily_and_a_resume_decodes_nothing_already_decoded(tmp_path, photos, monkeypatch):
+    root = make_subset(tmp_path / "p", photos, 4)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    decoded = counting(monkeypatch, "load_image")
+    ds = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir))
+    assert decoded == []  # the first question waits for one decode, not the folder's
+    first = ds.batch([5, 1])
+    assert sorted(decoded) == sorted([ds.paths[5], ds.paths[1]])
+    everything = ds.batch(range(len(ds)))
+    assert len(decoded) == len(ds) and ds.decoded.filled() == len(ds)
+    ds.decoded.close()
+    decoded.clear()
+    resumed = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir))
+    assert torch.equal(resumed.batch(range(len(ds))), everything) and torch.equal(resumed.batch([5, 1]), first)
+    assert decoded == []
+    assert [n for n in os.listdir(run_dir) if n.startswith("decoded-")] == [resumed.decoded.path.split(os.sep)[-1]]
+
+
+def test_an_image_that_stops_decoding_after_the_scan_is_warned_once_and_shown_blank(tmp_path, photos):
+    root = make_subset(tmp_path / "p", photos, 3)
+    ds = AntBeeDataset(root, image_size=16)
+    broken = ds.paths[2]
+    os.unlink(broken)
+    Path(broken).write_bytes(b"\xff\xd8 no longer a picture")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = ds.batch([0, 2, 2])
+        assert not ds.readable(2) and ds.readable(0)
+    assert len(caught) == 1 and broken in str(caught[0].message) and "re-save" in str(caught[0].message)
+    assert ds.unreadable == {2}
+    assert x.shape == (3, 3, 16, 16) and float(x[1].abs().max()) < 0.01  # the mean image: no signal
+
+
+def png_that_passes_the_header_check_but_does_not_decode(path):
+    """A PNG whose chunks and checksums are right but whose pixel data is not zlib data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20, 20, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"not zlib data" * 9)
+                     + chunk(b"IEND", b""))
+
+
+def test_an_image_found_undecodable_is_named_again_on_resume(tmp_path, photos):
+    root = make_subset(tmp_path / "p", photos, 3)
+    png_that_passes_the_header_check_but_does_not_decode(tmp_path / "p" / "ants" / "zz.png")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ds = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir))
+    broken = ds.paths.index(os.path.join(root, "ants", "zz.png"))
+    with pytest.warns(UserWarning, match="cannot be decoded any more"):
+        ds.batch([broken])
+    again, message = load_with_one_warning(root, cache_dir=str(run_dir))
+    assert again.unreadable == {broken} and "ants/zz.png" in message and "earlier run" in message
+
+
+def test_a_slow_scan_shows_its_progress_on_one_line(tmp_path, photos, monkeypatch, capsys):
+    import hash_cache
+    monkeypatch.setattr(hash_cache, "PROGRESS_AFTER_S", 0)
+    monkeypatch.setattr(hash_cache, "PROGRESS_EVERY_S", 0)
+    root = make_subset(tmp_path / "p", photos, 3)
+    AntBeeDataset(root, image_size=16)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.count("\r") == 7 and err.rstrip().endswith(" s")
+    assert f"reading {root}: 6/6" in err
+
+
+def test_a_full_disk_under_the_decoded_cache_is_warned_once_and_images_still_load(tmp_path, photos, monkeypatch):
+    import errno
+
+    import decoded_cache
+    root = make_subset(tmp_path / "p", photos, 3)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ds = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir))
+    expected = AntBeeDataset(root, image_size=16).batch(range(len(ds)))
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(decoded_cache.os, "pwrite", full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(ds.batch(range(len(ds))), expected) and torch.equal(ds.batch([0]), expected[:1])
+    assert len(caught) == 1 and "No space left" in str(caught[0].message) and str(run_dir) in str(caught[0].message)
+    assert ds.decoded.filled() == 0 and ds.unreadable == set()  # nothing claimed cached: decoded again next time

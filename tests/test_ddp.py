@@ -81,8 +81,11 @@ def test_two_process_headless_run_leaves_a_run_that_one_process_resumes(tmp_path
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == lines[-1]["update"]
     assert not any(k.startswith("module.") for k in ckpt["policy"])  # loads without torchrun
+    # one set of run files, the two processes' shared caches included: one hash table, one decoded cache per image set
+    decoded = sorted(n for n in os.listdir(out) if n.startswith("decoded-") and n.endswith(".u8"))
+    assert [n.split("-")[1] for n in decoded] == ["pool", "val"]  # the pool's and --val's
     assert sorted(os.listdir(out)) == sorted([".lock", "checkpoint.pt", "config.json", "feedback.sqlite", "metrics.jsonl",
-                                              "reference.pt", "training_data.json"]
+                                              "reference.pt", "training_data.json", "hashes.sqlite", *decoded]
                                              + [n for n in os.listdir(out) if n.startswith("feedback.sqlite-")])
 
     proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "3", "--max-answers", "28")

@@ -1,5 +1,6 @@
 """The loop's owner, RLHFRun: answers, verdicts, undo and updates as every driver (headless, window, bench)
 sees them."""
+import os
 import sqlite3
 
 import pytest
@@ -9,7 +10,7 @@ from conftest import make_subset
 from dataset import AntBeeDataset
 from feedback_store import FeedbackStore
 from learner import Learner, RewardModelConfig
-from rlhf_run import RLHFRun
+from rlhf_run import DEFAULT_SCORE_POOL, RLHFRun
 from run_config import RunConfig
 
 GUESS = torch.tensor([0.7, 0.3])  # the guess shown with every answer: class 0
@@ -180,3 +181,27 @@ def test_a_resume_from_an_older_checkpoint_counts_later_answers_as_not_yet_learn
     again = RLHFRun(run.cfg, run.ds, Learner(2, None, "all", seed=0), run.store, str(tmp_path), "random")
     again.restore(ckpt)
     assert len(again.answer_of) == 8 and not again.rm_fitted & set(later) and len(again.rm_fitted) == 4
+
+
+def test_an_image_that_stops_decoding_after_the_scan_is_never_asked(tmp_path, digits):
+    run = make_run(tmp_path, digits, order="sequential")
+    broken = run.ds.paths[0]
+    os.unlink(broken)  # a symlink of the subset: now a file that no longer decodes
+    with open(broken, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.warns(UserWarning, match="cannot be decoded any more"):
+        asked = run.next_questions(len(run.ds))
+    assert 0 not in asked and sorted(asked) == list(range(1, len(run.ds)))
+
+
+def test_with_frozen_features_a_ranking_computes_features_for_a_bounded_sample_only(tmp_path, digits):
+    ds = AntBeeDataset(make_subset(tmp_path / "pool", digits, 20), image_size=32)  # 200 images, 10 classes
+    config = RunConfig(images=ds.root, seed=3, out=str(tmp_path), checkpoint_every=0, batch_size=4, finetune="head")
+    learner = Learner(ds.num_classes, None, "head", config.ppo, config.rm, seed=0)
+    run = RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
+    answer(run, 4)
+    run.update()  # ranks the unasked after it: the 4 answers' features and a sample of 64 others
+    assert len(run.cache.features) == 4 + DEFAULT_SCORE_POOL < len(ds)  # not the whole pool's features
+    run.refresh_ranking()  # every unasked image with cached features, and 64 more
+    assert len(run.cache.features) == 4 + 2 * DEFAULT_SCORE_POOL
+    assert sorted(run.ranking) == sorted(i for i in run.unasked if run.cache.has(ds, i))

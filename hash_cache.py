@@ -1,0 +1,95 @@
+"""Content hashes of a pool's image files, remembered in the run folder by (path, size, mtime_ns).
+
+A resume stats each file and re-reads only those whose size or modification time changed, so a folder of
+100,000 photos is not read again at every start. Each row also keeps what the cheap header check said of
+the file ("" when it looks like a readable image), so an unreadable file is not opened again either.
+"""
+import os
+import sqlite3
+import sys
+import time
+
+HASH_CACHE_NAME = "hashes.sqlite"
+PROGRESS_AFTER_S = 1.5  # a scan quicker than this prints nothing
+PROGRESS_EVERY_S = 0.25
+
+
+class HashCache:
+    """(sha1, problem) per file, keyed by path, size and mtime_ns; in memory when folder is None."""
+
+    def __init__(self, folder=None):
+        self.path = os.path.join(folder, HASH_CACHE_NAME) if folder else ":memory:"
+        # one connection per object, used from the thread that builds the pool only
+        self.db = sqlite3.connect(self.path, timeout=30)
+        self.db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
+                        "mtime_ns INTEGER, sha1 TEXT, problem TEXT)")
+        self.db.commit()
+        self.known = {row[0]: row[1:] for row in self.db.execute("SELECT * FROM files")}
+        self.fresh = []
+
+    def lookup(self, path, st):
+        """The cached (sha1, problem) of path when its size and mtime_ns are st's, else None."""
+        row = self.known.get(path)
+        if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns:
+            return row[2], row[3]
+        return None
+
+    def put(self, path, st, sha1, problem):
+        """Remember a file's hash and header verdict (written by commit())."""
+        self.known[path] = (st.st_size, st.st_mtime_ns, sha1, problem)
+        self.fresh.append((path, st.st_size, st.st_mtime_ns, sha1, problem))
+
+    def commit(self):
+        """Write the rows added since the last commit in one transaction."""
+        if self.fresh:
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", self.fresh)
+            self.fresh = []
+
+    def close(self):
+        self.commit()
+        self.db.close()
+
+
+class ScanProgress:
+    """One updating line on stderr for a scan that takes more than PROGRESS_AFTER_S; silent otherwise."""
+
+    def __init__(self, what, total, stream=None):
+        self.what, self.total, self.stream = what, total, stream or sys.stderr
+        self.started = self.shown_at = time.monotonic()
+        self.shown = False
+
+    def step(self, done):
+        now = time.monotonic()
+        if now - self.started >= PROGRESS_AFTER_S and now - self.shown_at >= PROGRESS_EVERY_S:
+            self.stream.write(f"\r{self.what}: {done}/{self.total}")
+            self.stream.flush()
+            self.shown, self.shown_at = True, now
+
+    def done(self):
+        if self.shown:
+            self.stream.write(f"\r{self.what}: {self.total}/{self.total}, {time.monotonic() - self.started:.1f} s\n")
+            self.stream.flush()
+
+
+def hash_files(paths, inspect, cache, what="reading image files"):
+    """(sha1, problem) for each path: from the cache when the file is unchanged, else inspect(path) (which
+    reads the file once); OSError while stat-ing gives (None, why). Progress shown for a slow scan."""
+    progress, out = ScanProgress(what, len(paths)), []
+    for done, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            out.append((None, err.strerror or type(err).__name__))
+            continue
+        found = cache.lookup(path, st)
+        if found is None:
+            found = inspect(path)
+            cache.put(path, st, *found)
+            if len(cache.fresh) >= 1000:  # a killed first scan keeps most of its work
+                cache.commit()
+        out.append(found)
+        progress.step(done + 1)
+    cache.commit()
+    progress.done()
+    return out
