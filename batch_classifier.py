@@ -17,7 +17,7 @@ from collections import namedtuple
 import torch
 
 from checkpoint import CheckpointError, atomic_write_bytes, read_policy
-from dataset import list_image_files, load_image, normalize
+from dataset import first_line, list_image_files, load_image, normalize
 
 
 class InferenceError(Exception):
@@ -53,11 +53,6 @@ def pick_precision(choice):
             return "bf16" if any(flag in f.read() for flag in ("avx512_bf16", "amx_bf16")) else "fp32"
     except OSError:
         return "fp32"
-
-
-def first_line(err):
-    """The first line of an exception's message (its type when it has none)."""
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def load_batch(paths, image_size):

@@ -110,6 +110,11 @@ def load_image(path, image_size):
     return data.view(image_size, image_size, 3).permute(2, 0, 1).contiguous()
 
 
+def first_line(err):
+    """The first line of an exception's message (its type when it has none): what a one-line report names."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def header_problem(data):
     """Why the bytes of an image file cannot be an image, from a check far cheaper than decoding: the header,
     a PNG's chunk checksums, a JPEG's end marker; "" when they look fine."""
@@ -123,7 +128,7 @@ def header_problem(data):
         if kind == "JPEG" and b"\xff\xd9" not in data[-JPEG_TAIL:]:
             return "truncated JPEG (no end-of-image marker)"
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
+        return first_line(err)
     return ""
 
 
@@ -266,7 +271,7 @@ class AntBeeDataset(torch.utils.data.Dataset):
         try:
             pixels = load_image(self.paths[index], self.image_size).numpy()
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            why = first_line(err)
             self.decoded.mark(index, UNREADABLE)
             if index not in self.unreadable:
                 self.unreadable.add(index)

@@ -236,8 +236,9 @@ class RLHFRun:
         if self.cache is not None and not self.cfg.score_pool:
             # frozen features: every image whose features are cached costs a matrix product, the others a
             # forward pass through the frozen layers, so a bounded sample of those joins each ranking
-            cached = [i for i in unasked if self.cache.has(self.ds, i)]
-            fresh = [i for i in unasked if not self.cache.has(self.ds, i)]
+            cached, fresh = [], []
+            for i in unasked:
+                (cached if self.cache.has(self.ds, i) else fresh).append(i)
             pool = cached + (fresh if len(fresh) <= DEFAULT_SCORE_POOL else rng.sample(fresh, DEFAULT_SCORE_POOL))
         else:
             limit = self.cfg.score_pool or DEFAULT_SCORE_POOL
