@@ -203,13 +203,23 @@ class Learner:
         return self.remember(hits, answers_new[fresh].tolist())
 
     def score_verdicts(self, x, proposed, verdicts):
-        """Record whether the reward model predicts fresh verdicts (yes when its P(yes) = p(proposed) is at
-        least 1/2) before it is fitted on them; returns their accuracy, or None for none. A verdict's
-        'answer' for the chance rate is K + verdict, apart from the classes."""
+        """Score the reward model on fresh verdicts before it is fitted on them; returns the share of them it
+        predicts (yes when its P(yes) = p(proposed) is at least 1/2), or None for none.
+
+        Its reliability, though, is its top-1 accuracy, as with labels, on the verdicts that settle it: a yes
+        is a label (a hit when its likeliest class is the proposed one), and a no to its likeliest class is a
+        miss; a no to another class leaves its answer unknown and is not recorded. A yes/no score would have
+        to beat the share of no's (nine in ten while proposals are poor) to earn any trust."""
         if not x.shape[0]:
             return None
-        p = (self.predicted_rewards(x).gather(1, proposed[:, None]).squeeze(1) + 1.0) / 2.0
-        return self.remember(((p >= 0.5) == verdicts.bool()).tolist(), (self.num_classes + verdicts.long()).tolist())
+        rewards = self.predicted_rewards(x)
+        p = (rewards.gather(1, proposed[:, None]).squeeze(1) + 1.0) / 2.0
+        said_yes, top = verdicts.bool(), rewards.argmax(1) == proposed
+        settled = said_yes | top
+        if settled.any():
+            self.remember((top & said_yes)[settled].long().tolist(),
+                          torch.where(said_yes, proposed, -1)[settled].tolist())
+        return ((p >= 0.5) == said_yes).float().mean().item()
 
     def remember(self, hits, answers):
         """Add (hit, answer) pairs to the reliability record, keeping the newest rm_window; returns their

@@ -69,9 +69,10 @@ def split_folder(source, dest, every=5):
 
 
 def val_accuracy(policy, val):
-    idx = list(range(len(val)))
+    """Accuracy of a model (on whatever device it sits) on the validation images."""
+    idx, device = list(range(len(val))), next(policy.parameters()).device
     policy.eval()
-    return evaluate_accuracy(policy, (val.batch(idx[s:s + 64]) for s in range(0, len(idx), 64)),
+    return evaluate_accuracy(lambda x: policy(x.to(device)), (val.batch(idx[s:s + 64]) for s in range(0, len(idx), 64)),
                              (torch.tensor(val.labels[s:s + 64]) for s in range(0, len(idx), 64)))
 
 

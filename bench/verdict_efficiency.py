@@ -3,6 +3,10 @@ competitor, supervised learning from complementary labels.
 
     python bench/verdict_efficiency.py --out bench/out/verdicts                  # the README's table (digits)
     python bench/verdict_efficiency.py --budgets 150 --seeds 0 --epochs 1 --out /tmp/ve   # a quick look
+    python bench/verdict_efficiency.py --jobs 12 --device cuda --out bench/out/verdicts  # the grid on a GPU
+
+Each cell (method, noise, budget, seed) is one independent run: --jobs runs that many at once in their own
+processes (one thread each), which is what makes the grid fit an hour-scale budget on a many-core machine.
 
 Every method sees the same simulated person (yes when the proposal is the folder's class, flipped with
 --noise on the noisy rows), the same images, the same number of passes (--epochs) and 4 gradient steps per
@@ -16,6 +20,10 @@ Methods:
   rlhf_label            this tool with full labels (--ask label) at the same number of answers: the reference
 """
 import argparse
+import contextlib
+import io
+import json
+import multiprocessing
 import os
 import random
 import sys
@@ -50,7 +58,7 @@ def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
         config = RunConfig(images=ds.root, feedback="folder", epochs=args.epochs, image_size=args.image_size,
                            weights=args.weights, seed=seed, max_answers=budget, feedback_noise=noise,
                            checkpoint_every=0, val_every=0, out=out, batch_size=BATCH, **cfg)
-        run = open_run(config, out, ds, None, backbone, origin, "cpu", Ranks())
+        run = open_run(config, out, ds, None, backbone, origin, args.device, Ranks())
         run_headless(run, FolderLabeler(ds, noise, 0.0, seed))
         given = run.answers_given()
         run.store.close()
@@ -60,8 +68,8 @@ def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
 def run_complementary(ds, val, backbone, args, seed, budget, noise):
     """Supervised learning from complementary labels on `budget` verdicts (see the module docstring)."""
     torch.manual_seed(seed)
-    policy = PolicyModel(ds.num_classes, backbone)
-    opt = adam(policy.parameters(), 3e-4)
+    policy = PolicyModel(ds.num_classes, backbone).to(args.device)
+    opt = adam(policy.parameters(), 3e-4, args.device)
     labeler, rng = FolderLabeler(ds, noise, 0.0, seed), random.Random(seed)
     rejected, verdicts, pool = {}, [], list(range(len(ds)))
     rng.shuffle(pool)
@@ -73,7 +81,7 @@ def run_complementary(ds, val, backbone, args, seed, budget, noise):
                     continue
                 with torch.no_grad():
                     policy.eval()
-                    p = torch.softmax(policy(ds.batch([i])), dim=1)[0]
+                    p = torch.softmax(policy(ds.batch([i]).to(args.device)), dim=1)[0].cpu()
                 allowed = [c for c in range(ds.num_classes) if c not in rejected.get(i, ())]
                 c = rng.choices(allowed, weights=[float(p[k]) + 1e-9 for k in allowed])[0]
                 v = labeler.verdict(i, c)
@@ -81,19 +89,19 @@ def run_complementary(ds, val, backbone, args, seed, budget, noise):
                 verdicts.append((i, c, v))
                 batch.append((i, c, v))
             if batch:
-                train_steps(policy, opt, ds, batch)
+                train_steps(policy, opt, ds, batch, args.device)
         if len(verdicts) >= budget:  # later passes: the stored verdicts again, in batches
             order = verdicts[:]
             rng.shuffle(order)
             for start in range(0, len(order), BATCH):
-                train_steps(policy, opt, ds, order[start:start + BATCH])
+                train_steps(policy, opt, ds, order[start:start + BATCH], args.device)
     return val_accuracy(policy, val), len(verdicts), None
 
 
-def train_steps(policy, opt, ds, batch):
-    x = ds.batch([i for i, _, _ in batch])
-    classes = torch.tensor([c for _, c, _ in batch])
-    rejected = torch.tensor([not v for _, _, v in batch])
+def train_steps(policy, opt, ds, batch, device="cpu"):
+    x = ds.batch([i for i, _, _ in batch]).to(device)
+    classes = torch.tensor([c for _, c, _ in batch], device=device)
+    rejected = torch.tensor([not v for _, _, v in batch], device=device)
     policy.train(len(batch) > 1)
     for _ in range(STEPS_PER_BATCH):
         loss = reward_model_loss(policy(x), classes, rejected).mean()
@@ -111,46 +119,126 @@ def run_method(method, ds, val, backbone, origin, args, seed, budget, noise):
     return run_tool(ds, val, backbone, origin, args, seed, budget, noise, ask="verdict", propose=rule)
 
 
+WORKER = {}  # per process: the split's datasets and the backbone, made once
+
+
+def start_worker(train_dir, val_dir, args):
+    """Load the split once in this process (one thread each when several cells run at once)."""
+    if args.jobs > 1:
+        torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    ds = AntBeeDataset(train_dir, args.image_size)
+    val = AntBeeDataset(val_dir, args.image_size, ds.class_names)
+    backbone, origin = resolve_backbone_weights(args.weights)
+    WORKER.update(ds=ds, val=val, backbone=backbone, origin=origin, args=args)
+
+
+def run_cell(cell):
+    """One cell (name, method, noise, budget, seed): (cell, val accuracy, given, reward model's, seconds)."""
+    w, (_, method, noise, budget, seed) = WORKER, cell
+    t0 = time.time()
+    with contextlib.redirect_stdout(io.StringIO()):  # the runs' per-update lines would drown the table
+        acc, given, rm_acc = run_method(method, w["ds"], w["val"], w["backbone"], w["origin"], w["args"], seed,
+                                        budget, noise)
+    return cell, acc, given, rm_acc, time.time() - t0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DIGITS, help="labelled folder split into train/val (default %(default)s)")
     p.add_argument("--budgets", nargs="+", type=int, default=[150, 300, 600, 1200, 2400], help="verdict budgets")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own one-thread process")
+    p.add_argument("--device", default="cpu", help="where the models train: cpu, cuda, cuda:1 ...")
     common_flags(p, METHODS, image_size=32)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train_dir, val_dir = split_folder(args.data, tmp)
-        ds = AntBeeDataset(train_dir, args.image_size)
-        val = AntBeeDataset(val_dir, args.image_size, ds.class_names)
-        backbone, origin = resolve_backbone_weights(args.weights)
+        start_worker(train_dir, val_dir, args)
+        ds, val, origin = WORKER["ds"], WORKER["val"], WORKER["origin"]
         rows = [(m, 0.0) for m in args.methods]
         rows += [(m, args.noise) for m in NOISY_METHODS if args.noise and m in args.methods]
-        results, t0 = {}, time.time()
+        cells, results = [], {}
         for method, noise in rows:
             name = method if not noise else f"{method} (noise {noise})"
             results[name] = {b: [] for b in args.budgets}
-            for b in args.budgets:
-                for seed in args.seeds:
-                    acc, given, rm_acc = run_method(method, ds, val, backbone, origin, args, seed, b, noise)
-                    results[name][b].append((acc, given))
-                    if rm_acc is not None:
-                        results.setdefault(f"{name}: its reward model", {c: [] for c in args.budgets})[b].append(
-                            (rm_acc, given))
-                    print(f"{name:34s} budget {b:5d} seed {seed}: val_acc {acc:.3f}  given {given}  reward model "
-                          f"{'-' if rm_acc is None else f'{rm_acc:.3f}'}  [{time.time() - t0:.0f}s]", flush=True)
-                header = (f"{len(ds)} training / {len(val)} validation images, {args.image_size} px, {args.epochs} "
-                          f"epochs, weights {origin}, seeds {args.seeds}, same images, passes and 4 steps per "
-                          f"batch of {BATCH} for every method; mean ± std of val accuracy; "
-                          f"{(time.time() - t0) / 60:.1f} min on {os.cpu_count()} CPU cores")
-                table = summarize(results, args.budgets, [str(b) for b in args.budgets])
-                with open(os.path.join(args.out, "results.md"), "w") as f:
-                    f.write(header + "\n\n" + table + "\n")
-                plot(results, args.budgets, args.budgets, os.path.join(args.out, "accuracy.png"), header,
-                     xlabel="verdicts (answers for rlhf_label)")
+            if method != "complementary":
+                results[f"{name}: its reward model"] = {b: [] for b in args.budgets}
+            cells += [(name, method, noise, b, seed) for b in args.budgets for seed in args.seeds]
+        # seeds in turn, the longest runs first within each: a grid cut short has whole seeds, and its last
+        # cells to finish are short ones
+        cells.sort(key=lambda c: (c[4], -c[3]))
+        cells_path, setting = os.path.join(args.out, "cells.jsonl"), settings(args)
+        finished = {(r["name"], r["budget"], r["seed"]): r for r in read_cells(cells_path, setting)}
+        for name, _, _, b, seed in cells:  # cells an earlier sitting finished are not run again
+            if (name, b, seed) in finished:
+                r = finished[name, b, seed]
+                record(results, name, b, r["acc"], r["given"], r["rm_acc"])
+        cells = [c for c in cells if (c[0], c[3], c[4]) not in finished]
+        t0, header = time.time(), None
+        pool = (multiprocessing.get_context("spawn").Pool(args.jobs, start_worker, (train_dir, val_dir, args))
+                if args.jobs > 1 and len(cells) > 1 else None)
+        done = pool.imap_unordered(run_cell, cells) if pool else map(run_cell, cells)
+        for (name, _, _, b, seed), acc, given, rm_acc, seconds in done:
+            record(results, name, b, acc, given, rm_acc)
+            with open(cells_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({**setting, "name": name, "budget": b, "seed": seed, "acc": acc, "given": given,
+                                    "rm_acc": rm_acc, "seconds": seconds}) + "\n")
+            print(f"{name:34s} budget {b:5d} seed {seed}: val_acc {acc:.3f}  given {given}  reward model "
+                  f"{'-' if rm_acc is None else f'{rm_acc:.3f}'}  {seconds:.0f}s  [{time.time() - t0:.0f}s]", flush=True)
+            header = describe(len(ds), len(val), origin, args, t0, cells_path)
+            write_table(results, args, header)
+        header = header or describe(len(ds), len(val), origin, args, t0, cells_path)
+        write_table(results, args, header)
+        if pool:
+            pool.close()
+            pool.join()
     print(header)
-    print(table)
+    print(summarize(results, args.budgets, [str(b) for b in args.budgets]))
     return 0
+
+
+def settings(args):
+    """What a finished cell depends on besides its method, budget and seed: cells of another setting are not
+    reused."""
+    data = os.path.normpath(os.path.abspath(args.data)).split(os.sep)[-2:]  # the same set wherever it is copied
+    return {"data": "/".join(data), "epochs": args.epochs, "image_size": args.image_size,
+            "weights": args.weights, "noise": args.noise}
+
+
+def read_cells(path, setting):
+    """The cells of cells.jsonl finished under this setting (an earlier, interrupted sitting's)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if all(r.get(k) == v for k, v in setting.items())]
+
+
+def record(results, name, budget, acc, given, rm_acc):
+    results[name][budget].append((acc, given))
+    if rm_acc is not None:
+        results[f"{name}: its reward model"][budget].append((rm_acc, given))
+
+
+def describe(n_train, n_val, origin, args, t0, cells_path):
+    """The table's header line: split, setting, fairness rule and the time the cells took."""
+    cell_s = sum(r["seconds"] for r in read_cells(cells_path, settings(args)))
+    return (f"{n_train} training / {n_val} validation images, {args.image_size} px, {args.epochs} epochs, weights "
+            f"{origin}, seeds {args.seeds}; same images, passes and 4 steps per batch of {BATCH} for every method; "
+            f"mean ± std of val accuracy; this sitting {(time.time() - t0) / 60:.1f} min wall with {args.jobs} "
+            f"cells at once on {os.cpu_count()} CPU cores, device {args.device}; {cell_s / 60:.0f} min of runs "
+            f"in all")
+
+
+def write_table(results, args, header):
+    """results.md and accuracy.png in args.out, from the cells finished so far."""
+    table = summarize(results, args.budgets, [str(b) for b in args.budgets])
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    plot(results, args.budgets, args.budgets, os.path.join(args.out, "accuracy.png"), header,
+         xlabel="verdicts (answers for rlhf_label)")
 
 
 if __name__ == "__main__":

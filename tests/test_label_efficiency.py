@@ -149,9 +149,15 @@ def test_verdict_benchmark_writes_its_table_and_plot(tmp_path, digits):
     import verdict_efficiency
     data = make_subset(tmp_path / "digits", digits, 5, classes=["1", "4", "7"])
     out = tmp_path / "out"
-    assert verdict_efficiency.main(["--data", data, "--budgets", "6", "--seeds", "0", "--epochs", "1",
-                                    "--out", str(out)]) == 0
+    flags = ["--data", data, "--budgets", "6", "--seeds", "0", "--epochs", "1", "--out", str(out)]
+    assert verdict_efficiency.main(flags + ["--jobs", "2"]) == 0  # the cells in two processes
     table = (out / "results.md").read_text()
+    cells = (out / "cells.jsonl").read_text().splitlines()
+    assert len(cells) == 6  # 4 methods and 2 noisy rows, one budget and one seed each
+    # a second sitting (an interrupted grid continued) runs no finished cell again and writes the same table
+    assert verdict_efficiency.main(flags) == 0
+    assert (out / "cells.jsonl").read_text().splitlines() == cells
+    assert (out / "results.md").read_text().split("\n\n", 1)[1] == table.split("\n\n", 1)[1]
     for name in ("rlhf_verdict_sample", "rlhf_verdict_greedy", "complementary", "rlhf_label",
                  "rlhf_verdict_sample (noise 0.1)", "complementary (noise 0.1)",
                  "rlhf_verdict_sample: its reward model"):

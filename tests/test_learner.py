@@ -119,5 +119,32 @@ def test_the_reward_model_measures_itself_on_verdicts_before_fitting_them():
     x = torch.randn(6, 512)
     learner.predicted_rewards = lambda x: torch.tensor([[0.8, -0.6, -0.2]] * x.shape[0])  # P(yes) 0.9, 0.2, 0.4
     acc = learner.score_verdicts(x, torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 0, 0, 1, 0, 0]))
-    assert acc == pytest.approx(4 / 6)
-    assert learner.rm_record == [(1, 4), (0, 3), (1, 3), (0, 4), (1, 3), (1, 3)]
+    assert acc == pytest.approx(4 / 6)  # its yes/no predictions, for the metrics
+    # its reliability record, as labels would give it: a yes to its likeliest class (0) is a hit on class 0, a
+    # no to it a miss of an unknown class, a yes to class 1 a miss on class 1; no's to other classes settle
+    # nothing
+    assert learner.rm_record == [(1, 0), (0, -1), (0, 1)]
+
+
+def test_verdicts_earn_the_reward_model_trust_where_a_yes_no_score_would_not():
+    # 10 classes, most proposals wrong (a no): a reward model whose likeliest class is right 8 times in 10
+    # predicts 'no' for nearly every proposal, which the share of no's alone already does
+    learner = Learner(10, None, "head", seed=0)
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    truth = torch.randint(0, 10, (n,), generator=g)
+    top = torch.where(torch.arange(n) % 5 < 4, truth, (truth + 1) % 10)
+    proposed = torch.where(torch.arange(n) % 10 == 0, truth, (truth + 3) % 10)
+    proposed[n // 2:] = top[n // 2:]  # half of them propose its likeliest class
+    learner.predicted_rewards = lambda x: 2 * torch.nn.functional.one_hot(top, 10).float() - 1
+    learner.score_verdicts(torch.zeros(n, 1), proposed, (proposed == truth).long())
+    hits = [h for h, _ in learner.rm_record]
+    assert sum(hits) / len(hits) == pytest.approx(0.8, abs=0.1)
+    assert learner.rm_reliability() > 0.3
+
+
+def test_verdicts_that_settle_nothing_leave_the_record_as_it_was():
+    learner = Learner(3, None, "head", seed=0)
+    learner.predicted_rewards = lambda x: torch.tensor([[0.8, -0.6, -0.2]] * x.shape[0])
+    assert learner.score_verdicts(torch.zeros(2, 1), torch.tensor([1, 2]), torch.tensor([0, 0])) == 1.0
+    assert learner.rm_record == []
