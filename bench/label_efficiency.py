@@ -28,6 +28,7 @@ import random
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 
@@ -195,7 +196,7 @@ def plot(results, budgets, x_values, path, title, xlabel="answers (distinct imag
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for name in results:
         done = [(x, [a for a, _ in results[name][b]]) for x, b in zip(x_values, budgets) if results[name][b]]
         if not done:
@@ -206,9 +207,9 @@ def plot(results, budgets, x_values, path, title, xlabel="answers (distinct imag
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation accuracy")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -176,20 +176,21 @@ def main(argv=None):
                 r = finished[name, b, seed]
                 record(results, name, b, r["acc"], r["given"], r["rm_acc"])
         cells = [c for c in cells if (c[0], c[3], c[4]) not in finished]
-        t0, header = time.time(), None
+        t0, header, ran = time.time(), None, 0
         pool = (multiprocessing.get_context("spawn").Pool(args.jobs, start_worker, (train_dir, val_dir, args))
                 if args.jobs > 1 and len(cells) > 1 else None)
         done = pool.imap_unordered(run_cell, cells) if pool else map(run_cell, cells)
         for (name, _, _, b, seed), acc, given, rm_acc, seconds in done:
             record(results, name, b, acc, given, rm_acc)
+            ran += 1
             with open(cells_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({**setting, "name": name, "budget": b, "seed": seed, "acc": acc, "given": given,
                                     "rm_acc": rm_acc, "seconds": seconds}) + "\n")
             print(f"{name:34s} budget {b:5d} seed {seed}: val_acc {acc:.3f}  given {given}  reward model "
                   f"{'-' if rm_acc is None else f'{rm_acc:.3f}'}  {seconds:.0f}s  [{time.time() - t0:.0f}s]", flush=True)
-            header = describe(len(ds), len(val), origin, args, t0, cells_path)
+            header = describe(len(ds), len(val), origin, args, t0, cells_path, ran)
             write_table(results, args, header)
-        header = header or describe(len(ds), len(val), origin, args, t0, cells_path)
+        header = header or describe(len(ds), len(val), origin, args, t0, cells_path, ran)
         write_table(results, args, header)
         if pool:
             pool.close()
@@ -222,14 +223,15 @@ def record(results, name, budget, acc, given, rm_acc):
         results[f"{name}: its reward model"][budget].append((rm_acc, given))
 
 
-def describe(n_train, n_val, origin, args, t0, cells_path):
+def describe(n_train, n_val, origin, args, t0, cells_path, ran):
     """The table's header line: split, setting, fairness rule and the time the cells took."""
-    cell_s = sum(r["seconds"] for r in read_cells(cells_path, settings(args)))
+    cells = read_cells(cells_path, settings(args))
+    sitting = (f"; this sitting: {ran} cells in {(time.time() - t0) / 60:.1f} min wall, {args.jobs} at once on "
+               f"{os.cpu_count()} CPU cores, device {args.device}" if ran else "")
     return (f"{n_train} training / {n_val} validation images, {args.image_size} px, {args.epochs} epochs, weights "
             f"{origin}, seeds {args.seeds}; same images, passes and 4 steps per batch of {BATCH} for every method; "
-            f"mean ± std of val accuracy; this sitting {(time.time() - t0) / 60:.1f} min wall with {args.jobs} "
-            f"cells at once on {os.cpu_count()} CPU cores, device {args.device}; {cell_s / 60:.0f} min of runs "
-            f"in all")
+            f"mean ± std of val accuracy; {len(cells)} cells, {sum(r['seconds'] for r in cells) / 60:.0f} min of "
+            f"runs in all{sitting}")
 
 
 def write_table(results, args, header):
