@@ -45,6 +45,16 @@ USER_ERRORS = (UsageError, ConfigError, DatasetError, StoreError, CheckpointErro
                DeviceError, LabelerError, RunLockedError, LabelTransferError)
 
 
+def same_setting(given, saved):
+    """True when a flag given on --resume names what the run saved: a folder or file the same place
+    however it is written (the run saves --images absolute; `--images data/x` from another folder is not)."""
+    if given == saved:
+        return True
+    if isinstance(given, str) and isinstance(saved, str) and os.path.exists(given):
+        return os.path.realpath(given) == os.path.realpath(saved)
+    return False
+
+
 def resumed_config(cfg, argv, run_dir):
     """The saved configuration of the run in run_dir, overridden by the flags given now."""
     saved = os.path.join(run_dir, "config.json")
@@ -54,7 +64,7 @@ def resumed_config(cfg, argv, run_dir):
         old = RunConfig.from_flat(json.load(f), saved).to_flat()
     given, now = RunConfig.given_flags(argv), cfg.to_flat()
     for key in RUN_SHAPE:
-        if key in given and now[key] != old[key]:
+        if key in given and not same_setting(now[key], old[key]):
             raise UsageError(f"--resume: --{key.replace('_', '-')} {now[key]} differs from {old[key]} "
                              f"in {saved}: drop the flag or start a new --out")
     keep = {k: v for k, v in old.items() if k not in given and k not in PER_INVOCATION}

@@ -56,6 +56,13 @@ def test_headless_run_leaves_its_files_and_resume_asks_nothing_twice(tmp_path, s
     assert new_rows[:12] == rows and len(new_rows) == 16
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 4
 
+    # the same --images written relative to the working folder is the same run; another folder is not
+    relative = os.path.relpath(small_pool, tmp_path)
+    proc = run_cli("train_rlhf.py", "--resume", "--images", relative, "--epochs", "5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert_user_error(run_cli("train_rlhf.py", "--resume", "--images", tmp_path, "--epochs", "6", cwd=tmp_path),
+                      "--images", "differs from")
+
 
 def test_same_command_twice_gives_the_same_metrics(tmp_path, small_pool):
     results = []
