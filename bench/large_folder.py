@@ -10,11 +10,14 @@ next time) and, each in a fresh run folder:
   launch    train_rlhf.py --weights none (the window, on a private Xvfb): launch to the first image drawn
             (its RLHF_GUI_EVENTS "shown" event); the window is then stopped with SIGTERM, which saves
   resume    the same run folder with --resume: launch to the first image
+Launch and resume run --rounds times (a fresh run folder each round): medians, with their range, since
+single launches of a 100,000-image folder spread over seconds.
 --tool DIR runs the train_rlhf.py of another checkout (e.g. `git archive` of an older commit) on the same
 folders, for a before/after table measured in the same conditions.
 """
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,12 +49,17 @@ def measure(count, args, display, work):
     subprocess.run([sys.executable, os.path.join(ROOT, "bench", "make_large_folder.py"), "--count", str(count),
                     "--out", images], check=True, stdout=subprocess.DEVNULL)
     wall, peak = headless(args.tool, images, os.path.join(work, f"headless-{count}"), args.image_size)
-    run = os.path.join(work, f"window-{count}")
-    window = [sys.executable, os.path.join(args.tool, "train_rlhf.py"), "--images", images, "--weights", "none",
-              "--image-size", str(args.image_size), "--out", run]
-    launch = first_image_seconds(window, display, os.path.join(work, f"launch-{count}.jsonl"))
-    resume = first_image_seconds(window + ["--resume"], display, os.path.join(work, f"resume-{count}.jsonl"))
-    row = f"| {count:,} | {wall:.1f} s | {peak / 1024:.2f} GB | {launch:.1f} s | {resume:.1f} s |"
+    launches, resumes = [], []
+    for r in range(args.rounds):  # a fresh run folder per launch (a first scan each time), then its resume
+        run = os.path.join(work, f"window-{count}-{r}")
+        window = [sys.executable, os.path.join(args.tool, "train_rlhf.py"), "--images", images, "--weights",
+                  "none", "--image-size", str(args.image_size), "--out", run]
+        launches.append(first_image_seconds(window, display, os.path.join(work, f"launch-{count}-{r}.jsonl")))
+        resumes.append(first_image_seconds(window + ["--resume"], display,
+                                           os.path.join(work, f"resume-{count}-{r}.jsonl")))
+    launch, resume = statistics.median(launches), statistics.median(resumes)
+    row = (f"| {count:,} | {wall:.1f} s | {peak / 1024:.2f} GB | {launch:.1f} s ({min(launches):.1f}-"
+           f"{max(launches):.1f}) | {resume:.1f} s ({min(resumes):.1f}-{max(resumes):.1f}) |")
     print(row, file=sys.stderr, flush=True)
     return row
 
@@ -61,14 +69,16 @@ def main():
     p.add_argument("--counts", type=int, nargs="+", default=[244, 10000], help="folder sizes to measure")
     p.add_argument("--work", default=tempfile.gettempdir(), help="where the generated folders are kept")
     p.add_argument("--image-size", type=int, default=224, help="model input size in pixels")
+    p.add_argument("--rounds", type=int, default=3, help="launches and resumes per folder: medians (and range)")
     p.add_argument("--tool", default=ROOT, help="checkout whose train_rlhf.py is measured (default: this one)")
     args = p.parse_args()
     args.tool = os.path.abspath(args.tool)
     with XvfbDisplay() as xvfb, tempfile.TemporaryDirectory(prefix="large-folder-") as work:
         rows = [measure(count, args, xvfb.display, work) for count in args.counts]
     print(f"\n{args.tool}: {args.image_size} px, {os.cpu_count()} cores, --weights none, fresh run folders\n")
-    print("| images in the folder | headless run (16 answers), wall | peak memory | window: launch → first image "
-          "| resume → first image |\n|---:|---:|---:|---:|---:|")
+    median = f"median of {args.rounds} (range)"
+    print(f"| images in the folder | headless run (16 answers), wall | peak memory | window: launch → first image, "
+          f"{median} | resume → first image, {median} |\n|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 
