@@ -47,7 +47,7 @@ USER_ERRORS = (UsageError, ConfigError, DatasetError, StoreError, CheckpointErro
 
 def same_setting(given, saved):
     """True when a flag given on --resume names what the run saved: a folder or file the same place
-    however it is written (the run saves --images absolute; `--images data/x` from another folder is not)."""
+    however it is reached (through a link, say)."""
     if given == saved:
         return True
     if isinstance(given, str) and isinstance(saved, str) and os.path.exists(given):
@@ -92,6 +92,7 @@ def lock_folder(run_dir):
 def prepare_run_dir(cfg, argv):
     """The run folder, locked for this process, the configuration (merged with the saved one on --resume;
     image folders made absolute, so a resume works from any folder) and whether this call created it."""
+    cfg = cfg.replace(images=os.path.abspath(cfg.images), val=cfg.val and os.path.abspath(cfg.val))
     if cfg.resume:
         run_dir = resolve_run_dir(cfg.out or os.path.join("runs", "latest"))
         if not os.path.isdir(run_dir):
@@ -105,7 +106,7 @@ def prepare_run_dir(cfg, argv):
     created = lock_folder(run_dir)  # first: of two runs started at once on one folder, one gets it
     if os.path.isfile(os.path.join(run_dir, "config.json")):
         raise UsageError(f"{run_dir} already holds a run: add --resume to continue it or pick a new --out")
-    return run_dir, cfg.replace(images=os.path.abspath(cfg.images), val=cfg.val and os.path.abspath(cfg.val)), created
+    return run_dir, cfg, created
 
 
 def load_pool(cfg, ranks, run_dir):

@@ -60,6 +60,7 @@ def test_headless_run_leaves_its_files_and_resume_asks_nothing_twice(tmp_path, s
     relative = os.path.relpath(small_pool, tmp_path)
     proc = run_cli("train_rlhf.py", "--resume", "--images", relative, "--epochs", "5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["images"] == str(small_pool)  # still absolute
     assert_user_error(run_cli("train_rlhf.py", "--resume", "--images", tmp_path, "--epochs", "6", cwd=tmp_path),
                       "--images", "differs from")
 
