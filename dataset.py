@@ -185,10 +185,10 @@ def relative_path(path, root):
     return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
 
 
-def class_folders(root, paths=None):
-    """Names of the subfolders of root that hold at least one image (recursively), sorted."""
-    paths = list_image_files(root) if paths is None else paths
-    return sorted({rel.split(os.sep)[0] for rel in (relative_path(p, root) for p in paths) if os.sep in rel})
+def class_folders(relative_paths):
+    """Names of the subfolders that hold at least one of these images (paths relative to the pool's root),
+    sorted."""
+    return sorted({rel.split(os.sep)[0] for rel in relative_paths if os.sep in rel})
 
 
 def skipped_summary(root, skipped, shown=5):
@@ -228,7 +228,8 @@ class AntBeeDataset(torch.utils.data.Dataset):
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
         paths, skipped = scan_image_folder(root)
-        folders = class_folders(root, paths)
+        relative = [relative_path(p, root) for p in paths]  # once: the class folders, then each image's class
+        folders = class_folders(relative)
         self.class_names = list(classes) if classes else folders
         if len(self.class_names) < 2:
             raise DatasetError(
@@ -243,13 +244,13 @@ class AntBeeDataset(torch.utils.data.Dataset):
             found = hash_files(paths, inspect_image_file, hash_cache, f"reading {root}")
         finally:
             hash_cache.close()
-        for path, (sha1, problem) in zip(paths, found):
+        for path, rel, (sha1, problem) in zip(paths, relative, found):
             if sha1 is None or problem:
                 self.skipped.append((path, problem))
                 continue
             self.paths.append(path)
             self.hashes.append(sha1)
-            top = relative_path(path, root).split(os.sep)[0]
+            top = rel.split(os.sep)[0]
             self.labels.append(self.class_names.index(top) if top in self.class_names else -1)
         if self.skipped:
             warnings.warn(skipped_summary(root, self.skipped), stacklevel=2)

@@ -44,7 +44,7 @@ class FeatureCache:
 
     def fill(self, ds, indices=None):
         """Compute (batched) the features of every image of ds not cached yet; returns how many were new."""
-        todo = [i for i in (range(len(ds)) if indices is None else indices) if ds.hashes[i] not in self.features]
+        todo = [i for i in (range(len(ds)) if indices is None else indices) if not self.has(ds, i)]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
             out = self.encode(ds.batch(chunk)).to(torch.float16)
