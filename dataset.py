@@ -8,6 +8,9 @@
 import hashlib
 import io
 import os
+import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -15,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from decoded_cache import EMPTY, FILLED, UNREADABLE, DecodedCache, decoded_cache_name
-from hash_cache import HashCache, hash_files
+from hash_cache import HashCache, ScanProgress
 
 # torchvision's ImageFolder suffixes (torchvision.datasets.folder.IMG_EXTENSIONS) and GIF, read as its first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -25,6 +28,7 @@ NOT_AN_IMAGE = "not an image type"
 ALREADY_SCANNED = "a link to a folder or file already scanned"
 CANNOT_OPEN = "a folder that cannot be opened"
 JPEG_TAIL = 4096  # a whole JPEG ends with its end-of-image marker, at most a little padding after it
+BACKGROUND_NICE = 10  # the background reading of a new folder yields the cores to the window and training
 
 
 class DatasetError(Exception):
@@ -216,12 +220,14 @@ class AntBeeDataset(torch.utils.data.Dataset):
     first time it is used and kept in a decoded cache (a file of the run folder with cache_dir, else memory).
 
     `classes` names the classes (default: the subfolders); `labels[i]` is the class of the folder an
-    image sits in, or -1 when it is not in a class folder. Files that fail the header check are skipped with
-    one warning; one that fails to decode later is in `unreadable` (warned once) and shows as a blank image.
+    image sits in, or -1 when it is not in a class folder. Content hashes come from the hash cache, else
+    from reading each new file once: before the pool is returned, or with hash_in_background by a thread
+    (`hash_of` reads one at once when asked first). A file that fails the header check or to decode is in
+    `unreadable` (warned once, never asked) and shows as a blank image.
     """
 
     def __init__(self, root, image_size=224, classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 cache_dir=None, cache_tag="pool"):
+                 cache_dir=None, cache_tag="pool", hash_in_background=False):
         if not os.path.isdir(root):
             raise DatasetError(f"image folder {root} does not exist: pass --images DIR with a folder of images")
         self.root = os.path.abspath(root)
@@ -238,33 +244,131 @@ class AntBeeDataset(torch.utils.data.Dataset):
         if not paths:
             raise DatasetError(f"image folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)}): "
                                "pass --images DIR with a folder of images")
-        self.paths, self.labels, self.hashes, self.skipped = [], [], [], skipped
-        hash_cache = HashCache(cache_dir)
-        try:
-            found = hash_files(paths, inspect_image_file, hash_cache, f"reading {root}")
-        finally:
-            hash_cache.close()
-        for path, rel, (sha1, problem) in zip(paths, relative, found):
-            if sha1 is None or problem:
-                self.skipped.append((path, problem))
+        self.paths, self.labels, self.skipped, identity, stats = [], [], skipped, [], []
+        class_of = {name: k for k, name in enumerate(self.class_names)}
+        for path, rel in zip(paths, relative):
+            try:
+                st = os.stat(path)
+            except OSError as err:  # gone, or unreadable, since the scan
+                self.skipped.append((path, err.strerror or type(err).__name__))
                 continue
             self.paths.append(path)
-            self.hashes.append(sha1)
-            top = rel.split(os.sep)[0]
-            self.labels.append(self.class_names.index(top) if top in self.class_names else -1)
-        if self.skipped:
-            warnings.warn(skipped_summary(root, self.skipped), stacklevel=2)
-        if not self.paths:
-            raise DatasetError(f"no readable image in {root}: every file failed to decode")
-        name = decoded_cache_name(cache_tag, self.hashes, image_size)
+            stats.append(st)
+            identity.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
+            self.labels.append(class_of.get(rel.split(os.sep, 1)[0], -1))
+        name = decoded_cache_name(cache_tag, identity, image_size)
         self.decoded = DecodedCache(cache_dir and os.path.join(cache_dir, name), len(self.paths), image_size)
         self.unreadable = {i for i, s in enumerate(self.decoded.state) if s == UNREADABLE}
-        if self.unreadable:  # found by an earlier run of this pool: still never asked, and said so again
-            names = [relative_path(self.paths[i], root) for i in sorted(self.unreadable)]
+        self.hashes = [None] * len(self.paths)  # content hash per position: None until read (see hash_of)
+        self.problem = {}    # position -> why its file is not an image (header check, or not readable)
+        self.unwarned = []   # positions found not to be images after the pool was returned
+        self.arrived = []    # positions hashed after the pool was returned, in that order (RLHFRun links them)
+        self.hash_cache, self.hash_lock = HashCache(cache_dir), threading.Lock()
+        self.to_read, self.stop_hashing, self.hasher = {}, threading.Event(), None  # position -> os.stat_result
+        for i, (path, st) in enumerate(zip(self.paths, stats)):
+            found = self.hash_cache.lookup(path, st)
+            if found is None:
+                self.to_read[i] = st
+            else:
+                self._known(i, *found)
+        if not hash_in_background:
+            self.read_hashes(list(self.to_read), ScanProgress(f"reading {root}", len(self.to_read)))
+        self.skipped += [(self.paths[i], why) for i, why in self.problem.items()]
+        self.arrived, self.unwarned = [], []
+        if self.skipped:
+            warnings.warn(skipped_summary(root, self.skipped), stacklevel=2)
+        if not self.to_read and len(self.unreadable) == len(self.paths):
+            raise DatasetError(f"no readable image in {root}: every file failed to decode")
+        earlier = sorted(i for i in self.unreadable if i not in self.problem)
+        if earlier:  # found by an earlier run of this pool: still never asked, and said so again
+            names = [relative_path(self.paths[i], root) for i in earlier]
             warnings.warn(f"{len(names)} image file{'s' if len(names) > 1 else ''} in {root} did not decode in "
                           f"an earlier run and {'are' if len(names) > 1 else 'is'} not asked: "
                           f"{', '.join(names[:5])}{' and more' if len(names) > 5 else ''} (re-save as JPEG or "
                           "PNG and --resume)", stacklevel=2)
+        if self.to_read:
+            self.hasher = threading.Thread(target=self._hash_in_background, name="pool-hashes", daemon=True)
+            self.hasher.start()
+
+    # --- content hashes ---------------------------------------------------------------------------
+    def _known(self, index, sha1, problem):
+        # A position's hash and header verdict, however found.
+        self.hashes[index] = sha1
+        if sha1 is None or problem:
+            self.problem[index] = problem
+            self.unreadable.add(index)
+
+    def _read(self, index):
+        # Read one file not hashed yet (unless another thread just did) and remember what it holds.
+        sha1, problem = inspect_image_file(self.paths[index])
+        with self.hash_lock:
+            st = self.to_read.pop(index, None)
+            if st is None:
+                return
+            if sha1 is not None:  # a file that cannot be read now is tried again at the next start
+                self.hash_cache.put(self.paths[index], st, sha1, problem)
+            self._known(index, sha1, problem)
+            self.arrived.append(index)
+            if index in self.problem:
+                self.unwarned.append(index)
+
+    def read_hashes(self, indices, progress=None, polite=False):
+        """Read the files of these positions that are not hashed yet (they stay unread when stop_hashing is
+        set); their hashes go to the hash cache, committed every 1000 files so a killed scan keeps its work.
+        polite: let other threads run after each file."""
+        for done, i in enumerate(indices):
+            if self.stop_hashing.is_set():
+                break
+            if i in self.to_read:
+                self._read(i)
+                if polite:  # the header check holds the GIL: the window's threads would wait up to 5 ms
+                    time.sleep(0)
+            if self.hash_cache.pending() >= 1000:
+                self.hash_cache.commit()
+            if progress:
+                progress.step(done + 1)
+        self.hash_cache.commit()
+        if progress:
+            progress.done()
+
+    def _hash_in_background(self):
+        # Below the window and the training it waits for (a per-thread priority on Linux).
+        if sys.platform.startswith("linux"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+            except OSError:
+                pass
+        self.read_hashes(list(self.to_read), polite=True)
+        self.warn_unreadable()
+
+    def warn_unreadable(self):
+        """One warning naming the files found not to be images since the pool was returned."""
+        with self.hash_lock:
+            found, self.unwarned = self.unwarned, []
+        if found:
+            warnings.warn(skipped_summary(self.root, [(self.paths[i], self.problem[i]) for i in found]),
+                          stacklevel=2)
+
+    def hash_of(self, index):
+        """The content hash of a pool position, reading its file now when the background reading has not
+        reached it yet (None when the file cannot be read)."""
+        if index in self.to_read:
+            self._read(index)
+        return self.hashes[index]
+
+    def all_hashes(self):
+        """Every position's content hash (None where unreadable), reading now what is still unread."""
+        self.read_hashes(list(self.to_read))
+        return self.hashes
+
+    def close(self):
+        """Stop the background reading (what it read stays in the hash cache) and close the cache files."""
+        self.stop_hashing.set()
+        if self.hasher is not None:
+            self.hasher.join()
+        self.warn_unreadable()
+        self.hash_cache.close()
+        self.decoded.close()
 
     def readable(self, index):
         """Decode the image when needed; False when its file no longer decodes (see `unreadable`)."""
@@ -276,10 +380,12 @@ class AntBeeDataset(torch.utils.data.Dataset):
         out = np.zeros((len(indices), 3, self.image_size, self.image_size), dtype=np.uint8)
         for row, index in enumerate(indices):
             index = int(index)
+            if index in self.to_read:  # not read yet: the header check first, as for every other file
+                self.hash_of(index)
             state = self.decoded.state[index]
             if state == FILLED:
                 out[row] = self.decoded.read(index)
-            elif state == EMPTY and (pixels := self._decode(index)) is not None:
+            elif state == EMPTY and index not in self.problem and (pixels := self._decode(index)) is not None:
                 out[row] = pixels
             else:  # a blank picture: normalised, it is the mean image
                 out[row] = np.round(np.array(self.mean) * 255).astype(np.uint8).reshape(3, 1, 1)

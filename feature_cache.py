@@ -40,16 +40,17 @@ class FeatureCache:
 
     def has(self, ds, index):
         """True when the features of pool position index are cached."""
-        return ds.hashes[index] in self.features
+        return ds.hashes[index] is not None and ds.hashes[index] in self.features  # reads no file
 
     def fill(self, ds, indices=None):
         """Compute (batched) the features of every image of ds not cached yet; returns how many were new."""
-        todo = [i for i in (range(len(ds)) if indices is None else indices) if not self.has(ds, i)]
+        # each image not cached is decoded next, which reads its file anyway: its hash costs nothing more
+        todo = [i for i in (range(len(ds)) if indices is None else indices) if ds.hash_of(i) not in self.features]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
             out = self.encode(ds.batch(chunk)).to(torch.float16)
             for i, f in zip(chunk, out):
-                self.features[ds.hashes[i]] = f.clone()
+                self.features[ds.hash_of(i)] = f.clone()
         self.dirty = self.dirty or bool(todo)
         return len(todo)
 
@@ -59,7 +60,7 @@ class FeatureCache:
         if not len(indices):
             shape = next(iter(self.features.values())).shape if self.features else (0,)
             return torch.empty((0, *shape))
-        return torch.stack([self.features[ds.hashes[i]] for i in indices]).float()
+        return torch.stack([self.features[ds.hash_of(i)] for i in indices]).float()
 
     def save(self):
         """Write the cache atomically when it gained entries; remove caches of other weights."""

@@ -359,7 +359,7 @@ class LabelingWindow:
         if q is None or self.closing:
             return
         self.commit(q, "verdict", verdict, lambda: self.store.add_verdict(
-            self.rlhf.ds.hashes[q.index], q.path, q.proposed, q.behaviour, verdict, self.cfg.propose, q.version,
+            self.rlhf.ds.hash_of(q.index), q.path, q.proposed, q.behaviour, verdict, self.cfg.propose, q.version,
             q.epoch), lambda row: ("verdict", (q, verdict, row)), t)
 
     def commit(self, q, kind, value, write, message, t):
@@ -393,7 +393,7 @@ class LabelingWindow:
             if kind == "verdict":
                 self.store.remove_verdict(ref)
             elif ref:
-                self.store.remove(self.rlhf.ds.hashes[q.index])
+                self.store.remove(self.rlhf.ds.hash_of(q.index))
         except StoreError as err:  # the answer stays given; u can be pressed again
             self.history.append((q, kind, value, ref))
             self.say(f"cannot undo now: {err}", "error")
@@ -410,7 +410,7 @@ class LabelingWindow:
     def count(self, q, kind, value, sign):
         if kind == "verdict":
             self.yes.append(value) if sign > 0 else self.yes.pop()
-            self.tally.verdict(self.rlhf.ds.hashes[q.index], q.proposed, value, sign)
+            self.tally.verdict(self.rlhf.ds.hash_of(q.index), q.proposed, value, sign)
         elif value is SKIP:
             self.skipped += sign
         else:

@@ -180,11 +180,14 @@ class FeedbackStore:
             raise StoreError(f"{self.path} holds answers for classes {stored}, not {list(class_names)}: "
                              "use the same --images/--classes or a new --out")
 
-    def check_image_set(self, hashes):
-        """Refuse a database whose answered images are none of the images in this pool."""
+    def check_image_set(self, hashes, all_hashes=None):
+        """Refuse a database whose answered images are none of the images in this pool (hashes: those known
+        now; all_hashes(): every one, called only when those known share none)."""
         with self._errors():
-            known = [r[0] for r in self.db.execute("SELECT sha1 FROM answers UNION SELECT sha1 FROM verdicts")]
-        if known and not set(known) & set(hashes):
+            known = {r[0] for r in self.db.execute("SELECT sha1 FROM answers UNION SELECT sha1 FROM verdicts")}
+        if known and not known & set(hashes) and all_hashes is not None:
+            hashes = all_hashes()
+        if known and not known & set(hashes):
             raise StoreError(f"{self.path} holds {len(known)} answers about other images: "
                              "pass the --images folder the run was made with, or a new --out")
 

@@ -7,6 +7,7 @@ the file ("" when it looks like a readable image), so an unreadable file is not 
 import os
 import sqlite3
 import sys
+import threading
 import time
 
 HASH_CACHE_NAME = "hashes.sqlite"
@@ -15,12 +16,13 @@ PROGRESS_EVERY_S = 0.25
 
 
 class HashCache:
-    """(sha1, problem) per file, keyed by path, size and mtime_ns; in memory when folder is None."""
+    """(sha1, problem) per file, keyed by path, size and mtime_ns; in memory when folder is None. Safe to use
+    from several threads (the pool's background reading puts and commits while a worker looks up)."""
 
     def __init__(self, folder=None):
         self.path = os.path.join(folder, HASH_CACHE_NAME) if folder else ":memory:"
-        # one connection per object, used from the thread that builds the pool only
-        self.db = sqlite3.connect(self.path, timeout=30)
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         self.db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
                         "mtime_ns INTEGER, sha1 TEXT, problem TEXT)")
         self.db.commit()
@@ -36,19 +38,26 @@ class HashCache:
 
     def put(self, path, st, sha1, problem):
         """Remember a file's hash and header verdict (written by commit())."""
-        self.known[path] = (st.st_size, st.st_mtime_ns, sha1, problem)
-        self.fresh.append((path, st.st_size, st.st_mtime_ns, sha1, problem))
+        with self.lock:
+            self.known[path] = (st.st_size, st.st_mtime_ns, sha1, problem)
+            self.fresh.append((path, st.st_size, st.st_mtime_ns, sha1, problem))
+
+    def pending(self):
+        """Rows put since the last commit."""
+        return len(self.fresh)
 
     def commit(self):
         """Write the rows added since the last commit in one transaction."""
-        if self.fresh:
-            with self.db:
-                self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", self.fresh)
-            self.fresh = []
+        with self.lock:
+            rows, self.fresh = self.fresh, []
+            if rows:
+                with self.db:
+                    self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", rows)
 
     def close(self):
         self.commit()
-        self.db.close()
+        with self.lock:
+            self.db.close()
 
 
 class ScanProgress:
@@ -70,26 +79,3 @@ class ScanProgress:
         if self.shown:
             self.stream.write(f"\r{self.what}: {self.total}/{self.total}, {time.monotonic() - self.started:.1f} s\n")
             self.stream.flush()
-
-
-def hash_files(paths, inspect, cache, what="reading image files"):
-    """(sha1, problem) for each path: from the cache when the file is unchanged, else inspect(path) (which
-    reads the file once); OSError while stat-ing gives (None, why). Progress shown for a slow scan."""
-    progress, out = ScanProgress(what, len(paths)), []
-    for done, path in enumerate(paths):
-        try:
-            st = os.stat(path)
-        except OSError as err:
-            out.append((None, err.strerror or type(err).__name__))
-            continue
-        found = cache.lookup(path, st)
-        if found is None:
-            found = inspect(path)
-            cache.put(path, st, *found)
-            if len(cache.fresh) >= 1000:  # a killed first scan keeps most of its work
-                cache.commit()
-        out.append(found)
-        progress.step(done + 1)
-    cache.commit()
-    progress.done()
-    return out

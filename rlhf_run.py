@@ -100,9 +100,7 @@ class RLHFRun:
         # every process reads the cache before rank 0 can write it: the broadcast waits for all of them
         by_hash, stored_verdicts, imported = self.ranks.broadcast(
             (store.answers(), store.verdicts(), store.imported()) if store is not None else None)
-        self.answer_of = {i: by_hash[h] for i, h in enumerate(dataset.hashes) if h in by_hash}
-        self.imported = {i for i, h in enumerate(dataset.hashes) if h in imported}  # from --import-labels
-        self.index_of = {h: i for i, h in enumerate(dataset.hashes)}
+        self.answer_of, self.imported = {}, set()  # imported: labels from --import-labels
         self.verdicts = []             # Verdict records, in the order given (None where undone)
         self.rejected = {}             # pool position -> classes the person said no to
         self.no_keys = {}              # pool position -> keys of its verdicts "no"
@@ -110,14 +108,17 @@ class RLHFRun:
         self.implied = set()           # labelled because every other class was rejected
         self.no_count = 0
         self.shown_of = {}             # pool position -> class shown with the answer given in this process
+        # what the store holds, by content hash: linked to pool positions as their hashes are known (a new
+        # folder's are read in the background, see dataset.py)
+        self.stored_answers, self.stored_imported = by_hash, imported
+        self.stored_verdicts = {}
         for row in stored_verdicts:
-            if row["sha1"] in self.index_of:
-                self._add_verdict(Verdict(row["id"], self.index_of[row["sha1"]], row["proposed"],
-                                          row["behaviour_prob"], row["verdict"], row["policy_version"]))
-        # answers and verdicts the reward model has been fitted on: only the others measure its reliability,
-        # and only these are replayed (those already in the store came with the checkpoint that learnt them)
-        self.rm_fitted = {i for i, a in self.answer_of.items() if a is not SKIP}
-        self.no_fitted = {v.key for v in self.verdicts if v is not None and not v.verdict}
+            self.stored_verdicts.setdefault(row["sha1"], []).append(row)
+        self.fitted_hashes = self.fitted_rows = None  # what the checkpoint says the reward model was fitted on
+        self.rm_fitted, self.no_fitted = set(), set()
+        self.linked = 0                # how many of dataset.arrived have been linked
+        self.slot, self.outstanding = {}, set()  # (set by begin_epoch)
+        self._link([(i, h) for i, h in enumerate(dataset.hashes) if h is not None])
         self.begin_epoch()
 
     def inputs(self, indices):
@@ -125,6 +126,44 @@ class RLHFRun:
         if self.cache is not None:
             return self.cache.batch(self.ds, list(indices))
         return self.ds.batch(list(indices))
+
+    def _link(self, pairs):
+        """Give pool positions (index, content hash) what the store holds about their pictures: answers,
+        imported labels, then verdicts in the order given. The reward model counts as fitted on them (only
+        answers given later measure it) unless the checkpoint says otherwise."""
+        verdict_rows, answered = [], []
+        for i, h in pairs:
+            if i in self.answer_of or i in self.outstanding:  # asked again in this session already
+                continue
+            if h in self.stored_answers:
+                self.answer_of[i] = self.stored_answers[h]
+                answered.append(i)
+                if h in self.stored_imported:
+                    self.imported.add(i)
+            verdict_rows += [(row, i) for row in self.stored_verdicts.pop(h, ())]  # one position per picture
+        for row, i in sorted(verdict_rows, key=lambda t: t[0]["id"]):
+            self._add_verdict(Verdict(row["id"], i, row["proposed"], row["behaviour_prob"], row["verdict"],
+                                      row["policy_version"]))
+            if not row["verdict"] and (self.fitted_rows is None or row["id"] in self.fitted_rows):
+                self.no_fitted.add(self.verdicts[-1].key)
+            answered.append(i)
+        for i in answered:
+            if self.answer_of.get(i, SKIP) is not SKIP and (self.fitted_hashes is None
+                                                            or self.ds.hashes[i] in self.fitted_hashes):
+                self.rm_fitted.add(i)
+            if i in self.answer_of:
+                self._take(i)
+
+    def link_arrived(self):
+        """Link the pool positions whose content hashes were read since the last call (a picture answered
+        in an earlier session whose file was not in the hash cache is then not asked again)."""
+        arrived = self.ds.arrived
+        if self.linked == len(arrived):
+            return
+        fresh, self.linked = arrived[self.linked:], len(arrived)
+        if self.stored_answers or self.stored_verdicts:
+            with self.lock:
+                self._link([(i, self.ds.hashes[i]) for i in fresh if self.ds.hashes[i] is not None])
 
     def answered_count(self):
         return sum(1 for a in self.answer_of.values() if a is not SKIP)
@@ -163,6 +202,7 @@ class RLHFRun:
 
     def next_question(self):
         """Hand out the image to ask next, or None when this epoch asks no more."""
+        self.link_arrived()
         with self.lock:
             while self.can_ask():
                 if self.ranking is not None and self.ask_rng.random() < self.cfg.explore:
@@ -265,7 +305,7 @@ class RLHFRun:
         the reward of the shown guess (+1 right, -1 wrong, None for a skip)."""
         shown = int(probs.argmax())
         kind = "skip" if answer is SKIP else "correction" if self.cfg.ask == "verdict" else "label"
-        return dict(sha1=self.ds.hashes[index], path=self.ds.paths[index], answer=answer, predicted=shown,
+        return dict(sha1=self.ds.hash_of(index), path=self.ds.paths[index], answer=answer, predicted=shown,
                     probability=float(probs[shown]),
                     reward=None if answer is SKIP else (1.0 if shown == answer else -1.0),
                     policy_version=policy_version, epoch=self.epoch, kind=kind)
@@ -312,7 +352,7 @@ class RLHFRun:
         rewards, and is handed out again. Returns True when the reward model had been fitted on it (then
         call refit_reward_model)."""
         if commit and self.store is not None:
-            self.store.remove(self.ds.hashes[index])
+            self.store.remove(self.ds.hash_of(index))
         with self.lock:
             answer = self.answer_of.pop(index, SKIP)
             self.outstanding.add(index)
@@ -378,7 +418,7 @@ class RLHFRun:
         leaves the other classes to propose later. commit=False when the caller committed it (row: its id).
         Returns the verdict's key."""
         if commit and self.store is not None:
-            row = self.store.add_verdict(self.ds.hashes[index], self.ds.paths[index], proposed, behaviour,
+            row = self.store.add_verdict(self.ds.hash_of(index), self.ds.paths[index], proposed, behaviour,
                                          verdict, self.cfg.propose, policy_version, self.epoch)
         v = Verdict(row, index, int(proposed), float(behaviour), int(verdict), policy_version)
         with self.lock:
@@ -574,7 +614,7 @@ class RLHFRun:
                 "epoch": self.epoch, "step": self.learner.version, "episodes": self.episodes,
                 "config": self.cfg.to_flat(),
                 # what the reward model has learnt: answers given after this checkpoint are fresh on resume
-                "rm_fitted": sorted(self.ds.hashes[i] for i in self.rm_fitted),
+                "rm_fitted": sorted(self.ds.hash_of(i) for i in self.rm_fitted),
                 "no_fitted": sorted(self.verdicts[k].row for k in self.no_fitted if self.verdicts[k] is not None)}
 
     def save(self):
@@ -609,9 +649,9 @@ class RLHFRun:
         self.epoch = int(ckpt["epoch"])
         self.episodes = list(ckpt.get("episodes", []))
         if "rm_fitted" in ckpt:  # format 1 checkpoints were written after every update: all answers fitted
-            fitted, rows = set(ckpt["rm_fitted"]), set(ckpt["no_fitted"])
-            self.rm_fitted = {i for i in self.rm_fitted if self.ds.hashes[i] in fitted}
-            self.no_fitted = {v.key for v in self.verdicts if v is not None and v.row in rows}
+            self.fitted_hashes, self.fitted_rows = set(ckpt["rm_fitted"]), set(ckpt["no_fitted"])
+            self.rm_fitted = {i for i in self.rm_fitted if self.ds.hashes[i] in self.fitted_hashes}
+            self.no_fitted = {v.key for v in self.verdicts if v is not None and v.row in self.fitted_rows}
         self.begin_epoch()
 
     def export_training_data(self):
@@ -633,7 +673,7 @@ def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows=
     def open_store():
         store = FeedbackStore(os.path.join(run_dir, "feedback.sqlite"))
         store.check_classes(ds.class_names)
-        store.check_image_set(ds.hashes)
+        store.check_image_set(ds.hashes, ds.all_hashes)
         return store
 
     store = ranks.on_main(open_store, (StoreError,), share=False)

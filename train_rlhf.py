@@ -117,8 +117,14 @@ def load_pool(cfg, ranks, run_dir):
         ranks.on_main(lambda: ensure_default_data(download=cfg.download, interactive=sys.stdin.isatty()),
                       (DownloadError,))
 
+    # A new folder's files are read for their content hashes in the background, so the first question waits
+    # for one image, not the folder; under torchrun every process needs them all before the first round,
+    # and --import-labels matches its rows by them.
+    background = not ranks.active and not cfg.import_labels
+
     def read_pools():
-        ds = AntBeeDataset(cfg.images, cfg.image_size, cfg.classes, cache_dir=run_dir)
+        ds = AntBeeDataset(cfg.images, cfg.image_size, cfg.classes, cache_dir=run_dir,
+                           hash_in_background=background)
         val = AntBeeDataset(cfg.val, cfg.image_size, ds.class_names, cache_dir=run_dir,
                             cache_tag="val") if cfg.val else None
         return ds, val
@@ -203,7 +209,8 @@ def main(argv=None):
         raise
     if ranks.is_main:
         where = f"device {device}" + (f", {ranks.world} processes" if ranks.active else "")
-        print(f"run {run_dir}: {len(run.ds)} images, classes {run.ds.class_names}, weights {run.weights_origin}, "
+        bad = f" ({len(run.ds.unreadable)} unreadable)" if run.ds.unreadable else ""
+        print(f"run {run_dir}: {len(run.ds)} images{bad}, classes {run.ds.class_names}, weights {run.weights_origin}, "
               f"{where}, {stored(run.store)} stored, epoch {run.epoch + 1}/{cfg.epochs}")
     if gui:
         code = gui.run_session(root, run)
@@ -211,9 +218,11 @@ def main(argv=None):
         labeler = FolderLabeler(run.ds, cfg.feedback_noise, cfg.feedback_skip, cfg.seed)
         code = 0 if run_headless(run, labeler, stop=lambda: SIGNALLED[0] != 0) else 128 + SIGNALLED[0]
     if code == 1:
+        run.ds.close()
         run.store.close()  # training failed: the answers are stored, the last good checkpoint stays
         return 1
     run.save_if_changed()
+    run.ds.close()  # what the background reading has read stays in the run's hash cache
     if ranks.is_main:
         print(f"done: {stored(run.store)}, {run.learner.version} updates; checkpoint "
               f"{os.path.join(run_dir, CHECKPOINT_NAME)}")
@@ -239,6 +248,9 @@ def stop_on_signal(signum, frame):
 
 
 def cli():
+    # a warning printed while the loop runs (a file found unreadable by the background reading) reads like
+    # the start's: one line, no source location
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     # A signal ends the loop through the normal path, so the checkpoint is saved and SQLite closes cleanly.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_on_signal)

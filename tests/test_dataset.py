@@ -52,7 +52,7 @@ def test_the_shared_photo_set_scans_to_its_244_photos_and_its_gif(shared_data):
     assert any(p.endswith(".gif") for p in ds.paths) and any(p.endswith(".jpeg") for p in ds.paths)
 
 
-def test_text_saved_as_jpg_and_truncated_jpeg_are_skipped_with_one_warning(tmp_path, photos):
+def test_text_saved_as_jpg_and_truncated_jpeg_are_never_asked_and_warned_once(tmp_path, photos):
     root = make_subset(tmp_path / "p", photos, 3)
     (tmp_path / "p" / "ants" / "notes.jpg").write_text("this is not a picture")
     good = [f for f in sorted(os.listdir(os.path.join(photos, "bees"))) if f.endswith(".jpg")][5]
@@ -61,7 +61,9 @@ def test_text_saved_as_jpg_and_truncated_jpeg_are_skipped_with_one_warning(tmp_p
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = AntBeeDataset(root, image_size=32)
-    assert len(ds) == 6
+    bad = {ds.paths.index(str(tmp_path / "p" / "ants" / "notes.jpg")), ds.paths.index(str(tmp_path / "p" / "bees" / "cut.jpg"))}
+    assert len(ds) == 8 and ds.unreadable == bad  # in the pool (positions stay those of the folder), never asked
+    assert not any(ds.readable(i) for i in bad) and all(ds.readable(i) for i in set(range(8)) - bad)
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "notes.jpg" in message and "cut.jpg" in message and "skipped 2" in message
@@ -269,3 +271,92 @@ def test_a_full_disk_under_the_decoded_cache_is_warned_once_and_images_still_loa
         assert torch.equal(ds.batch(range(len(ds))), expected) and torch.equal(ds.batch([0]), expected[:1])
     assert len(caught) == 1 and "No space left" in str(caught[0].message) and str(run_dir) in str(caught[0].message)
     assert ds.decoded.filled() == 0 and ds.unreadable == set()  # nothing claimed cached: decoded again next time
+
+
+def gate_background_reading(monkeypatch):
+    """Hold the pool's background reading until the returned event is set (reads from other threads pass);
+    returns (event, the paths the background thread read)."""
+    import threading
+
+    import dataset
+    opened, read, real = threading.Event(), [], dataset.inspect_image_file
+
+    def inspect(path):
+        if threading.current_thread().name == "pool-hashes":
+            opened.wait(60)
+            read.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(dataset, "inspect_image_file", inspect)
+    return opened, read
+
+
+def test_a_new_folder_is_usable_before_its_files_are_read_and_ends_hashed_like_a_full_scan(tmp_path, photos,
+                                                                                          monkeypatch):
+    root = make_subset(tmp_path / "p", photos, 4)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    full = AntBeeDataset(root, image_size=16)
+    opened, read = gate_background_reading(monkeypatch)
+    ds = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir), hash_in_background=True)
+    assert ds.hashes == [None] * 8  # returned without reading the folder
+    assert torch.equal(ds.batch([5]), full.batch([5])) and ds.hashes[5] == full.hashes[5]  # the asked one at once
+    assert ds.hash_of(2) == full.hashes[2]
+    opened.set()
+    ds.hasher.join(60)
+    assert ds.hashes == full.hashes and ds.arrived[:2] == [5, 2] and sorted(ds.arrived) == list(range(8))
+    assert sorted(read) == sorted(p for i, p in enumerate(ds.paths) if i not in (2, 5))  # each file read once
+    ds.close()
+    again = counting(monkeypatch, "inspect_image_file")
+    resumed = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir), hash_in_background=True)
+    assert again == [] and resumed.hashes == full.hashes and resumed.hasher is None
+
+
+def test_reading_stopped_at_quit_keeps_what_it_read_and_the_next_start_reads_the_rest(tmp_path, photos,
+                                                                                      monkeypatch):
+    root = make_subset(tmp_path / "p", photos, 4)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    opened, read = gate_background_reading(monkeypatch)
+    ds = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir), hash_in_background=True)
+    ds.hash_of(0), ds.hash_of(7)
+    ds.stop_hashing.set()  # the window closed while the reading was on its first file: it stops after it
+    opened.set()
+    ds.close()
+    assert read == [] or len(read) == 1  # at most the file it was waiting on
+    again = counting(monkeypatch, "inspect_image_file")
+    resumed = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir))
+    assert sorted(again) == sorted(p for i, p in enumerate(ds.paths) if i not in (0, 7) and p not in read)
+    assert resumed.hashes == AntBeeDataset(root, image_size=16).hashes
+
+
+def test_a_file_found_not_an_image_by_the_background_reading_is_warned_once_and_never_asked(tmp_path, photos,
+                                                                                            monkeypatch):
+    root = make_subset(tmp_path / "p", photos, 3)
+    (tmp_path / "p" / "bees" / "notes.jpg").write_text("this is not a picture")
+    opened, _ = gate_background_reading(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = AntBeeDataset(root, image_size=16, hash_in_background=True)
+        bad = ds.paths.index(str(tmp_path / "p" / "bees" / "notes.jpg"))
+        assert caught == [] and ds.unreadable == set()  # not known yet
+        opened.set()
+        ds.hasher.join(60)
+        assert ds.unreadable == {bad} and not ds.readable(bad)
+        ds.close()
+    assert len(caught) == 1 and "bees/notes.jpg" in str(caught[0].message) and "skipped 1" in str(caught[0].message)
+
+
+def test_an_image_asked_before_the_background_reading_reaches_it_gets_the_header_check(tmp_path, photos,
+                                                                                       monkeypatch):
+    root = make_subset(tmp_path / "p", photos, 3)
+    (tmp_path / "p" / "bees" / "notes.jpg").write_text("this is not a picture")
+    opened, _ = gate_background_reading(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = AntBeeDataset(root, image_size=16, hash_in_background=True)
+        bad = ds.paths.index(str(tmp_path / "p" / "bees" / "notes.jpg"))
+        assert not ds.readable(bad) and ds.unreadable == {bad}
+        opened.set()
+        ds.close()
+    assert len(caught) == 1 and "bees/notes.jpg" in str(caught[0].message)

@@ -205,3 +205,32 @@ def test_with_frozen_features_a_ranking_computes_features_for_a_bounded_sample_o
     run.refresh_ranking()  # every unasked image with cached features, and 64 more
     assert len(run.cache.features) == 4 + 2 * DEFAULT_SCORE_POOL
     assert sorted(run.ranking) == sorted(i for i in run.unasked if run.cache.has(ds, i))
+
+
+def test_answers_whose_hashes_arrive_late_are_linked_and_never_asked_again(tmp_path, digits, monkeypatch):
+    # A session answered 4 pictures, with 2 verdicts "no", and was killed before the hash cache kept their
+    # files: the next start reads their hashes in the background, after the pool is returned.
+    from test_dataset import gate_background_reading
+    first = make_run(tmp_path, digits, classes=("3", "5", "8"), batch_size=4, order="sequential")
+    root = first.ds.root
+    first.ds = AntBeeDataset(root, image_size=32, cache_dir=str(tmp_path))  # the same pool, hashes cached
+    asked = answer(first, 4)
+    said_no = first.next_questions(2)
+    for i in said_no:
+        first.record_verdict(i, (first.ds.labels[i] + 1) % 3, 0.5, 0, first.learner.version)
+    first.ds.close()
+    db = sqlite3.connect(tmp_path / "hashes.sqlite")
+    with db:
+        db.executemany("DELETE FROM files WHERE path=?", [(first.ds.paths[i],) for i in asked + said_no])
+    db.close()
+    opened, _ = gate_background_reading(monkeypatch)
+    ds = AntBeeDataset(root, image_size=32, cache_dir=str(tmp_path), hash_in_background=True)
+    run = RLHFRun(first.cfg, ds, Learner(3, None, "all", seed=0), first.store, str(tmp_path), "random")
+    assert not set(run.answer_of) & set(asked) and not run.rejected  # not known yet
+    opened.set()
+    ds.hasher.join(60)
+    rest = run.next_questions(len(ds))
+    assert not set(rest) & set(asked) and sorted(rest + asked) == list(range(len(ds)))
+    assert {i: run.answer_of[i] for i in asked} == {i: ds.labels[i] for i in asked}
+    assert run.rejected == {i: {(ds.labels[i] + 1) % 3} for i in said_no} and set(said_no) <= set(rest)  # asked on
+    assert run.rm_fitted == set(asked) and len(run.no_fitted) == 2
