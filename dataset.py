@@ -59,8 +59,14 @@ def scan_image_folder(root):
     """Image files under root, each real file once, in a sorted order; and (path, why) for each entry left out.
 
     Links are followed, but a file or folder that can be reached without links is used where it lies."""
-    # Where each folder and file lies when no link is followed: a link to one of them is skipped even when
-    # the walk meets the link first, so that an image's class is the folder it lies in.
+    # A tree without links is walked once; one with links first needs to know where everything lies.
+    return _walk_images(root, None) or _walk_images(root, _real_locations(root))
+
+
+def _real_locations(root):
+    # Where each folder and file lies when no link is followed (real folders, real files, the link names of
+    # each folder): a link to one of them is skipped even when the walk meets the link first, so that an
+    # image's class is the folder it lies in.
     real_dirs, real_files, links_in = set(), set(), {}
     # a file that is not a link lies where its folder really is: one realpath per folder, not per file
     # (resolving each of 100,000 paths took seconds)
@@ -70,6 +76,12 @@ def scan_image_folder(root):
         links = links_in[folder] = symlink_names(folder)
         prefix = _prefix(real_folder)
         real_files.update(prefix + f for f in files if f not in links)
+    return real_dirs, real_files, links_in
+
+
+def _walk_images(root, real):
+    # The scan, following links; with real None (no map of real locations), None as soon as a link is met.
+    real_dirs, real_files, links_in = real or (set(), set(), {})
     found, skipped = [], []
     seen_dirs, seen_files = {os.path.realpath(root)}, set()
     through_link = {}
@@ -78,15 +90,17 @@ def scan_image_folder(root):
         linked = through_link.get(folder, False)
         real_folder = os.path.realpath(folder)
         links = links_in[folder] if folder in links_in else symlink_names(folder)
+        if links and real is None:
+            return None
         keep = []
         for name in sorted(dirs):
             sub = os.path.join(folder, name)
-            real, via = os.path.realpath(sub), linked or name in links
+            real_sub, via = os.path.realpath(sub), linked or name in links
             # a loop of links would otherwise list the same files again at every turn
-            if real in seen_dirs or (via and real in real_dirs):
+            if real_sub in seen_dirs or (via and real_sub in real_dirs):
                 skipped.append((sub, ALREADY_SCANNED))
                 continue
-            seen_dirs.add(real)
+            seen_dirs.add(real_sub)
             through_link[sub] = via
             keep.append(name)
         dirs[:] = keep
@@ -98,11 +112,11 @@ def scan_image_folder(root):
                     skipped.append((path, NOT_AN_IMAGE))
                 continue
             is_link = name in links
-            real = os.path.realpath(path) if is_link else real_prefix + name
-            if real in seen_files or ((linked or is_link) and real in real_files):
+            real_file = os.path.realpath(path) if is_link else real_prefix + name
+            if real_file in seen_files or ((linked or is_link) and real_file in real_files):
                 skipped.append((path, ALREADY_SCANNED))
                 continue
-            seen_files.add(real)
+            seen_files.add(real_file)
             found.append(path)
     skipped.extend((err.filename, CANNOT_OPEN) for err in unreadable)
     return found, skipped
@@ -222,7 +236,8 @@ class AntBeeDataset(torch.utils.data.Dataset):
     `classes` names the classes (default: the subfolders); `labels[i]` is the class of the folder an
     image sits in, or -1 when it is not in a class folder. Content hashes come from the hash cache, else
     from reading each new file once: before the pool is returned, or with hash_in_background by a thread
-    (`hash_of` reads one at once when asked first). A file that fails the header check or to decode is in
+    (start_reading; `hash_of` reads one at once when asked first). A file that fails the header check or to
+    decode is in
     `unreadable` (warned once, never asked) and shows as a blank image.
     """
 
@@ -278,6 +293,7 @@ class AntBeeDataset(torch.utils.data.Dataset):
         if self.skipped:
             warnings.warn(skipped_summary(root, self.skipped), stacklevel=2)
         if not self.to_read and len(self.unreadable) == len(self.paths):
+            self.close()
             raise DatasetError(f"no readable image in {root}: every file failed to decode")
         earlier = sorted(i for i in self.unreadable if i not in self.problem)
         if earlier:  # found by an earlier run of this pool: still never asked, and said so again
@@ -286,9 +302,14 @@ class AntBeeDataset(torch.utils.data.Dataset):
                           f"an earlier run and {'are' if len(names) > 1 else 'is'} not asked: "
                           f"{', '.join(names[:5])}{' and more' if len(names) > 5 else ''} (re-save as JPEG or "
                           "PNG and --resume)", stacklevel=2)
-        if self.to_read:
-            self.hasher = threading.Thread(target=self._hash_in_background, name="pool-hashes", daemon=True)
-            self.hasher.start()
+
+    def start_reading(self):
+        """Start the background reading of the files not hashed yet (hash_in_background; RLHFRun starts it
+        with its first question, so it does not compete with the start-up the first question waits for)."""
+        with self.hash_lock:
+            if self.to_read and self.hasher is None and not self.stop_hashing.is_set():
+                self.hasher = threading.Thread(target=self._hash_in_background, name="pool-hashes", daemon=True)
+                self.hasher.start()
 
     # --- content hashes ---------------------------------------------------------------------------
     def _known(self, index, sha1, problem):

@@ -212,8 +212,12 @@ class RLHFRun:
                 self._take(index)
                 # the pool is read lazily: a file that stopped decoding since the scan is warned about once
                 # (dataset.py) and never asked
-                if self.ds.readable(index):
+                if self.ds.readable(index):  # reads the file's hash too, when the pool had not read it yet
+                    self.link_arrived()
+                    if index in self.answer_of:  # answered in an earlier session: known only now
+                        continue
                     self.outstanding.add(index)
+                    self.ds.start_reading()  # a new folder's files: read now that the first question is out
                     return index
             return None
 
@@ -575,11 +579,12 @@ class RLHFRun:
 
     def validate(self):
         """Accuracy of the policy on the --val images (split across processes under torchrun)."""
-        starts = range(0, len(self.val), self.cfg.score_batch)
-        stop = lambda s: min(s + self.cfg.score_batch, len(self.val))  # noqa: E731
+        keep = [i for i in range(len(self.val)) if i not in self.val.unreadable]  # files that are no images
+        starts = range(0, len(keep), self.cfg.score_batch)
         return evaluate_accuracy(self.learner.image_probs,
-                                 (self.val.batch(list(range(s, stop(s)))) for s in starts),
-                                 (torch.tensor(self.val.labels[s:stop(s)]) for s in starts))
+                                 (self.val.batch(keep[s:s + self.cfg.score_batch]) for s in starts),
+                                 (torch.tensor([self.val.labels[i] for i in keep[s:s + self.cfg.score_batch]])
+                                  for s in starts))
 
     # --- files --------------------------------------------------------------------------------
     @contextlib.contextmanager

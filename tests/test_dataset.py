@@ -302,6 +302,7 @@ def test_a_new_folder_is_usable_before_its_files_are_read_and_ends_hashed_like_a
     assert ds.hashes == [None] * 8  # returned without reading the folder
     assert torch.equal(ds.batch([5]), full.batch([5])) and ds.hashes[5] == full.hashes[5]  # the asked one at once
     assert ds.hash_of(2) == full.hashes[2]
+    ds.start_reading()
     opened.set()
     ds.hasher.join(60)
     assert ds.hashes == full.hashes and ds.arrived[:2] == [5, 2] and sorted(ds.arrived) == list(range(8))
@@ -309,7 +310,8 @@ def test_a_new_folder_is_usable_before_its_files_are_read_and_ends_hashed_like_a
     ds.close()
     again = counting(monkeypatch, "inspect_image_file")
     resumed = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir), hash_in_background=True)
-    assert again == [] and resumed.hashes == full.hashes and resumed.hasher is None
+    resumed.start_reading()
+    assert again == [] and resumed.hashes == full.hashes and resumed.hasher is None  # nothing left to read
 
 
 def test_reading_stopped_at_quit_keeps_what_it_read_and_the_next_start_reads_the_rest(tmp_path, photos,
@@ -320,6 +322,7 @@ def test_reading_stopped_at_quit_keeps_what_it_read_and_the_next_start_reads_the
     opened, read = gate_background_reading(monkeypatch)
     ds = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir), hash_in_background=True)
     ds.hash_of(0), ds.hash_of(7)
+    ds.start_reading()
     ds.stop_hashing.set()  # the window closed while the reading was on its first file: it stops after it
     opened.set()
     ds.close()
@@ -340,6 +343,7 @@ def test_a_file_found_not_an_image_by_the_background_reading_is_warned_once_and_
         ds = AntBeeDataset(root, image_size=16, hash_in_background=True)
         bad = ds.paths.index(str(tmp_path / "p" / "bees" / "notes.jpg"))
         assert caught == [] and ds.unreadable == set()  # not known yet
+        ds.start_reading()
         opened.set()
         ds.hasher.join(60)
         assert ds.unreadable == {bad} and not ds.readable(bad)

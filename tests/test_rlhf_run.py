@@ -226,10 +226,12 @@ def test_answers_whose_hashes_arrive_late_are_linked_and_never_asked_again(tmp_p
     opened, _ = gate_background_reading(monkeypatch)
     ds = AntBeeDataset(root, image_size=32, cache_dir=str(tmp_path), hash_in_background=True)
     run = RLHFRun(first.cfg, ds, Learner(3, None, "all", seed=0), first.store, str(tmp_path), "random")
-    assert not set(run.answer_of) & set(asked) and not run.rejected  # not known yet
+    assert not set(run.answer_of) & set(asked) and not run.rejected and ds.hasher is None  # not known yet
+    rest = [run.next_question()]  # reads the hash of each image it considers before handing it out
+    assert ds.hasher is not None  # the first question starts the reading of the rest
     opened.set()
     ds.hasher.join(60)
-    rest = run.next_questions(len(ds))
+    rest += run.next_questions(len(ds))
     assert not set(rest) & set(asked) and sorted(rest + asked) == list(range(len(ds)))
     assert {i: run.answer_of[i] for i in asked} == {i: ds.labels[i] for i in asked}
     assert run.rejected == {i: {(ds.labels[i] + 1) % 3} for i in said_no} and set(said_no) <= set(rest)  # asked on
