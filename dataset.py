@@ -236,9 +236,8 @@ class AntBeeDataset(torch.utils.data.Dataset):
     `classes` names the classes (default: the subfolders); `labels[i]` is the class of the folder an
     image sits in, or -1 when it is not in a class folder. Content hashes come from the hash cache, else
     from reading each new file once: before the pool is returned, or with hash_in_background by a thread
-    (start_reading; `hash_of` reads one at once when asked first). A file that fails the header check or to
-    decode is in
-    `unreadable` (warned once, never asked) and shows as a blank image.
+    (start_reading; `hash_of` reads one at once when asked first). A file that fails the header check or
+    the decode is in `unreadable` (warned once, never asked) and shows as a blank image.
     """
 
     def __init__(self, root, image_size=224, classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -279,11 +278,11 @@ class AntBeeDataset(torch.utils.data.Dataset):
         self.unwarned = []   # positions found not to be images after the pool was returned
         self.arrived = []    # positions hashed after the pool was returned, in that order (RLHFRun links them)
         self.hash_cache, self.hash_lock = HashCache(cache_dir), threading.Lock()
-        self.to_read, self.stop_hashing, self.hasher = {}, threading.Event(), None  # position -> os.stat_result
+        self.to_read, self.stop_hashing, self.hasher = {}, threading.Event(), None  # position -> (size, mtime_ns)
         for i, (path, st) in enumerate(zip(self.paths, stats)):
             found = self.hash_cache.lookup(path, st)
             if found is None:
-                self.to_read[i] = st
+                self.to_read[i] = (st.st_size, st.st_mtime_ns)  # not the stat_result: a third of the size
             else:
                 self._known(i, *found)
         if not hash_in_background:
@@ -323,11 +322,11 @@ class AntBeeDataset(torch.utils.data.Dataset):
         # Read one file not hashed yet (unless another thread just did) and remember what it holds.
         sha1, problem = inspect_image_file(self.paths[index])
         with self.hash_lock:
-            st = self.to_read.pop(index, None)
-            if st is None:
+            identity = self.to_read.pop(index, None)
+            if identity is None:
                 return
             if sha1 is not None:  # a file that cannot be read now is tried again at the next start
-                self.hash_cache.put(self.paths[index], st, sha1, problem)
+                self.hash_cache.put(self.paths[index], *identity, sha1, problem)
             self._known(index, sha1, problem)
             self.arrived.append(index)
             if index in self.problem:

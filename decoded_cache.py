@@ -3,8 +3,9 @@
 Slots are filled the first time an image is used, so the first question needs one decode, memory holds only
 what is being used (reads and writes go through pread/pwrite, not a mapping that would stay resident), and a
 resume decodes nothing already decoded. The file starts with one state byte per slot (EMPTY, FILLED or
-UNREADABLE), then the slots. Its name holds a digest of the pool's content hashes and the image size, so a
-changed folder or size starts a new file and never reads another pool's pixels.
+UNREADABLE), then the slots. Its name holds a digest of the pool's files (relative path, size and mtime_ns, the
+identity the hash cache trusts) and the image size, so a changed folder or size starts a new file and never
+reads another pool's pixels, and the file opens before the pool's files have been read for their hashes.
 """
 import hashlib
 import os
@@ -18,9 +19,10 @@ EMPTY, FILLED, UNREADABLE = 0, 1, 2
 HEADER_ALIGN = 4096  # slots start on a page boundary
 
 
-def decoded_cache_name(tag, hashes, image_size):
-    """File name for a pool: tag (pool or val), the image size and a digest of the ordered content hashes."""
-    digest = hashlib.sha1("\n".join(hashes).encode()).hexdigest()[:16]
+def decoded_cache_name(tag, identities, image_size):
+    """File name for a pool: tag (pool or val), the image size and a digest of its files' identities, in
+    pool order (one string per file: relative path, size, mtime_ns)."""
+    digest = hashlib.sha1("\n".join(identities).encode()).hexdigest()[:16]
     return f"decoded-{tag}-{image_size}px-{digest}.u8"
 
 

@@ -1,7 +1,8 @@
 """Content hashes of a pool's image files, remembered in the run folder by (path, size, mtime_ns).
 
 A resume stats each file and re-reads only those whose size or modification time changed, so a folder of
-100,000 photos is not read again at every start. Each row also keeps what the cheap header check said of
+100,000 photos is not read again at every start. The reading of a new folder's files runs in the background
+(dataset.py), so rows arrive from that thread while others look up and put. Each row also keeps what the cheap header check said of
 the file ("" when it looks like a readable image), so an unreadable file is not opened again either.
 """
 import os
@@ -36,11 +37,11 @@ class HashCache:
             return row[2], row[3]
         return None
 
-    def put(self, path, st, sha1, problem):
+    def put(self, path, size, mtime_ns, sha1, problem):
         """Remember a file's hash and header verdict (written by commit())."""
         with self.lock:
-            self.known[path] = (st.st_size, st.st_mtime_ns, sha1, problem)
-            self.fresh.append((path, st.st_size, st.st_mtime_ns, sha1, problem))
+            self.known[path] = (size, mtime_ns, sha1, problem)
+            self.fresh.append((path, size, mtime_ns, sha1, problem))
 
     def pending(self):
         """Rows put since the last commit."""
