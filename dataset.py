@@ -163,7 +163,9 @@ def header_problem(data):
                 img.verify()
         if kind == "JPEG" and b"\xff\xd9" not in data[-JPEG_TAIL:]:
             return "truncated JPEG (no end-of-image marker)"
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:  # its message names the in-memory buffer, which says nothing to a person
+        return "not a picture in a format Pillow reads"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return first_line(err)
     return ""
 

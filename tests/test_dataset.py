@@ -66,7 +66,8 @@ def test_text_saved_as_jpg_and_truncated_jpeg_are_never_asked_and_warned_once(tm
     assert not any(ds.readable(i) for i in bad) and all(ds.readable(i) for i in set(range(8)) - bad)
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert "notes.jpg" in message and "cut.jpg" in message and "skipped 2" in message
+    assert "notes.jpg (not a picture in a format Pillow reads)" in message and "cut.jpg" in message
+    assert "skipped 2" in message and "BytesIO" not in message
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
