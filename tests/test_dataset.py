@@ -334,8 +334,10 @@ def test_reading_stopped_at_quit_keeps_what_it_read_and_the_next_start_reads_the
     assert resumed.hashes == AntBeeDataset(root, image_size=16).hashes
 
 
-def test_a_file_found_not_an_image_by_the_background_reading_is_warned_once_and_never_asked(tmp_path, photos,
-                                                                                            monkeypatch):
+@pytest.mark.parametrize("asked_first", [False, True])
+def test_a_file_found_not_an_image_after_the_start_is_warned_once_and_never_asked(tmp_path, photos, monkeypatch,
+                                                                                 asked_first):
+    # found by the background reading, or asked before the reading reaches it (its header checked then)
     root = make_subset(tmp_path / "p", photos, 3)
     (tmp_path / "p" / "bees" / "notes.jpg").write_text("this is not a picture")
     opened, _ = gate_background_reading(monkeypatch)
@@ -344,24 +346,11 @@ def test_a_file_found_not_an_image_by_the_background_reading_is_warned_once_and_
         ds = AntBeeDataset(root, image_size=16, hash_in_background=True)
         bad = ds.paths.index(str(tmp_path / "p" / "bees" / "notes.jpg"))
         assert caught == [] and ds.unreadable == set()  # not known yet
+        if asked_first:
+            assert not ds.readable(bad) and ds.unreadable == {bad}
         ds.start_reading()
         opened.set()
         ds.hasher.join(60)
         assert ds.unreadable == {bad} and not ds.readable(bad)
         ds.close()
     assert len(caught) == 1 and "bees/notes.jpg" in str(caught[0].message) and "skipped 1" in str(caught[0].message)
-
-
-def test_an_image_asked_before_the_background_reading_reaches_it_gets_the_header_check(tmp_path, photos,
-                                                                                       monkeypatch):
-    root = make_subset(tmp_path / "p", photos, 3)
-    (tmp_path / "p" / "bees" / "notes.jpg").write_text("this is not a picture")
-    opened, _ = gate_background_reading(monkeypatch)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ds = AntBeeDataset(root, image_size=16, hash_in_background=True)
-        bad = ds.paths.index(str(tmp_path / "p" / "bees" / "notes.jpg"))
-        assert not ds.readable(bad) and ds.unreadable == {bad}
-        opened.set()
-        ds.close()
-    assert len(caught) == 1 and "bees/notes.jpg" in str(caught[0].message)
