@@ -10,6 +10,7 @@ import sqlite3
 import sys
 import threading
 import time
+import warnings
 
 HASH_CACHE_NAME = "hashes.sqlite"
 PROGRESS_AFTER_S = 1.5  # a scan quicker than this prints nothing
@@ -28,7 +29,7 @@ class HashCache:
                         "mtime_ns INTEGER, sha1 TEXT, problem TEXT)")
         self.db.commit()
         self.known = {row[0]: row[1:] for row in self.db.execute("SELECT * FROM files")}
-        self.fresh = []
+        self.fresh, self.write_failed = [], False
 
     def lookup(self, path, st):
         """The cached (sha1, problem) of path when its size and mtime_ns are st's, else None."""
@@ -48,12 +49,20 @@ class HashCache:
         return len(self.fresh)
 
     def commit(self):
-        """Write the rows added since the last commit in one transaction."""
+        """Write the rows added since the last commit in one transaction. A failed write (a full disk) is
+        warned about once and costs only time: those files are read again at the next start."""
         with self.lock:
             rows, self.fresh = self.fresh, []
-            if rows:
+            if not rows:
+                return
+            try:
                 with self.db:
                     self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", rows)
+            except sqlite3.Error as err:
+                if not self.write_failed:
+                    self.write_failed = True
+                    warnings.warn(f"cannot write content hashes to {self.path} ({err}): the files read in this "
+                                  "session are read again at the next start; free space on its disk", stacklevel=2)
 
     def close(self):
         self.commit()

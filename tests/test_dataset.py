@@ -354,3 +354,37 @@ def test_a_file_found_not_an_image_after_the_start_is_warned_once_and_never_aske
         assert ds.unreadable == {bad} and not ds.readable(bad)
         ds.close()
     assert len(caught) == 1 and "bees/notes.jpg" in str(caught[0].message) and "skipped 1" in str(caught[0].message)
+
+
+def test_a_full_disk_under_the_hash_cache_is_warned_once_and_the_hashes_are_still_known(tmp_path, photos):
+    import sqlite3
+    root = make_subset(tmp_path / "p", photos, 3)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    full = AntBeeDataset(root, image_size=16)
+    ds = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir), hash_in_background=True)
+    real_db = ds.hash_cache.db
+
+    class FullDisk:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def executemany(self, *args):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        def close(self):
+            real_db.close()
+
+    ds.hash_cache.db = FullDisk()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds.start_reading()
+        ds.hasher.join(60)
+        ds.close()  # commits again: no second warning, no error
+    assert ds.hashes == full.hashes
+    assert len(caught) == 1 and "disk is full" in str(caught[0].message) and "hashes.sqlite" in str(caught[0].message)
+    again = AntBeeDataset(root, image_size=16, cache_dir=str(run_dir), hash_in_background=True)
+    assert len(again.to_read) == len(full)  # nothing was written: read again, and nothing else lost
