@@ -379,8 +379,10 @@ class AntBeeDataset(torch.utils.data.Dataset):
         return self.hashes[index]
 
     def all_hashes(self):
-        """Every position's content hash (None where unreadable), reading now what is still unread."""
-        self.read_hashes(list(self.to_read))
+        """Every position's content hash (None where unreadable), reading now what is still unread (with the
+        scan's progress line when that is slow)."""
+        if self.to_read:
+            self.read_hashes(list(self.to_read), ScanProgress(f"reading {self.root}", len(self.to_read)))
         return self.hashes
 
     def close(self):

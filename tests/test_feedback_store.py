@@ -51,6 +51,10 @@ def test_store_refuses_other_classes_and_other_images(tmp_path):
     store.check_image_set(["h1", "h9"])
     with pytest.raises(StoreError, match="other images"):
         store.check_image_set(["h7", "h8"])
+    # a pool whose hashes are still being read: those known share none, so it asks for all of them
+    store.check_image_set(["h7", None], all_hashes=lambda: ["h7", "h1"])
+    with pytest.raises(StoreError, match="other images"):
+        store.check_image_set(["h7", None], all_hashes=lambda: ["h7", "h8"])
 
 
 def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
