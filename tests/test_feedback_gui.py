@@ -40,7 +40,7 @@ def display():
     for proc in STARTED:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.communicate()  # reads and closes its pipes (a killed app's left open warn at exit)
     xvfb.stop()
 
 
@@ -388,7 +388,7 @@ def test_ten_classes_on_a_small_screen_show_the_whole_image(tmp_path):
             geometry = dict(line.split("=") for line in s.xdotool("getwindowgeometry", "--shell", s.window).split())
         finally:
             s.proc.kill()
-            s.proc.wait()
+            s.proc.communicate()
     assert int(geometry["WIDTH"]) <= 1024 and int(geometry["HEIGHT"]) <= 700, geometry  # the window fits
     # the picture's red frame is on screen whole: a square with all four sides drawn
     r, g, b = Image.open(shot).convert("RGB").split()
