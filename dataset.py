@@ -59,8 +59,37 @@ def scan_image_folder(root):
     """Image files under root, each real file once, in a sorted order; and (path, why) for each entry left out.
 
     Links are followed, but a file or folder that can be reached without links is used where it lies."""
-    # A tree without links is walked once; one with links first needs to know where everything lies.
-    return _walk_images(root, None) or _walk_images(root, _real_locations(root))
+    # A tree without links is read once, a directory read per folder; one with links first needs to know
+    # where everything lies.
+    return _walk_plain(root) or _walk_images(root, _real_locations(root))
+
+
+def _walk_plain(root):
+    # The scan of a tree without links (None as soon as a link is met): what _walk_images finds there, in the
+    # same order (folders depth-first, each one's files and subfolders sorted), without its second
+    # directory read per folder for the link names (a quarter of a second at 100,000 files).
+    found, skipped, stack = [], [], [os.fspath(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            skipped.append((folder, CANNOT_OPEN))
+            continue
+        dirs, files = [], []
+        for e in entries:
+            if e.is_symlink():
+                return None
+            (dirs if e.is_dir(follow_symlinks=False) else files).append(e.name)
+        prefix = _prefix(folder)
+        for name in sorted(files):
+            if is_image_file(name):
+                found.append(prefix + name)
+            elif not name.startswith("."):  # .DS_Store, editor and download leftovers say nothing
+                skipped.append((prefix + name, NOT_AN_IMAGE))
+        stack.extend(os.path.join(folder, name) for name in sorted(dirs, reverse=True))
+    return found, skipped
 
 
 def _real_locations(root):
