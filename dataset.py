@@ -109,8 +109,8 @@ def _real_locations(root):
 
 
 def _walk_images(root, real):
-    # The scan, following links; with real None (no map of real locations), None as soon as a link is met.
-    real_dirs, real_files, links_in = real or (set(), set(), {})
+    # The scan, following links, given where everything really lies (_real_locations).
+    real_dirs, real_files, links_in = real
     found, skipped = [], []
     seen_dirs, seen_files = {os.path.realpath(root)}, set()
     through_link = {}
@@ -119,8 +119,6 @@ def _walk_images(root, real):
         linked = through_link.get(folder, False)
         real_folder = os.path.realpath(folder)
         links = links_in[folder] if folder in links_in else symlink_names(folder)
-        if links and real is None:
-            return None
         keep = []
         for name in sorted(dirs):
             sub = os.path.join(folder, name)
