@@ -311,7 +311,8 @@ def plan_import(source, rows, pool, answered):
     """Which rows become labels of the pool (an AntBeeDataset): matched by hash (by path relative to the
     pool's folder when a row has none), of a class the pool has, for an image not in `answered` (hashes)."""
     report = ImportReport(source, len(rows))
-    index_of = {h: i for i, h in enumerate(pool.all_hashes()) if h is not None}
+    hashes = pool.all_hashes()  # every file read: rows are matched by content
+    index_of = {h: i for i, h in enumerate(hashes) if h is not None}
     by_path = {os.path.relpath(p, pool.root).replace(os.sep, "/"): i for i, p in enumerate(pool.paths)}
     chosen = set()
     for r in rows:
@@ -322,15 +323,15 @@ def plan_import(source, rows, pool, answered):
         else:
             index = index_of.get(r.sha1) if r.sha1 else by_path.get(pool_relative(r.path, pool.root))
             why = ("image" if index is None else "class" if r.class_name not in pool.class_names
-                   else "repeated" if pool.hash_of(index) in chosen
-                   else "answered" if pool.hash_of(index) in answered else None)
+                   else "repeated" if hashes[index] in chosen
+                   else "answered" if hashes[index] in answered else None)
         if why == "class":
             report.unknown_classes.add(r.class_name)
         if why:
             report.left_out[why] += 1
             continue
-        chosen.add(pool.hash_of(index))
-        report.added[pool.hash_of(index)] = (index, pool.class_names.index(r.class_name))
+        chosen.add(hashes[index])
+        report.added[hashes[index]] = (index, pool.class_names.index(r.class_name))
     return report
 
 
