@@ -317,7 +317,7 @@ class AntBeeDataset(torch.utils.data.Dataset):
         if not hash_in_background:
             self.read_hashes(list(self.to_read), ScanProgress(f"reading {root}", len(self.to_read)))
         self.skipped += [(self.paths[i], why) for i, why in self.problem.items()]
-        self.arrived, self.unwarned = [], []
+        self.arrived, self.unwarned = [], []  # what was read above is known and warned at once, below
         if self.skipped:
             warnings.warn(skipped_summary(root, self.skipped), stacklevel=2)
         if not self.to_read and len(self.unreadable) == len(self.paths):
