@@ -316,6 +316,13 @@ class AntBeeDataset(torch.utils.data.Dataset):
                 self._known(i, *found)
         if not hash_in_background:
             self.read_hashes(list(self.to_read), ScanProgress(f"reading {root}", len(self.to_read)))
+        elif not any(h is not None and i not in self.unreadable for i, h in enumerate(self.hashes)):
+            # a folder with no image in it is refused at the start: read until one is found (the first file,
+            # almost always); the rest is left to the background reading
+            for i in list(self.to_read):
+                self._read(i)
+                if i not in self.unreadable:
+                    break
         self.skipped += [(self.paths[i], why) for i, why in self.problem.items()]
         self.arrived, self.unwarned = [], []  # what was read above is known and warned at once, below
         if self.skipped:

@@ -121,6 +121,16 @@ def test_missing_empty_and_default_image_folders_are_one_line_errors(tmp_path):
     assert_user_error(proc, "hymenoptera_data", "--images DIR")
 
 
+def test_a_folder_with_no_readable_image_is_a_one_line_error_and_leaves_no_run_folder(tmp_path):
+    # a new folder's files are read in the background, but the start still reads until it finds one image
+    for name in ("ants/a.jpg", "ants/b.jpg", "bees/c.jpg"):
+        os.makedirs(tmp_path / "p" / os.path.dirname(name), exist_ok=True)
+        (tmp_path / "p" / name).write_text("not a picture")
+    proc = run_cli("train_rlhf.py", "--images", tmp_path / "p", "--out", tmp_path / "run", *TINY)
+    assert_user_error(proc, "no readable image", str(tmp_path / "p"))
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_unwritable_out_and_resume_without_run_are_one_line_errors(tmp_path, small_pool):
     blocker = tmp_path / "file"
     blocker.write_text("x")
