@@ -11,17 +11,17 @@ import json
 import os
 import sys
 import tempfile
-import time
 from collections import namedtuple
 
 import torch
 
 from checkpoint import CheckpointError, atomic_write_bytes, read_policy
-from dataset import first_line, list_image_files, load_image, normalize
+from dataset import list_image_files, load_image, normalize
+from user_errors import UserError, first_line
 
 
-class InferenceError(Exception):
-    """Bad input from the user: reported as one line naming the file and the fix, exit code 2."""
+class InferenceError(UserError):
+    """Bad input to inference.py: a model, image or output path it cannot use; the message names the fix."""
 
 
 # A policy in eval mode with what reading images needs; step is None for the original script's files.
@@ -32,7 +32,7 @@ def load_classifier(spec=None):
     """The policy of a checkpoint file, a run folder or a `latest` link (default runs/latest), ready to
     classify: eval mode, BatchNorm folded, channels-last. Also reads the original script's files."""
     policy = read_policy(spec)
-    from models import PolicyModel, fold_batchnorm  # torchvision costs a second: only for a usable file
+    from models import PolicyModel, fold_batchnorm  # torchvision is slow to import: only for a usable file
     net = PolicyModel(len(policy.class_names))
     try:
         net.load_state_dict(policy.state)
@@ -68,7 +68,8 @@ def load_batch(paths, image_size):
 
 
 def classify_files(clf, files, batch_size=32, workers=2, precision="fp32", device="cpu", progress=None):
-    """Classify files in batches; one row per file, in order: path, predicted, probabilities, error."""
+    """Classify files in batches; one row per file, in order: path, predicted, probabilities, error.
+    progress: a tqdm advanced by each batch's files."""
     batches = -(-len(files) // batch_size)
     loader = torch.utils.data.DataLoader(files, batch_size, num_workers=min(workers, batches) if batches > 1 else 0,
                                          collate_fn=functools.partial(load_batch, image_size=clf.image_size))
@@ -85,8 +86,8 @@ def classify_files(clf, files, batch_size=32, workers=2, precision="fp32", devic
                 p = None if err else dict(zip(clf.class_names, next(probs)))
                 rows.append({"path": path, "error": err, "predicted": max(p, key=p.get) if p else None,
                              "probabilities": p})
-            if progress:
-                progress(len(rows), len(files))
+            if progress is not None:
+                progress.update(len(errors))
     return rows
 
 
@@ -142,22 +143,6 @@ def print_table(rows, names, out=sys.stdout):
     for r in rows:
         probs = "".join(f"{r['probabilities'][c]:9.3f}" for c in names)
         print(f"{r['path']:<{width}}  {r['predicted']:<12}{probs}", file=out)
-
-
-class ProgressBar:
-    """A one-line bar on stderr with the rate and the time left, erased when the job is done. Five lines
-    rather than tqdm: a dependency for every user would buy nothing more for one bar on a terminal."""
-
-    def __init__(self):
-        self.start = time.monotonic()
-
-    def __call__(self, done, total):
-        rate = done / max(time.monotonic() - self.start, 1e-9)
-        left = f"{(total - done) / rate:.0f} s left" if rate else ""
-        bar = "#" * (30 * done // total)
-        sys.stderr.write(f"\r[{bar:<30}] {done}/{total}  {rate:.1f} images/s  {left}\033[K"
-                         + ("\r\033[K" if done == total else ""))
-        sys.stderr.flush()
 
 
 def shard_files(files, batch_size, ranks):

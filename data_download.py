@@ -7,10 +7,11 @@ copy of the training half (245 files: 244 photos and one GIF placeholder).
 import hashlib
 import os
 import shutil
-import socket
 import tempfile
 import urllib.request
 import zipfile
+
+from user_errors import UserError
 
 DATA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 DATA_DIR = "data"
@@ -20,7 +21,7 @@ TRAIN_FILES = 245
 TRAIN_DIGEST = "c0a83c7b4f99a5b800a9039abfaf12415f4491982b0f83153e4e03763e0d5d01"
 
 
-class DownloadError(Exception):
+class DownloadError(UserError):
     """The default data could not be had; the message says what to pass instead."""
 
 
@@ -72,7 +73,7 @@ def ensure_default_data(download=False, interactive=False, timeout=30.0):
         try:
             with urllib.request.urlopen(DATA_URL, timeout=timeout) as resp, open(tmp, "wb") as f:
                 shutil.copyfileobj(resp, f)
-        except (OSError, socket.timeout) as err:
+        except OSError as err:  # a timeout too
             raise DownloadError(f"could not download {DATA_URL} ({err}): you seem to be offline; "
                                 "pass --images DIR with a folder of images") from None
         try:

@@ -1,7 +1,8 @@
-"""Image pool for RLHF: a recursive, deterministic scan of a folder, with class names from subfolders.
+"""The image pool of a run: a recursive, deterministic scan of a folder of any number of classes (named by
+its subfolders), images decoded lazily, content hashes read in the background for a new folder.
 
-    from dataset import AntBeeDataset
-    ds = AntBeeDataset("data/hymenoptera_data/train", image_size=224)
+    from dataset import ImagePool
+    ds = ImagePool("data/hymenoptera_data/train", image_size=224)
     x, index = ds[0]          # normalised float tensor (3, H, W), position in the pool
     ds.labels[index]          # class from the folder name, or -1 when the folder names no class
 """
@@ -16,9 +17,11 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from decoded_cache import EMPTY, FILLED, UNREADABLE, DecodedCache, decoded_cache_name
-from hash_cache import HashCache, ScanProgress
+from hash_cache import HashCache
+from user_errors import UserError, first_line
 
 # torchvision's ImageFolder suffixes (torchvision.datasets.folder.IMG_EXTENSIONS) and GIF, read as its first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -29,9 +32,11 @@ ALREADY_SCANNED = "a link to a folder or file already scanned"
 CANNOT_OPEN = "a folder that cannot be opened"
 JPEG_TAIL = 4096  # a whole JPEG ends with its end-of-image marker, at most a little padding after it
 BACKGROUND_NICE = 10  # the background reading of a new folder yields the cores to the window and training
+SCAN_PROGRESS_AFTER_S = 1.5  # a quicker reading of the files would only flash a line by
+SCAN_PROGRESS_EVERY_S = 0.25
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A folder the tool cannot use; the message names the folder and the fix."""
 
 
@@ -41,8 +46,8 @@ def is_image_file(path):
 
 
 def symlink_names(folder):
-    """Names of the entries of folder that are symbolic links, from one directory read (no lstat per file:
-    for 100,000 files that was most of a resume's scan)."""
+    """Names of the entries of folder that are symbolic links, from one directory read (no lstat per file, which
+    on a large folder would cost more than the rest of a resume's scan)."""
     try:
         with os.scandir(folder) as entries:
             return {e.name for e in entries if e.is_symlink()}
@@ -67,7 +72,7 @@ def scan_image_folder(root):
 def _walk_plain(root):
     # The scan of a tree without links (None as soon as a link is met): what _walk_images finds there, in the
     # same order (folders depth-first, each one's files and subfolders sorted), without its second
-    # directory read per folder for the link names (a quarter of a second at 100,000 files).
+    # directory read per folder for the link names, the largest cost left in a large folder's scan.
     found, skipped, stack = [], [], [os.fspath(root)]
     while stack:
         folder = stack.pop()
@@ -97,8 +102,8 @@ def _real_locations(root):
     # each folder): a link to one of them is skipped even when the walk meets the link first, so that an
     # image's class is the folder it lies in.
     real_dirs, real_files, links_in = set(), set(), {}
-    # a file that is not a link lies where its folder really is: one realpath per folder, not per file
-    # (resolving each of 100,000 paths took seconds)
+    # a file that is not a link lies where its folder really is: one realpath per folder, not per file, as
+    # realpath makes a system call for each part of a path
     for folder, _, files in os.walk(root):
         real_folder = os.path.realpath(folder)
         real_dirs.add(real_folder)
@@ -173,11 +178,6 @@ def load_image(path, image_size):
     return data.view(image_size, image_size, 3).permute(2, 0, 1).contiguous()
 
 
-def first_line(err):
-    """The first line of an exception's message (its type when it has none): what a one-line report names."""
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
 def header_problem(data):
     """Why the bytes of an image file cannot be an image, from a check far cheaper than decoding: the header,
     a PNG's chunk checksums, a JPEG's end marker; "" when they look fine."""
@@ -225,8 +225,8 @@ def normalize(batch_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def relative_path(path, root):
-    """path relative to root; a plain cut for the paths the scan made by joining onto root (relpath's
-    normalising cost seconds on 100,000 files)."""
+    """path relative to root; a plain cut for the paths the scan made by joining onto root (relpath normalises
+    both paths at each call, which a large folder pays once per file)."""
     root = os.fspath(root)
     prefix = root if root.endswith(os.sep) else root + os.sep
     return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
@@ -258,7 +258,14 @@ def skipped_summary(root, skipped, shown=5):
     return f"skipped {len(skipped)} in {root}: " + "; ".join(parts)
 
 
-class AntBeeDataset(torch.utils.data.Dataset):
+def scan_progress(what, total):
+    """A count of the files read, on stderr, once a reading has taken SCAN_PROGRESS_AFTER_S, closed with the
+    total; a quicker reading prints nothing."""
+    return tqdm(total=total, desc=what, unit=" files", file=sys.stderr, delay=SCAN_PROGRESS_AFTER_S,
+                mininterval=SCAN_PROGRESS_EVERY_S, leave=True)
+
+
+class ImagePool(torch.utils.data.Dataset):
     """The pool of images to learn from, read lazily: each image is decoded to the model's input size the
     first time it is used and kept in a decoded cache (a file of the run folder with cache_dir, else memory).
 
@@ -276,10 +283,31 @@ class AntBeeDataset(torch.utils.data.Dataset):
         self.root = os.path.abspath(root)
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
-        paths, skipped = scan_image_folder(root)
+        paths, relative = self._scan(root, classes)
+        stats, identity = self._stat_files(paths, relative)
+        name = decoded_cache_name(cache_tag, identity, image_size)
+        self.decoded = DecodedCache(cache_dir and os.path.join(cache_dir, name), len(self.paths), image_size)
+        self.unreadable = {i for i, s in enumerate(self.decoded.state) if s == UNREADABLE}
+        self.hashes = [None] * len(self.paths)  # content hash per position: None until read (see hash_of)
+        self.problem = {}    # position -> why its file is not an image (header check, or not readable)
+        self.unwarned = []   # positions found not to be images after the pool was returned
+        self.arrived = []    # positions hashed after the pool was returned, in that order (RLHFRun links them)
+        self.hash_cache, self.hash_lock = HashCache(cache_dir), threading.Lock()
+        self.to_read, self.stop_hashing, self.hasher = {}, threading.Event(), None  # position -> (size, mtime_ns)
+        self._look_up_hashes(stats)
+        if not hash_in_background:
+            self.read_hashes(list(self.to_read), scan_progress(f"reading {root}", len(self.to_read)))
+        else:
+            self._read_until_an_image()
+        self._report_left_out(root)
+
+    # --- the start --------------------------------------------------------------------------------
+    def _scan(self, root, classes):
+        # The image files under root and their paths relative to it; sets the class names and what the scan
+        # left out, and refuses a folder without two classes or without an image.
+        paths, self.skipped = scan_image_folder(root)
         relative = [relative_path(p, root) for p in paths]  # once: the class folders, then each image's class
-        folders = class_folders(relative)
-        self.class_names = list(classes) if classes else folders
+        self.class_names = list(classes) if classes else class_folders(relative)
         if len(self.class_names) < 2:
             raise DatasetError(
                 f"{root} has no class subfolders: put images in one subfolder per class "
@@ -287,7 +315,12 @@ class AntBeeDataset(torch.utils.data.Dataset):
         if not paths:
             raise DatasetError(f"image folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)}): "
                                "pass --images DIR with a folder of images")
-        self.paths, self.labels, self.skipped, identity, stats = [], [], skipped, [], []
+        return paths, relative
+
+    def _stat_files(self, paths, relative):
+        # The pool's positions: the scanned files still there, with their classes. Returns their stats and
+        # the identity (path, size, mtime) that names the decoded cache; a file gone since the scan is skipped.
+        self.paths, self.labels, stats, identity = [], [], [], []
         class_of = {name: k for k, name in enumerate(self.class_names)}
         for path, rel in zip(paths, relative):
             try:
@@ -299,34 +332,35 @@ class AntBeeDataset(torch.utils.data.Dataset):
             stats.append(st)
             identity.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
             self.labels.append(class_of.get(rel.split(os.sep, 1)[0], -1))
-        name = decoded_cache_name(cache_tag, identity, image_size)
-        self.decoded = DecodedCache(cache_dir and os.path.join(cache_dir, name), len(self.paths), image_size)
-        self.unreadable = {i for i, s in enumerate(self.decoded.state) if s == UNREADABLE}
-        self.hashes = [None] * len(self.paths)  # content hash per position: None until read (see hash_of)
-        self.problem = {}    # position -> why its file is not an image (header check, or not readable)
-        self.unwarned = []   # positions found not to be images after the pool was returned
-        self.arrived = []    # positions hashed after the pool was returned, in that order (RLHFRun links them)
-        self.hash_cache, self.hash_lock = HashCache(cache_dir), threading.Lock()
-        self.to_read, self.stop_hashing, self.hasher = {}, threading.Event(), None  # position -> (size, mtime_ns)
+        return stats, identity
+
+    def _look_up_hashes(self, stats):
+        # What the hash cache knows of each position; the rest waits in to_read.
         for i, (path, st) in enumerate(zip(self.paths, stats)):
             found = self.hash_cache.lookup(path, st)
             if found is None:
-                self.to_read[i] = (st.st_size, st.st_mtime_ns)  # not the stat_result: a third of the size
+                # not the stat_result: a pool of a large folder keeps this for every file not read yet
+                self.to_read[i] = (st.st_size, st.st_mtime_ns)
             else:
                 self._known(i, *found)
-        if not hash_in_background:
-            self.read_hashes(list(self.to_read), ScanProgress(f"reading {root}", len(self.to_read)))
-        elif not any(h is not None and i not in self.unreadable for i, h in enumerate(self.hashes)):
-            # a folder with no image in it is refused at the start: read until one is found (the first file,
-            # almost always); the rest is left to the background reading
-            for i in list(self.to_read):
-                self._read(i)
-                if i not in self.unreadable:
-                    break
+
+    def _read_until_an_image(self):
+        # A folder with no image in it is refused at the start: unless the hash cache knows an image here, read
+        # until one is found (the first file, almost always); the rest is left to the background reading.
+        if any(h is not None and i not in self.unreadable for i, h in enumerate(self.hashes)):
+            return
+        for i in list(self.to_read):
+            self._read(i)
+            if i not in self.unreadable:
+                break
+
+    def _report_left_out(self, root):
+        # One warning for everything the start left out, one for the files an earlier run found undecodable;
+        # a pool with no readable image is refused.
         self.skipped += [(self.paths[i], why) for i, why in self.problem.items()]
-        self.arrived, self.unwarned = [], []  # what was read above is known and warned at once, below
+        self.arrived, self.unwarned = [], []  # what the start read is known and warned at once, below
         if self.skipped:
-            warnings.warn(skipped_summary(root, self.skipped), stacklevel=2)
+            warnings.warn(skipped_summary(root, self.skipped), stacklevel=3)
         if not self.to_read and len(self.unreadable) == len(self.paths):
             self.close()
             raise DatasetError(f"no readable image in {root}: every file failed to decode")
@@ -336,7 +370,7 @@ class AntBeeDataset(torch.utils.data.Dataset):
             warnings.warn(f"{len(names)} image file{'s' if len(names) > 1 else ''} in {root} did not decode in "
                           f"an earlier run and {'are' if len(names) > 1 else 'is'} not asked: "
                           f"{', '.join(names[:5])}{' and more' if len(names) > 5 else ''} (re-save as JPEG or "
-                          "PNG and --resume)", stacklevel=2)
+                          "PNG and --resume)", stacklevel=3)
 
     def start_reading(self):
         """Start the background reading of the files not hashed yet (hash_in_background; RLHFRun starts it
@@ -371,21 +405,21 @@ class AntBeeDataset(torch.utils.data.Dataset):
     def read_hashes(self, indices, progress=None, polite=False):
         """Read the files of these positions that are not hashed yet (they stay unread when stop_hashing is
         set); their hashes go to the hash cache, committed every 1000 files so a killed scan keeps its work.
-        polite: let other threads run after each file."""
-        for done, i in enumerate(indices):
+        progress: a scan_progress to count them on, closed at the end. polite: let other threads run after each."""
+        for i in indices:
             if self.stop_hashing.is_set():
                 break
             if i in self.to_read:
                 self._read(i)
-                if polite:  # the header check holds the GIL: the window's threads would wait up to 5 ms
+                if polite:  # the header check holds the GIL: the window's threads would wait for each file
                     time.sleep(0)
             if self.hash_cache.pending() >= 1000:
                 self.hash_cache.commit()
-            if progress:
-                progress.step(done + 1)
+            if progress is not None:
+                progress.update()
         self.hash_cache.commit()
-        if progress:
-            progress.done()
+        if progress is not None:
+            progress.close()
 
     def _hash_in_background(self):
         # Below the window and the training it waits for (a per-thread priority on Linux).
@@ -416,7 +450,7 @@ class AntBeeDataset(torch.utils.data.Dataset):
         """Every position's content hash (None where unreadable), reading now what is still unread (with the
         scan's progress line when that is slow)."""
         if self.to_read:
-            self.read_hashes(list(self.to_read), ScanProgress(f"reading {self.root}", len(self.to_read)))
+            self.read_hashes(list(self.to_read), scan_progress(f"reading {self.root}", len(self.to_read)))
         return self.hashes
 
     def close(self):
@@ -477,3 +511,6 @@ class AntBeeDataset(torch.utils.data.Dataset):
     def batch(self, indices):
         """Normalised float batch (N, 3, H, W) for a list of pool positions (decoding what is missing)."""
         return normalize(self.uint8(list(indices)), self.mean, self.std)
+
+
+AntBeeDataset = ImagePool  # the original script's name for the pool, kept for code written against it

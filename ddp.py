@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from user_errors import UserError, first_line
 
-class DeviceError(ValueError):
+
+class DeviceError(UserError, ValueError):
     """A --device that this machine cannot give; the message says what to use instead."""
 
 
@@ -36,17 +38,13 @@ class PeerLostError(RuntimeError):
     """Another process of the torchrun job stopped: this one cannot go on alone."""
 
 
-def _first_line(err):
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
 @contextlib.contextmanager
 def _collective():
     """A collective that fails means another process of the job is gone."""
     try:
         yield
     except RuntimeError as err:
-        raise PeerLostError(_first_line(err)) from None
+        raise PeerLostError(first_line(err)) from None
 
 
 def speaks_for_job():
@@ -56,16 +54,16 @@ def speaks_for_job():
 
 def stopped_job_line(err, kept):
     """The one line a process of a torchrun job prints when a collective failed (`kept`: what is safe)."""
-    return f"error: process {os.environ.get('RANK', '0')} of the torchrun job stopped ({_first_line(err)}): {kept}"
+    return f"error: process {os.environ.get('RANK', '0')} of the torchrun job stopped ({first_line(err)}): {kept}"
 
 
-def exit_as_promised(main, user_errors, kept):
+def exit_as_promised(main, kept):
     """Run an entry script's main() and exit with its code, or as the tool promises: 2 and one `error:` line
-    for bad input (said once under torchrun), 1 and one line when another torchrun process is lost
+    for a UserError (said once under torchrun), 1 and one line when another torchrun process is lost
     (`kept`: what is safe), 130 on Ctrl-C."""
     try:
         sys.exit(main())
-    except user_errors as err:
+    except UserError as err:
         if speaks_for_job():  # under torchrun every process meets it; one says so
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -13,12 +13,14 @@ import sqlite3
 import time
 from urllib.request import pathname2url
 
+from user_errors import UserError
+
 SCHEMA_VERSION = 2  # 2: answers.kind
 IMPORTED = "import"  # answers.kind of a row from --import-labels
 TABLES = {"meta", "answers", "verdicts", "sqlite_sequence"}
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A feedback database that cannot be used or written; the message names the file and the fix."""
 
 
@@ -104,7 +106,7 @@ class FeedbackStore:
         try:
             with self._errors():
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                # reads every page and index: about 10 ms for 5,000 answers, 0.3 s for 100,000
+                # reads every page and index: cheap next to a damaged store written to
                 problems = [r[0] for r in db.execute("PRAGMA integrity_check")]
         finally:
             db.close()
@@ -197,8 +199,8 @@ class FeedbackStore:
 
         Raises StoreBusyError when another program holds the file: nothing was written, so retry later."""
         return self._write((
-            "INSERT OR IGNORE INTO answers (sha1, path, answer, predicted, probability, sampled, reward,"
-            " policy_version, epoch, created, kind) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            ("INSERT OR IGNORE INTO answers (sha1, path, answer, predicted, probability, sampled, reward,"
+             " policy_version, epoch, created, kind) VALUES (?,?,?,?,?,?,?,?,?,?,?)"),
             (sha1, path, answer, predicted, probability, sampled, reward, policy_version, epoch, time.time(),
              kind))).rowcount == 1
 
@@ -229,8 +231,8 @@ class FeedbackStore:
         """Commit one verdict (1 yes, 0 no) on the class `proposed` to the person, with the probability the
         proposing rule gave it (behaviour_prob); returns its row id (for undo). Raises StoreBusyError like add."""
         return self._write((
-            "INSERT INTO verdicts (sha1, path, proposed, behaviour_prob, verdict, rule, policy_version, epoch,"
-            " created) VALUES (?,?,?,?,?,?,?,?,?)",
+            ("INSERT INTO verdicts (sha1, path, proposed, behaviour_prob, verdict, rule, policy_version, epoch,"
+             " created) VALUES (?,?,?,?,?,?,?,?,?)"),
             (sha1, path, proposed, behaviour_prob, verdict, rule, policy_version, epoch, time.time()))).lastrowid
 
     def remove_verdict(self, row_id):

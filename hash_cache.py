@@ -2,19 +2,16 @@
 
 A resume stats each file and re-reads only those whose size or modification time changed, so a folder of
 100,000 photos is not read again at every start. The reading of a new folder's files runs in the background
-(dataset.py), so rows arrive from that thread while others look up and put. Each row also keeps what the cheap header check said of
-the file ("" when it looks like a readable image), so an unreadable file is not opened again either.
+(dataset.py), so rows arrive from that thread while others look up and put. Each row also keeps what the cheap
+header check said of the file ("" when it looks like a readable image), so an unreadable file is not opened again
+either.
 """
 import os
 import sqlite3
-import sys
 import threading
-import time
 import warnings
 
 HASH_CACHE_NAME = "hashes.sqlite"
-PROGRESS_AFTER_S = 1.5  # a scan quicker than this prints nothing
-PROGRESS_EVERY_S = 0.25
 
 
 class HashCache:
@@ -68,24 +65,3 @@ class HashCache:
         self.commit()
         with self.lock:
             self.db.close()
-
-
-class ScanProgress:
-    """One updating line on stderr for a scan that takes more than PROGRESS_AFTER_S; silent otherwise."""
-
-    def __init__(self, what, total, stream=None):
-        self.what, self.total, self.stream = what, total, stream or sys.stderr
-        self.started = self.shown_at = time.monotonic()
-        self.shown = False
-
-    def step(self, done):
-        now = time.monotonic()
-        if now - self.started >= PROGRESS_AFTER_S and now - self.shown_at >= PROGRESS_EVERY_S:
-            self.stream.write(f"\r{self.what}: {done}/{self.total}")
-            self.stream.flush()
-            self.shown, self.shown_at = True, now
-
-    def done(self):
-        if self.shown:
-            self.stream.write(f"\r{self.what}: {self.total}/{self.total}, {time.monotonic() - self.started:.1f} s\n")
-            self.stream.flush()

@@ -15,12 +15,22 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
-from batch_classifier import (InferenceError, check_writable, classify_files, list_inputs, load_classifier,
-                              pick_precision, print_table, ProgressBar, shard_files, write_csv, write_json)
-from checkpoint import CheckpointError
+from batch_classifier import (
+    InferenceError,
+    check_writable,
+    classify_files,
+    list_inputs,
+    load_classifier,
+    pick_precision,
+    print_table,
+    shard_files,
+    write_csv,
+    write_json,
+)
 from dataset import IMAGE_EXTENSIONS
-from ddp import DeviceError, Ranks, exit_as_promised, pick_device
+from ddp import Ranks, exit_as_promised, pick_device
 
 
 def build_parser():
@@ -73,8 +83,11 @@ def main(argv=None):
         torch.cuda.set_device(device)
     t0 = time.perf_counter()
     mine = shard_files(files, args.batch_size, ranks)
-    show = ProgressBar() if sys.stderr.isatty() and len(mine) > 2 * args.batch_size and ranks.is_main else None
-    rows = classify_files(clf, mine, args.batch_size, args.workers, precision, device.split(":")[0], progress=show)
+    # a bar only where it helps: a job longer than two batches, on a terminal (disable=None keeps it out of
+    # logs), erased when done
+    shown = len(mine) > 2 * args.batch_size and ranks.is_main
+    with tqdm(total=len(mine), unit=" images", file=sys.stderr, leave=False, disable=None if shown else True) as bar:
+        rows = classify_files(clf, mine, args.batch_size, args.workers, precision, device.split(":")[0], progress=bar)
     rows = [r for part in ranks.gather(rows) for r in part]  # rank order is file order
     seconds = time.perf_counter() - t0
     ranks.close()
@@ -102,7 +115,7 @@ def main(argv=None):
 
 
 def cli():
-    exit_as_promised(main, (InferenceError, CheckpointError, DeviceError), "nothing was written; run it again")
+    exit_as_promised(main, "nothing was written; run it again")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,15 @@ flat dict of every flag (`to_flat`), as it always has, so older runs resume unch
 import argparse
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 from data_download import DEFAULT_IMAGES
 from learner import RewardModelConfig
 from models import FINETUNE_CHOICES
 from ppo import PPOConfig
+from user_errors import UserError
 
 # Flags that decide the shape of the models or the meaning of the answers: fixed for a run's lifetime.
 RUN_SHAPE = ("images", "classes", "image_size", "weights", "finetune")
@@ -26,7 +27,7 @@ RUN_SHAPE = ("images", "classes", "image_size", "weights", "finetune")
 PER_INVOCATION = ("resume", "download", "export", "import_labels")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting outside its valid range; the message names the flag and the range."""
 
 
@@ -40,20 +41,21 @@ def setting(default, help, lo=None, hi=None, choices=None, flag=False, open_hi=F
 
 @dataclass
 class RunConfig:
-    images: str = setting(DEFAULT_IMAGES, "folder of images, one subfolder per class (offered for download "
-                          "when it is the default and missing)")
-    classes: Optional[List[str]] = setting(None, "class names in key order (default: the subfolder names)")
-    val: Optional[str] = setting(None, "labelled folder (one subfolder per class) scored as val_acc in the metrics")
-    out: Optional[str] = setting(None, "run folder (default runs/rlhf__SEED__TIME; with --resume, runs/latest)")
+    images: str = setting(DEFAULT_IMAGES, "folder of images, searched recursively: unsorted with --classes, or "
+                          "one subfolder per class (offered for download when it is the default and missing)")
+    classes: list[str] | None = setting(None, "class names in key order (default: the names of the subfolders "
+                                        "that hold images)")
+    val: str | None = setting(None, "labelled folder (one subfolder per class) scored as val_acc in the metrics")
+    out: str | None = setting(None, "run folder (default runs/rlhf__SEED__TIME; with --resume, runs/latest)")
     resume: bool = setting(False, "continue the run in --out (or runs/latest)", flag=True)
-    export: Optional[str] = setting(None, "write the labels of the run in --out (or runs/latest) to a .csv or "
-                                    ".jsonl file, or to a folder (a path ending in / or an existing folder) "
-                                    "as an ImageFolder, and exit; the run is read, never changed, also while "
-                                    "it is being labeled")
-    import_labels: Optional[str] = setting(None, "labels that count as answered when the run starts (new or "
-                                           "--resume): a .csv or .jsonl written by --export, or a folder with "
-                                           "one subfolder per class; matched by content hash, so renamed or "
-                                           "moved images still match")
+    export: str | None = setting(None, "write the labels of the run in --out (or runs/latest) to a .csv or "
+                                 ".jsonl file, or to a folder (a path ending in / or an existing folder) "
+                                 "as an ImageFolder, and exit; the run is read, never changed, also while "
+                                 "it is being labeled")
+    import_labels: str | None = setting(None, "labels that count as answered when the run starts (new or "
+                                        "--resume): a .csv or .jsonl written by --export, or a folder with "
+                                        "one subfolder per class; matched by content hash, so renamed or "
+                                        "moved images still match")
     feedback: str = setting("gui", "who answers: the labeling window, or a simulated labeler using the class "
                             "folders", choices=("gui", "folder"))
     ask: str = setting("label", "what the person gives: the true class (label), or yes/no to the class the model "
@@ -71,14 +73,14 @@ class RunConfig:
                                  hi=4096)
     no_reward_model: bool = setting(False, "train the policy on the person's answers only (no reward-model "
                                     "rewards; for comparisons)", flag=True)
-    max_answers: Optional[int] = setting(None, "most questions the run may ask (default: no limit)", lo=1)
+    max_answers: int | None = setting(None, "most questions the run may ask (default: no limit)", lo=1)
     order: str = setting("uncertain", "which image to ask next: the policy's least sure first (uncertain), or "
                          "the epoch's random or folder order", choices=("uncertain", "random", "sequential"))
     explore: float = setting(0.1, "--order uncertain: share of questions picked at random from the unasked "
                              "images", lo=0.0, hi=1.0)
-    score_pool: Optional[int] = setting(None, "--order uncertain: unasked images scored after each update "
-                                        "(default: with --finetune layer4/head, all whose features are cached "
-                                        "plus 64 others; 64 with --finetune all)", lo=1)
+    score_pool: int | None = setting(None, "--order uncertain: unasked images scored after each update "
+                                     "(default: with --finetune layer4/head, all whose features are cached "
+                                     "plus 64 others; 64 with --finetune all)", lo=1)
     score_batch: int = setting(64, "images per forward pass when scoring without gradients (ranking, "
                                "validation)", lo=1, hi=4096)
     weights: str = setting("auto", "auto|imagenet|none|PATH: backbone initialisation")
@@ -122,7 +124,8 @@ class RunConfig:
         parts = {RunConfig: {}, PPOConfig: {}, RewardModelConfig: {}}
         for name, value in values.items():
             parts[known[name][0]][name] = value
-        cfg = cls(**parts[RunConfig], ppo=PPOConfig(**parts[PPOConfig]), rm=RewardModelConfig(**parts[RewardModelConfig]))
+        cfg = cls(**parts[RunConfig], ppo=PPOConfig(**parts[PPOConfig]),
+                  rm=RewardModelConfig(**parts[RewardModelConfig]))
         cfg.validate(source)
         return cfg
 
@@ -182,11 +185,11 @@ class RunConfig:
 
 
 def value_type(hint):
-    """float, int, str, bool or list for a field's annotation (Optional unwrapped)."""
+    """float, int, str, bool or list for a field's annotation (X | None and Optional[X] unwrapped)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return value_type(args[0])
-    return list if typing.get_origin(hint) in (list, List) else hint
+    return list if typing.get_origin(hint) is list else hint
 
 
 def parser_type(hint):

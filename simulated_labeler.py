@@ -6,8 +6,10 @@
 """
 import random
 
+from user_errors import UserError
 
-class LabelerError(ValueError):
+
+class LabelerError(UserError, ValueError):
     """The folder cannot drive a simulated labeler; the message names the image and the fix."""
 
 

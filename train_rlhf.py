@@ -21,28 +21,24 @@ import warnings
 
 import torch
 
-from checkpoint import (CHECKPOINT_NAME, CheckpointError, RunLockedError, lock_run_dir, remove_stale_temp_files,
-                        resolve_run_dir)
-from data_download import DEFAULT_IMAGES, DownloadError, ensure_default_data
-from dataset import AntBeeDataset, DatasetError
-from ddp import DeviceError, Ranks, exit_as_promised, pick_device, stopped_job_line
-from feedback_store import StoreError
-from label_transfer import LabelTransferError, export_labels, read_label_source
-from models import WeightsError, resolve_backbone_weights
+from checkpoint import CHECKPOINT_NAME
+from data_download import DEFAULT_IMAGES, ensure_default_data
+from dataset import ImagePool
+from ddp import Ranks, exit_as_promised, pick_device, stopped_job_line
+from label_transfer import export_labels, read_label_source
+from models import resolve_backbone_weights
 from rlhf_run import open_run, run_headless
-from run_config import PER_INVOCATION, RUN_SHAPE, ConfigError, RunConfig
-from simulated_labeler import FolderLabeler, LabelerError
+from run_config import PER_INVOCATION, RUN_SHAPE, RunConfig
+from run_folder import lock_run_dir, remove_stale_temp_files, resolve_run_dir
+from simulated_labeler import FolderLabeler
+from user_errors import UserError
 
 GUI_UNDER_TORCHRUN = ("--feedback gui under torchrun: one person answers in one window: run python train_rlhf.py "
                       "without torchrun, or use --feedback folder")
 
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
-
-
-USER_ERRORS = (UsageError, ConfigError, DatasetError, StoreError, CheckpointError, WeightsError, DownloadError,
-               DeviceError, LabelerError, RunLockedError, LabelTransferError)
+class UsageError(UserError):
+    """Flags that do not fit together or a run folder that does not fit them; the message names the fix."""
 
 
 def same_setting(given, saved):
@@ -115,7 +111,7 @@ def load_pool(cfg, ranks, run_dir):
     then the other processes find every file's hash there and share the decoded cache."""
     if os.path.abspath(cfg.images) == os.path.abspath(DEFAULT_IMAGES):
         ranks.on_main(lambda: ensure_default_data(download=cfg.download, interactive=sys.stdin.isatty()),
-                      (DownloadError,))
+                      (UserError,))
 
     # A new folder's files are read for their content hashes in the background, so the first question waits
     # for one image, not the folder; under torchrun every process needs them all before the first round,
@@ -123,15 +119,14 @@ def load_pool(cfg, ranks, run_dir):
     background = not ranks.active and not cfg.import_labels
 
     def read_pools():
-        ds = AntBeeDataset(cfg.images, cfg.image_size, cfg.classes, cache_dir=run_dir,
-                           hash_in_background=background)
-        val = AntBeeDataset(cfg.val, cfg.image_size, ds.class_names, cache_dir=run_dir,
-                            cache_tag="val") if cfg.val else None
+        ds = ImagePool(cfg.images, cfg.image_size, cfg.classes, cache_dir=run_dir, hash_in_background=background)
+        val = ImagePool(cfg.val, cfg.image_size, ds.class_names, cache_dir=run_dir,
+                        cache_tag="val") if cfg.val else None
         return ds, val
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pools = ranks.on_main(read_pools, (DatasetError,), share=False)
+        pools = ranks.on_main(read_pools, (UserError,), share=False)
         ds, val = pools if ranks.is_main else read_pools()
         backbone, origin = resolve_backbone_weights(cfg.weights)
     for w in caught if ranks.is_main else ():
@@ -152,17 +147,16 @@ def open_window_root(cfg):
     try:
         import feedback_gui  # only here, so that the headless path never imports tkinter
     except ImportError as err:
+        if err.name not in ("tkinter", "_tkinter"):  # a broken import of our own is a bug, with its traceback
+            raise
         raise UsageError(f"--feedback gui needs tkinter ({err}): install python3-tk, or use --feedback "
                          "folder (the simulated labeler)") from None
-    try:
-        return feedback_gui, feedback_gui.open_root()
-    except feedback_gui.NoDisplayError as err:
-        raise UsageError(str(err)) from None
+    return feedback_gui, feedback_gui.open_root()  # display.NoDisplayError is a UserError: one line, exit 2
 
 
 def start(cfg, run_dir, ranks, device, label_rows=None):
-    """Everything before the first question: the window's root, the pool, the RLHFRun (with the rows of
-    --import-labels stored)."""
+    """Everything before the first question: the window's root or the simulated labeler, the pool, the RLHFRun
+    (with the rows of --import-labels stored)."""
     if ranks.active and cfg.feedback == "gui":
         raise UsageError(GUI_UNDER_TORCHRUN)  # --resume of a run that was labeled in the window
     gui, root = open_window_root(cfg) if cfg.feedback == "gui" else (None, None)
@@ -171,9 +165,9 @@ def start(cfg, run_dir, ranks, device, label_rows=None):
     ds, val, backbone, origin = load_pool(cfg, ranks, run_dir)
     if gui:
         check_window_classes(ds)
-    else:
-        FolderLabeler(ds)  # refuses a pool it cannot answer for, before anything is written
-    return gui, root, open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows)
+    # built before anything is written, as it refuses a pool it cannot answer for
+    labeler = None if gui else FolderLabeler(ds, cfg.feedback_noise, cfg.feedback_skip, cfg.seed)
+    return gui, root, labeler, open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows)
 
 
 def stored(store):
@@ -197,12 +191,12 @@ def main(argv=None):
         torch.cuda.set_device(device)  # nccl's collectives run on the current device
     # a label file that cannot be read stops the start before anything is written
     label_rows = cfg.import_labels and ranks.on_main(lambda: read_label_source(cfg.import_labels),
-                                                     (LabelTransferError,), share=False)
+                                                     (UserError,), share=False)
     # rank 0 alone decides the folder (its default name holds the time), checks and locks it
     run_dir, cfg, created = ranks.on_main(lambda: prepare_run_dir(cfg, argv),
-                                          (UsageError, ConfigError, RunLockedError))
+                                          (UserError,))
     try:
-        gui, root, run = start(cfg, run_dir, ranks, device, label_rows)
+        gui, root, labeler, run = start(cfg, run_dir, ranks, device, label_rows)
     except BaseException:
         if created and ranks.is_main:  # a failed start leaves no half-made run folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -215,7 +209,6 @@ def main(argv=None):
     if gui:
         code = gui.run_session(root, run)
     else:
-        labeler = FolderLabeler(run.ds, cfg.feedback_noise, cfg.feedback_skip, cfg.seed)
         code = 0 if run_headless(run, labeler, stop=lambda: SIGNALLED[0] != 0) else 128 + SIGNALLED[0]
     if code == 1:
         run.ds.close()
@@ -254,7 +247,7 @@ def cli():
     # A signal ends the loop through the normal path, so the checkpoint is saved and SQLite closes cleanly.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_on_signal)
-    exit_as_promised(main, USER_ERRORS, "every answer given so far is in the run's feedback.sqlite; continue "
+    exit_as_promised(main, "every answer given so far is in the run's feedback.sqlite; continue "
                      "with --resume")
 
 

@@ -23,8 +23,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from models import PolicyModel  # noqa: E402
+from dataset import IMAGENET_MEAN, IMAGENET_STD
+from models import PolicyModel
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data", "hymenoptera_data", "train")
 
@@ -45,7 +45,8 @@ def run_once(n, args, model, csv_path):
     cmd = [sys.executable, *script] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={n}", *script]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                          check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -74,7 +75,10 @@ def main():
                 results[n].append(run_once(n, args, model, os.path.join(tmp, f"{n}.csv")))
                 print(f"round {r + 1}, {n} process(es): {results[n][-1][0]:.1f} images/s, "
                       f"{results[n][-1][1]:.1f} s wall", flush=True)
-        csvs = {n: open(os.path.join(tmp, f"{n}.csv"), "rb").read() for n in args.processes}
+        csvs = {}
+        for n in args.processes:
+            with open(os.path.join(tmp, f"{n}.csv"), "rb") as f:
+                csvs[n] = f.read()
     same = all(c == csvs[args.processes[0]] for c in csvs.values())
     base = statistics.median(r for r, _ in results[args.processes[0]])
     base_wall = statistics.median(w for _, w in results[args.processes[0]])

@@ -9,11 +9,10 @@ Every round runs these three commands, interleaved, and times each from launch t
                 every other flag at its default (checkpoints by time: every 60 s, and at the epoch's end)
   rlhf_no_ckpt  the same with --checkpoint-seconds 1e9: the epoch end's checkpoint alone
   supervised    one pass of cross-entropy over the same images, one Adam step per 8 (the tool's batch), the
-                same network, optimiser and image reading (this script with --supervised-app)
+                same network, optimiser and image reading (this script with --baseline-app)
 Medians over the rounds. Checkpointing's share is (rlhf - rlhf_no_ckpt) / rlhf plus one checkpoint write
 (timed here, from the run's own checkpoint.pt) over rlhf.
 """
-import argparse
 import json
 import os
 import statistics
@@ -21,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from bench_cli import bench_parser, parse_bench_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("RLHF_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
@@ -32,12 +33,12 @@ def supervised_app(args):
     import torch
     import torch.nn.functional as F
 
-    from dataset import AntBeeDataset
+    from dataset import ImagePool
     from learner import adam
     from models import PolicyModel
 
     torch.manual_seed(args.seed)
-    ds = AntBeeDataset(args.images, args.image_size)
+    ds = ImagePool(args.images, args.image_size)
     policy = PolicyModel(ds.num_classes, None)
     opt, labels = adam(policy.parameters(), 3e-4), torch.tensor(ds.labels)
     order = torch.randperm(len(ds))
@@ -53,7 +54,7 @@ def supervised_app(args):
 
 def timed(cmd):
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -72,19 +73,13 @@ def one_checkpoint_write(run_dir):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default=os.path.join(SHARED, "digits", "train"), help="class folders of images")
-    p.add_argument("--image-size", type=int, default=32, help="model input size in pixels")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p = bench_parser(__doc__, images=os.path.join(SHARED, "digits", "train"), image_size=32, rounds=3)
     p.add_argument("--batch-size", type=int, default=8, help="images per step of the supervised baseline")
     p.add_argument("--seed", type=int, default=1, help="seed of both")
     p.add_argument("--json", help="also write the raw timings here")
-    p.add_argument("--supervised-app", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.supervised_app:
+    args = parse_bench_args(p)
+    if args.baseline_app:
         return supervised_app(args)
-    if not os.path.isdir(args.images):
-        sys.exit(f"error: {args.images} is not a folder: pass --images or set RLHF_SHARED_DATA")
     times = {"rlhf": [], "rlhf_no_ckpt": [], "supervised": []}
     write_s, size = [], 0
     with tempfile.TemporaryDirectory(prefix="epoch-time-") as work:
@@ -94,7 +89,7 @@ def main():
             times["rlhf"].append(timed(tool + ["--out", os.path.join(work, f"a{r}")]))
             times["rlhf_no_ckpt"].append(timed(tool + ["--out", os.path.join(work, f"b{r}"),
                                                        "--checkpoint-seconds", "1e9"]))
-            times["supervised"].append(timed([sys.executable, os.path.abspath(__file__), "--supervised-app",
+            times["supervised"].append(timed([sys.executable, os.path.abspath(__file__), "--baseline-app",
                                               "--images", args.images, "--image-size", str(args.image_size),
                                               "--seed", str(args.seed), "--batch-size", str(args.batch_size)]))
             seconds, size = one_checkpoint_write(os.path.join(work, f"a{r}"))

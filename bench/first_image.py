@@ -5,13 +5,12 @@
 
 Each round launches, interleaved, with a fresh run folder each time:
   window    python train_rlhf.py --images DIR --weights none (224 px, every other flag at its default)
-  original  the original design's start-up, reproduced (this script with --original-app): import torch and
+  original  the original design's start-up, reproduced (this script with --baseline-app): import torch and
             torchvision, build the policy and the reward model (ResNet18, random init), read the first
             image, classify it and open a Tk window on it; the original read images lazily, one per window
 Time runs from just before the process is started to the app's "shown" event (written after Tk drew the
 image, RLHF_GUI_EVENTS). `import torch, torchvision` alone is timed in a third process for reference.
 """
-import argparse
 import json
 import os
 import statistics
@@ -23,8 +22,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 sys.path.insert(0, ROOT)
-from gui_latency import DEFAULT_IMAGES, App  # noqa: E402
-from xvfb_display import XvfbDisplay  # noqa: E402
+from bench_cli import bench_parser, parse_bench_args
+from gui_latency import DEFAULT_IMAGES, App
+from xvfb_display import XvfbDisplay
 
 
 def original_app(args):
@@ -83,22 +83,15 @@ def import_seconds():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default=DEFAULT_IMAGES, help="class folders of images")
-    p.add_argument("--image-size", type=int, default=224, help="model input size in pixels")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
-    p.add_argument("--original-app", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.original_app:
+    args = parse_bench_args(bench_parser(__doc__, images=DEFAULT_IMAGES, image_size=224, rounds=5))
+    if args.baseline_app:
         return original_app(args)
-    if not os.path.isdir(args.images):
-        sys.exit(f"error: {args.images} is not a folder: pass --images or set RLHF_SHARED_DATA")
     times = {"window": [], "original": [], "import torch, torchvision": []}
     with XvfbDisplay() as xvfb, tempfile.TemporaryDirectory(prefix="first-image-") as work:
         for r in range(args.rounds):
             window = [sys.executable, os.path.join(ROOT, "train_rlhf.py"), "--images", args.images, "--weights",
                       "none", "--image-size", str(args.image_size), "--out", os.path.join(work, f"run{r}")]
-            original = [sys.executable, os.path.abspath(__file__), "--original-app", "--images", args.images,
+            original = [sys.executable, os.path.abspath(__file__), "--baseline-app", "--images", args.images,
                         "--image-size", str(args.image_size)]
             times["window"].append(first_image_seconds(window, xvfb.display, os.path.join(work, f"w{r}.jsonl")))
             times["original"].append(first_image_seconds(original, xvfb.display, os.path.join(work, f"o{r}.jsonl")))

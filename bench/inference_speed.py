@@ -26,9 +26,9 @@ import torchvision.transforms as T
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize  # noqa: E402
-from batch_classifier import Classifier, classify_files, list_inputs, load_classifier, pick_precision  # noqa: E402
-from models import PolicyModel, fold_batchnorm  # noqa: E402
+from batch_classifier import Classifier, classify_files, list_inputs, load_classifier, pick_precision
+from dataset import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize
+from models import PolicyModel, fold_batchnorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),

@@ -26,8 +26,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 sys.path.insert(0, ROOT)
-from first_image import first_image_seconds  # noqa: E402
-from xvfb_display import XvfbDisplay  # noqa: E402
+from first_image import first_image_seconds
+from xvfb_display import XvfbDisplay
 
 
 def headless(tool, images, out, image_size):

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from dataset import list_image_files  # noqa: E402
+from dataset import list_image_files
 
 DEFAULT_SOURCE = os.path.join(os.environ.get("RLHF_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data")),
                               "hymenoptera_data", "train")

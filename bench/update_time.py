@@ -16,8 +16,8 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import AntBeeDataset  # noqa: E402
-from learner import Learner  # noqa: E402
+from dataset import ImagePool
+from learner import Learner
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "hymenoptera_data", "train")
@@ -31,7 +31,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = AntBeeDataset(args.images, args.image_size)
+        ds = ImagePool(args.images, args.image_size)
     idx = list(range(48))
     answers = torch.tensor([ds.labels[i] for i in idx])
     rows = []

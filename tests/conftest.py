@@ -67,7 +67,7 @@ def small_pool(tmp_path, photos):
 def run_cli(script, *args, cwd=ROOT, timeout=300, env=None):
     """Run one of the entry scripts as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, check=False,
                           capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
 
 

@@ -11,10 +11,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp import Ranks, use_global_batchnorm, wrap_ddp  # noqa: E402
-from learner import one_hot_rewards, reward_model_update  # noqa: E402
-from models import PolicyModel, RewardModel  # noqa: E402
-from ppo import PPOConfig, ppo_update  # noqa: E402
+from ddp import Ranks, use_global_batchnorm, wrap_ddp
+from learner import one_hot_rewards, reward_model_update
+from models import PolicyModel, RewardModel
+from ppo import PPOConfig, ppo_update
 
 
 def main(out):

@@ -1,7 +1,8 @@
 """Run files are written atomically, and what a killed write leaves behind is cleaned at resume."""
 import os
 
-from checkpoint import _atomic_write, atomic_write_json, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from checkpoint import _atomic_write, atomic_write_json, load_checkpoint, save_checkpoint
+from run_folder import remove_stale_temp_files
 
 
 def killed_during_write(path):

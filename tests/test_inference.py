@@ -20,11 +20,11 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import batch_classifier  # noqa: E402
-from checkpoint import CheckpointError  # noqa: E402
-from dataset import load_image, normalize  # noqa: E402
-from models import PolicyModel  # noqa: E402
-from xvfb_display import XvfbDisplay  # noqa: E402
+import batch_classifier
+from checkpoint import CheckpointError
+from dataset import load_image, normalize
+from models import PolicyModel
+from xvfb_display import XvfbDisplay
 
 SCRIPT = os.path.join(REPO, "inference.py")
 SCREENS = "/tmp/rlhf-imgcls-screens"
@@ -75,7 +75,7 @@ def images(tmp_path, photos, digits):
 def run_cli(*args, cwd, timeout=120):
     env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}  # the CLI must not need a display
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def test_cli_csv_every_file_once_bad_file_skipped(models, images, tmp_path):
@@ -98,7 +98,7 @@ def test_cli_csv_every_file_once_bad_file_skipped(models, images, tmp_path):
 
 
 def test_cli_default_model_prints_table(models, images):
-    folder, good, _ = images
+    _, good, _ = images
     res = run_cli(good[1], good[0], cwd=models["root"])  # runs/latest in the working folder
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
@@ -179,7 +179,7 @@ def test_classify_files_order_rows_and_bf16(models, images):
 
 def xdotool(display, *args):
     return subprocess.run(["xdotool", *args], env={**os.environ, "DISPLAY": display}, capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=30, check=False)
 
 
 def wait_for_title(display, pattern, proc, timeout=90):
@@ -221,7 +221,7 @@ def inference_window(models, folder, tmp_path):
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         yield display, proc
         xdotool(display, "key", "ctrl+q")
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert "Traceback" not in err and "Exception in Tkinter callback" not in err, err
     finally:

@@ -131,6 +131,15 @@ def test_a_folder_with_no_readable_image_is_a_one_line_error_and_leaves_no_run_f
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_an_image_outside_the_class_folders_stops_the_simulated_labeler_before_anything_is_written(tmp_path,
+                                                                                                  small_pool):
+    ant = min(os.listdir(os.path.join(small_pool, "ants")))
+    shutil.copy(os.path.join(small_pool, "ants", ant), os.path.join(small_pool, "loose.jpg"))
+    proc = run_cli("train_rlhf.py", "--images", small_pool, "--out", tmp_path / "run", *TINY)
+    assert_user_error(proc, "loose.jpg", "class folder")
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_unwritable_out_and_resume_without_run_are_one_line_errors(tmp_path, small_pool):
     blocker = tmp_path / "file"
     blocker.write_text("x")
