@@ -25,9 +25,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from answer_ledger import AnswerLedger
 from checkpoint import atomic_write_bytes
 from dataset import file_sha1, scan_image_folder
 from feedback_store import IMPORTED, FeedbackStore
+from user_errors import UserError
 
 COLUMNS = ("path", "sha1", "class", "kind", "rejected", "policy_version", "time")
 VERDICT_NO = "verdict-no"
@@ -38,7 +40,7 @@ LABEL_FILE_HELP = ("pass a .csv or .jsonl written by --export (columns class and
                    "with one subfolder per class")
 
 
-class LabelTransferError(Exception):
+class LabelTransferError(UserError):
     """A label file or export target the tool cannot use; the message names it and the fix."""
 
 
@@ -102,8 +104,8 @@ def run_label_rows(run_dir):
 
 
 def store_label_rows(answers, verdicts, names):
-    """Export rows of the store's answers and verdicts: a row per label, per verdict "no", and per image
-    labelled by rejecting every other class."""
+    """Export rows of the store's answers and verdicts, as the AnswerLedger reads them: a row per label, per
+    verdict "no", and per image labelled by rejecting every other class."""
     def row(stored, kind, cls, rejected=""):
         return {"source": stored["path"], "sha1": stored["sha1"], "class": cls, "kind": kind, "rejected": rejected,
                 "policy_version": stored["policy_version"], "created": stored["created"],
@@ -112,22 +114,15 @@ def store_label_rows(answers, verdicts, names):
     known = range(len(names))
     out = [row(a, "imported" if a.get("kind") == IMPORTED else a.get("kind") or "label", names[a["answer"]])
            for a in answers if a["answer"] in known]
-    labelled = {a["sha1"] for a in answers} | {v["sha1"] for v in verdicts if v["verdict"]}
-    rejected = {}  # sha1 -> (classes said no to, the last such verdict)
     for v in verdicts:
-        if v["proposed"] not in known:
-            continue
-        if v["verdict"]:
-            out.append(row(v, "verdict-yes", names[v["proposed"]]))
-            continue
-        out.append(row(v, VERDICT_NO, "", names[v["proposed"]]))
-        classes = rejected.setdefault(v["sha1"], [set(), v])
-        classes[0].add(v["proposed"])
-        classes[1] = v
-    for sha1, (classes, last) in rejected.items():
-        left = [c for c in known if c not in classes]
-        if sha1 not in labelled and len(left) == 1:  # as RLHFRun reads it: the one class left is the label
-            out.append(row(last, "implied", names[left[0]]))
+        if v["proposed"] in known:
+            out.append(row(v, "verdict-yes", names[v["proposed"]]) if v["verdict"]
+                       else row(v, VERDICT_NO, "", names[v["proposed"]]))
+    ledger, by_id = AnswerLedger.from_store(answers, verdicts, len(names)), {v["id"]: v for v in verdicts}
+    for sha1 in ledger.verdict_keys:
+        if ledger.is_implied(sha1):  # dated by the last "no", which made it
+            last = by_id[ledger.verdicts[ledger.no_keys(sha1)[-1]].row]
+            out.append(row(last, "implied", names[ledger.label_of[sha1]]))
     return out
 
 
@@ -308,7 +303,7 @@ def read_label_folder(root):
 
 
 def plan_import(source, rows, pool, answered):
-    """Which rows become labels of the pool (an AntBeeDataset): matched by hash (by path relative to the
+    """Which rows become labels of the pool (an ImagePool): matched by hash (by path relative to the
     pool's folder when a row has none), of a class the pool has, for an image not in `answered` (hashes)."""
     report = ImportReport(source, len(rows))
     hashes = pool.all_hashes()  # every file read: rows are matched by content

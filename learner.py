@@ -21,13 +21,14 @@ has no batch statistics at small spatial sizes.
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ddp import Ranks, use_global_batchnorm, wrap_ddp
 from models import PolicyModel, RewardModel, frozen_part, set_finetune, trainable_part
-from ppo import PPOConfig, ppo_update
+from ppo import LoggedActions, PPOConfig, ppo_update
 
 RELIABILITY_Z = 2.0  # standard errors below the measured accuracy at which the reward model is trusted
 
@@ -35,10 +36,39 @@ RELIABILITY_Z = 2.0  # standard errors below the measured accuracy at which the 
 @dataclass
 class RewardModelConfig:
     rm_learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the reward model", "lo": 0.0})
-    rm_batch_size: int = field(default=32, metadata={"help": "answers per reward-model step: the newest batch plus a replay of older answers", "lo": 1})
+    rm_batch_size: int = field(default=32, metadata={
+        "help": "answers per reward-model step: the newest batch plus a replay of older answers", "lo": 1})
     rm_steps: int = field(default=2, metadata={"help": "reward-model gradient steps per update", "lo": 1, "hi": 1000})
-    rm_min_answers: int = field(default=16, metadata={"help": "answers the reward model must have predicted before it was fitted on them, before its rewards train the policy", "lo": 1})
-    rm_window: int = field(default=64, metadata={"help": "how many of the newest answers measure the reward model's reliability", "lo": 1})
+    rm_min_answers: int = field(default=16, metadata={
+        "help": "answers the reward model must have predicted before it was fitted on them, before its rewards train "
+                 "the policy", "lo": 1})
+    rm_window: int = field(default=64, metadata={
+        "help": "how many of the newest answers measure the reward model's reliability", "lo": 1})
+
+
+@dataclass
+class VerdictBatch:
+    """Verdicts "no" for one update: the new ones (inputs, classes rejected, the probability the proposing rule
+    gave each) and those replayed to the reward model (inputs, classes rejected)."""
+    x: torch.Tensor
+    proposed: torch.Tensor
+    behaviour: torch.Tensor
+    x_replay: torch.Tensor
+    proposed_replay: torch.Tensor
+
+
+@dataclass
+class UpdateBatch:
+    """What one update learns from: the new answers (`fresh`: those the reward model has never been fitted on,
+    default all; only they measure it), answers replayed to the reward model, unanswered images that learn from
+    its rewards, and verdicts "no"."""
+    x_new: torch.Tensor
+    answers_new: torch.Tensor
+    fresh: Optional[torch.Tensor] = None
+    x_replay: Optional[torch.Tensor] = None
+    answers_replay: Optional[torch.Tensor] = None
+    x_unanswered: Optional[torch.Tensor] = None
+    no: Optional[VerdictBatch] = None
 
 
 def one_hot_rewards(answers, num_classes):
@@ -78,8 +108,8 @@ def set_train_mode(model, batch_size):
 
 
 def adam(params, lr, device="cpu"):
-    """Adam with its fused kernel where the device has one: on CPU a ResNet18 step takes 13 ms instead of
-    120 ms (bench/update_time.py), half of a small-image update. The same algorithm, summed in another order."""
+    """Adam with its fused kernel where the device has one: the optimiser step is a large share of a small-image
+    update on CPU (bench/update_time.py). The same algorithm, summed in another order."""
     return torch.optim.Adam(params, lr=lr, fused=torch.device(device).type in ("cpu", "cuda"))
 
 
@@ -227,66 +257,65 @@ class Learner:
         self.rm_record = (self.rm_record + [(int(h), int(a)) for h, a in zip(hits, answers)])[-self.rm_cfg.rm_window:]
         return sum(hits) / len(hits)
 
-    def update(self, x_new, answers_new, x_replay=None, answers_replay=None, x_unanswered=None, fresh=None,
-               no=None):
-        """Fit the reward model on the newest answers (plus replay), then one PPO step on the answered
-        images with the person's rewards and on x_unanswered (if given) with the reward model's, scaled
-        by its reliability (an unreliable reward model would teach the policy its own bias).
-
-        fresh: (N,) bool, which of x_new the reward model has never been fitted on (default: all); only
-        those measure its accuracy. no: None, or the verdicts "no" to learn from, (x, proposed classes,
-        behaviour probabilities, replayed x, replayed classes): the reward model fits them as rejections and
-        PPO learns each on its logged class alone (see ppo.verdict_rows). Returns a dict of metrics.
-        """
-        stats, k = {}, self.num_classes
-        x_no, a_no, mu_no, x_no_replay, a_no_replay = no if no is not None else (x_new[:0], answers_new[:0], None,
-                                                                                 x_new[:0], answers_new[:0])
-        if x_new.shape[0]:
-            fresh = torch.ones(len(answers_new), dtype=torch.bool) if fresh is None else fresh
-            acc = self.score_reward_model(x_new, answers_new, fresh)
-            if acc is not None:
-                stats["rm_acc"] = acc
-            stats["agreement"] = (self.policy_probs(x_new).argmax(1) == answers_new).float().mean().item()
-        if x_new.shape[0] or x_no.shape[0]:
-            parts = [(x_new, answers_new, False), (x_no, a_no, True)]
-            if x_replay is not None:
-                parts.append((x_replay, answers_replay, False))
-            parts.append((x_no_replay, a_no_replay, True))
-            stats["rm_loss"] = self.fit_reward_model(
-                torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                torch.cat([torch.full((len(p[1]),), p[2], dtype=torch.bool) for p in parts]))
-        xs, rewards = [x_new], [one_hot_rewards(answers_new, k)]
-        weight = self.rm_reliability()
-        stats["rm_weight"] = weight
-        use_rm = x_unanswered is not None and x_unanswered.shape[0] > 0 and weight > 0
-        if use_rm:
-            xs.append(x_unanswered)
-            rewards.append(weight * self.predicted_rewards(x_unanswered))
-        stats["rm_images"] = int(x_unanswered.shape[0]) if use_rm else 0
-        bandit = None
-        if x_no.shape[0]:  # each "no" on its logged class: reward -1 there, the reward model's baseline
-            xs.append(x_no)
-            rewards.append(-torch.ones(len(a_no), k))
-            n_before = sum(len(r) for r in rewards[:-1])
-            rows = torch.arange(n_before + len(a_no)) >= n_before
-            logged = torch.cat([torch.zeros(n_before, dtype=torch.long), a_no])
-            behaviour = torch.cat([torch.ones(n_before), mu_no.float()])
-            rm_rewards = torch.cat([torch.zeros(n_before, k), self.predicted_rewards(x_no)])
-            bandit = (rows, logged, behaviour, rm_rewards)
-            stats["verdict_no_images"] = int(len(a_no))
-        x, r = torch.cat(xs), torch.cat(rewards)
+    def update(self, batch):
+        """Fit the reward model on the newest answers (plus replay), then one PPO step on the answered images with
+        the person's rewards, on the unanswered ones with the reward model's, scaled by its reliability (an
+        unreliable reward model would teach the policy its own bias), and on each verdict "no" on its logged
+        class alone (see ppo.LoggedActions). batch: an UpdateBatch. Returns a dict of metrics."""
+        stats = {}
+        if batch.x_new.shape[0]:
+            stats.update(self.score_new_answers(batch))
+        no = batch.no
+        if batch.x_new.shape[0] or (no is not None and no.x.shape[0]):
+            stats["rm_loss"] = self.fit_reward_model(*reward_model_rows(batch))
+        x, rewards, logged, extra = self.policy_rows(batch)
+        stats.update(extra)
         if x.shape[0]:
-            stats.update(self.ppo_step(x, r, bandit))
+            stats.update(self.ppo_step(x, rewards, logged))
         return stats
 
-    def ppo_step(self, x, rewards, bandit=None):
-        """One PPO update of the policy on inputs x with reward vectors (N, K) (bandit: rows learnt from a
-        verdict, see ppo.verdict_rows); returns statistics."""
-        if bandit is not None:
-            bandit = tuple(t.to(self.device) for t in bandit)
+    def score_new_answers(self, batch):
+        """The reward model's accuracy on the fresh new answers, before it is fitted on them, and the policy's
+        agreement with all of them."""
+        stats = {}
+        fresh = torch.ones(len(batch.answers_new), dtype=torch.bool) if batch.fresh is None else batch.fresh
+        acc = self.score_reward_model(batch.x_new, batch.answers_new, fresh)
+        if acc is not None:
+            stats["rm_acc"] = acc
+        stats["agreement"] = (self.policy_probs(batch.x_new).argmax(1) == batch.answers_new).float().mean().item()
+        return stats
+
+    def policy_rows(self, batch):
+        """(inputs, reward vectors (N, K), LoggedActions or None, statistics) of one PPO step: the answers, the
+        unanswered images with the reward model's rewards (when it is trusted), the verdicts "no"."""
+        k, weight = self.num_classes, self.rm_reliability()
+        xs, rewards = [batch.x_new], [one_hot_rewards(batch.answers_new, k)]
+        stats = {"rm_weight": weight}
+        unanswered = batch.x_unanswered
+        use_rm = unanswered is not None and unanswered.shape[0] > 0 and weight > 0
+        if use_rm:
+            xs.append(unanswered)
+            rewards.append(weight * self.predicted_rewards(unanswered))
+        stats["rm_images"] = int(unanswered.shape[0]) if use_rm else 0
+        logged = None
+        no = batch.no
+        if no is not None and no.x.shape[0]:  # each "no" on its logged class: reward -1 there
+            before = sum(len(r) for r in rewards)
+            xs.append(no.x)
+            rewards.append(-torch.ones(len(no.proposed), k))
+            logged = LoggedActions(rows=torch.arange(before + len(no.proposed)) >= before,
+                                   action=torch.cat([torch.zeros(before, dtype=torch.long), no.proposed]),
+                                   behaviour=torch.cat([torch.ones(before), no.behaviour.float()]),
+                                   rm_rewards=torch.cat([torch.zeros(before, k), self.predicted_rewards(no.x)]))
+            stats["verdict_no_images"] = int(len(no.proposed))
+        return torch.cat(xs), torch.cat(rewards), logged, stats
+
+    def ppo_step(self, x, rewards, logged=None):
+        """One PPO update of the policy on inputs x with reward vectors (N, K) (logged: ppo.LoggedActions, rows
+        learnt from a verdict); returns statistics."""
         stats = ppo_update(self.policy_ddp, self.policy_opt, x.to(self.device), rewards.to(self.device),
                            self.ppo_cfg, reference=self.reference_net, generator=self.generator, ranks=self.ranks,
-                           bandit=bandit)
+                           logged=None if logged is None else logged.to(self.device))
         self.version += 1
         return stats
 
@@ -307,6 +336,20 @@ class Learner:
             self.rm_record = [(int(h), int(a)) for h, a in state["rm_record"]]
         else:  # format 1 kept hits only: the answers' classes are unknown (-1)
             self.rm_record = [(int(h), -1) for h in state.get("rm_fresh", [])]
+
+
+def reward_model_rows(batch):
+    """(inputs, classes, rejected) the reward model fits in one update, newest first: the new answers, the new
+    verdicts "no", the replayed answers, the replayed verdicts "no"."""
+    no = batch.no
+    empty_x, empty_a = batch.x_new[:0], batch.answers_new[:0]
+    parts = [(batch.x_new, batch.answers_new, False),
+             (empty_x, empty_a, True) if no is None else (no.x, no.proposed, True)]
+    if batch.x_replay is not None:
+        parts.append((batch.x_replay, batch.answers_replay, False))
+    parts.append((empty_x, empty_a, True) if no is None else (no.x_replay, no.proposed_replay, True))
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            torch.cat([torch.full((len(p[1]),), p[2], dtype=torch.bool) for p in parts]))
 
 
 @torch.no_grad()

@@ -2,10 +2,11 @@
 
 Pure functions on tensors: no I/O, no tkinter, no module-level state. Under torchrun (`ranks`), every
 process holds the whole batch, computes its block of each minibatch, and DistributedDataParallel
-averages the gradients: the update equals one process's on the whole minibatch. Each answer tells the reward of every class (+1 for the class the person gave,
--1 for the others), so by default the clipped surrogate is taken in expectation over all classes
-under the old policy (`surrogate="expected"`), which is the exact expectation of the usual sampled
-surrogate and far less noisy. `surrogate="sampled"` is textbook PPO on the sampled class alone.
+averages the gradients: the update equals one process's on the whole minibatch. Each answer tells the
+reward of every class (+1 for the class the person gave, -1 for the others), so by default the clipped
+surrogate is taken in expectation over all classes under the old policy (`surrogate="expected"`), which
+is the exact expectation of the usual sampled surrogate and far less noisy. `surrogate="sampled"` is
+textbook PPO on the sampled class alone.
 """
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,16 +20,27 @@ from ddp import Ranks
 @dataclass
 class PPOConfig:
     learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the policy", "lo": 0.0})
-    clip_coef: float = field(default=0.2, metadata={"help": "the surrogate is clipped where the probability ratio leaves [1 - clip_coef, 1 + clip_coef]", "lo": 0.0, "hi": 10.0})
-    ent_coef: float = field(default=0.01, metadata={"help": "weight of the entropy bonus, which keeps the policy from collapsing early", "lo": 0.0})
-    kl_coef: float = field(default=0.0, metadata={"help": "weight of KL(policy || reference), the reference being the policy at the start of the run", "lo": 0.0})
+    clip_coef: float = field(default=0.2, metadata={
+        "help": "the surrogate is clipped where the probability ratio leaves [1 - clip_coef, 1 + clip_coef]",
+        "lo": 0.0, "hi": 10.0})
+    ent_coef: float = field(default=0.01, metadata={
+        "help": "weight of the entropy bonus, which keeps the policy from collapsing early", "lo": 0.0})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "weight of KL(policy || reference), the reference being the policy at the start of the run", "lo": 0.0})
     update_epochs: int = field(default=4, metadata={"help": "passes over each batch of answers", "lo": 1, "hi": 1000})
     num_minibatches: int = field(default=1, metadata={"help": "shuffled minibatches per pass", "lo": 1})
     max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip", "lo": 0.0})
-    target_kl: Optional[float] = field(default=None, metadata={"help": "stop the passes early once KL(old || new) exceeds this (None: never)", "lo": 0.0})
-    norm_adv: bool = field(default=False, metadata={"help": "scale advantages to unit size within a minibatch of more than one image (off: rewards are already in [-1, 1], and scaling blows up the reward model's faint preferences)"})
-    surrogate: str = field(default="expected", metadata={"help": "'expected': surrogate over every class weighted by the old policy; 'sampled': sampled class only", "choices": ("expected", "sampled")})
-    is_truncation: float = field(default=2.0, metadata={"help": "verdicts: the importance weight (old policy / proposing snapshot's probability of the proposed class) is cut at this", "lo": 0.0})
+    target_kl: Optional[float] = field(default=None, metadata={
+        "help": "stop the passes early once KL(old || new) exceeds this (None: never)", "lo": 0.0})
+    norm_adv: bool = field(default=False, metadata={
+        "help": "scale advantages to unit size within a minibatch of more than one image (off: rewards are already in"
+                 " [-1, 1], and scaling blows up the reward model's faint preferences)"})
+    surrogate: str = field(default="expected", metadata={
+        "help": "'expected': surrogate over every class weighted by the old policy; 'sampled': sampled class only",
+        "choices": ("expected", "sampled")})
+    is_truncation: float = field(default=2.0, metadata={
+        "help": "verdicts: the importance weight (old policy / proposing snapshot's probability of the proposed "
+                 "class) is cut at this", "lo": 0.0})
 
 
 def advantages(rewards, old_probs):
@@ -43,15 +55,39 @@ def normalize_advantages(adv, weights):
     return adv / (rms + 1e-8)
 
 
-def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None, denominator=None, bandit=None):
+@dataclass
+class LoggedActions:
+    """Rows learnt from one logged action alone (a verdict "no"): `rows` (N,) bool marks them, `action` (N,) the
+    class acted on, `behaviour` (N,) the probability the proposing rule gave it, `rm_rewards` (N, K) the reward
+    model's rewards of every class there (the baseline); rows not marked are ignored."""
+    rows: torch.Tensor
+    action: torch.Tensor
+    behaviour: torch.Tensor
+    rm_rewards: torch.Tensor
+
+    def to(self, device):
+        return LoggedActions(*(t.to(device) for t in (self.rows, self.action, self.behaviour, self.rm_rewards)))
+
+
+@dataclass
+class LoggedWeights:
+    """What the loss needs of the logged rows: `rows` (N,) bool, importance weights and baselines (N,)."""
+    rows: torch.Tensor
+    is_weight: torch.Tensor
+    baseline: torch.Tensor
+
+    def __getitem__(self, index):
+        return LoggedWeights(self.rows[index], self.is_weight[index], self.baseline[index])
+
+
+def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None, denominator=None, logged=None):
     """Clipped-surrogate PPO loss for one minibatch and the statistics CleanRL logs.
 
     new_logits, old_logprobs, rewards: (N, K); actions: (N,) sampled classes (used when surrogate is
-    'sampled'); ref_logprobs: (N, K) or None. Per-image terms are summed and divided by `denominator`
-    (default N: the mean; a process holding part of a minibatch passes minibatch size / processes).
-    bandit: None, or (rows, is_weight, baseline) for rows where only the logged action's reward is known
-    (a verdict): (N,) bool, (N,) importance weights, (N,) baselines; `actions` holds the logged classes there.
-    Returns (loss, dict of floats).
+    'sampled', and the logged classes on logged rows); ref_logprobs: (N, K) or None. Per-image terms are
+    summed and divided by `denominator` (default N: the mean; a process holding part of a minibatch passes
+    minibatch size / processes). logged: None, or the LoggedWeights of rows where only the logged action's
+    reward is known (a verdict). Returns (loss, dict of floats).
     """
     denom = float(new_logits.shape[0] if denominator is None else denominator)
     new_logprobs = F.log_softmax(new_logits, dim=-1)
@@ -63,11 +99,10 @@ def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None,
         weights = F.one_hot(actions, rewards.shape[-1]).to(adv.dtype)
     else:
         raise ValueError(f"surrogate must be 'expected' or 'sampled', not {cfg.surrogate!r}")
-    if bandit is not None:
-        rows, is_weight, baseline = bandit
-        logged = F.one_hot(actions, rewards.shape[-1]).to(adv.dtype)
-        weights = torch.where(rows[:, None], is_weight[:, None] * logged, weights)
-        adv = torch.where(rows[:, None], rewards - baseline[:, None], adv)
+    if logged is not None:
+        acted = F.one_hot(actions, rewards.shape[-1]).to(adv.dtype)
+        weights = torch.where(logged.rows[:, None], logged.is_weight[:, None] * acted, weights)
+        adv = torch.where(logged.rows[:, None], rewards - logged.baseline[:, None], adv)
     if cfg.norm_adv and adv.shape[0] > 1:
         adv = normalize_advantages(adv, weights)
     log_ratio = new_logprobs - old_logprobs
@@ -92,16 +127,15 @@ def ppo_loss(new_logits, old_logprobs, rewards, actions, cfg, ref_logprobs=None,
     return loss, stats
 
 
-def verdict_rows(bandit, old_logprobs, cfg):
-    """(rows, importance weights, baselines) for ppo_loss from bandit = (rows (N,) bool, logged classes (N,),
-    behaviour probabilities (N,), reward model's rewards (N, K)): the weight is old policy / proposing
-    snapshot's probability of the logged class, cut at cfg.is_truncation (the snapshot that proposed is older
-    than the policy now updated); the baseline is the reward model's expected reward under the old policy."""
-    rows, logged, behaviour, rm_rewards = bandit
+def logged_weights(logged, old_logprobs, cfg):
+    """The LoggedWeights of LoggedActions: the importance weight is old policy / proposing snapshot's
+    probability of the logged class, cut at cfg.is_truncation (the snapshot that proposed is older than the
+    policy now updated); the baseline is the reward model's expected reward under the old policy."""
     old_probs = old_logprobs.exp()
-    is_weight = (old_probs.gather(1, logged[:, None]).squeeze(1) / behaviour.clamp_min(1e-8)).clamp(max=cfg.is_truncation)
-    baseline = (old_probs * rm_rewards).sum(dim=-1)
-    return rows, torch.where(rows, is_weight, torch.zeros_like(is_weight)), baseline
+    ratio = old_probs.gather(1, logged.action[:, None]).squeeze(1) / logged.behaviour.clamp_min(1e-8)
+    is_weight = ratio.clamp(max=cfg.is_truncation)
+    baseline = (old_probs * logged.rm_rewards).sum(dim=-1)
+    return LoggedWeights(logged.rows, torch.where(logged.rows, is_weight, torch.zeros_like(is_weight)), baseline)
 
 
 @torch.no_grad()
@@ -118,7 +152,7 @@ def score_minibatches(net, x, parts, mine, rewards, ranks):
     return ranks.all_reduce(out)
 
 
-def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=None, ranks=None, bandit=None):
+def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=None, ranks=None, logged=None):
     """Score the batch with the current policy (the old policy) and the reference, then run
     `update_epochs` passes over shuffled minibatches; returns the mean statistics.
 
@@ -128,7 +162,7 @@ def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=Non
     (its BatchNorm must not track statistics: momentum 0), so KL to it is 0 while the policy equals it.
     A minibatch of one image runs in eval mode (one image has no batch statistics). With `ranks`, every
     process passes the same x, rewards and generator state and computes only its block of each minibatch.
-    bandit: rows learnt from a verdict, see `verdict_rows`.
+    logged: LoggedActions, rows learnt from a verdict.
     """
     ranks = ranks or Ranks()
     n = x.shape[0]
@@ -141,10 +175,10 @@ def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=Non
     old_logprobs, ref_logprobs = (score_minibatches(net, x, parts, mine, rewards, ranks)
                                   for net in (policy, reference))
     actions = torch.multinomial(old_logprobs.exp().cpu(), 1, generator=generator).squeeze(1).to(x.device)
-    verdicts = None
-    if bandit is not None:
-        verdicts = verdict_rows(bandit, old_logprobs, cfg)
-        actions = torch.where(bandit[0], bandit[1], actions)
+    weights = None
+    if logged is not None:
+        weights = logged_weights(logged, old_logprobs, cfg)
+        actions = torch.where(logged.rows, logged.action, actions)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     totals, count, epochs_run = {}, 0, 0
     for _ in range(cfg.update_epochs):
@@ -154,7 +188,7 @@ def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=Non
             loss, stats = ppo_loss(policy(x[rows]).to(rewards.dtype), old_logprobs[rows], rewards[rows],
                                    actions[rows], cfg, None if ref_logprobs is None else ref_logprobs[rows],
                                    denominator=len(parts[j]) / ranks.world,
-                                   bandit=None if verdicts is None else tuple(v[rows] for v in verdicts))
+                                   logged=None if weights is None else weights[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

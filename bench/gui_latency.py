@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("RLHF_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 DEFAULT_IMAGES = os.path.join(SHARED, "hymenoptera_data", "train")
 sys.path.insert(0, ROOT)
-from xvfb_display import XvfbDisplay  # noqa: E402
+from xvfb_display import XvfbDisplay
 
 
 class App:
@@ -53,7 +53,7 @@ class App:
             time.sleep(0.002)
 
     def xdotool(self, *args):
-        return subprocess.run(["xdotool", *args], env=self.env, capture_output=True, text=True).stdout
+        return subprocess.run(["xdotool", *args], env=self.env, capture_output=True, text=True, check=False).stdout
 
     def focus(self):
         window = self.xdotool("search", "--onlyvisible", "--name", "^rlhf-imgcls").split()[-1]
@@ -75,7 +75,7 @@ def measure(app, answers, think, class_names, new_window_each_time):
         time.sleep(think)
         key = label_key(shown["path"], class_names)
         t_send = time.time()
-        subprocess.run(["xdotool", "key", key], env=app.env)
+        subprocess.run(["xdotool", "key", key], env=app.env, check=False)
         shown = app.wait_shown(n + 1)
         out.append({"total_ms": 1000 * (shown["t"] - t_send), "in_app_ms": 1000 * (shown["t"] - shown["key_t"]),
                     "t_send": t_send, "key_t": shown["key_t"]})
@@ -127,15 +127,15 @@ def baseline_app(args):
     from PIL import Image, ImageTk
 
     sys.path.insert(0, ROOT)
-    from dataset import AntBeeDataset
+    from dataset import ImagePool
     from feedback_store import FeedbackStore
     from learner import Learner
-    from rlhf_run import RLHFRun
+    from rlhf_run import RLHFRun, give_answer
     from run_config import RunConfig
 
     cfg = RunConfig(images=args.images, image_size=args.image_size, weights="none", finetune="all", batch_size=8,
                     order="random")
-    ds = AntBeeDataset(args.images, args.image_size)
+    ds = ImagePool(args.images, args.image_size)
     learner = Learner(ds.num_classes, None, "all", seed=1)
     run = RLHFRun(cfg, ds, learner, FeedbackStore(os.path.join(args.out, "feedback.sqlite")), args.out, "random")
     log = open(os.environ["RLHF_GUI_EVENTS"], "a", buffering=1, encoding="utf-8")
@@ -151,12 +151,12 @@ def baseline_app(args):
         tk.Label(root, text=f"model: {ds.class_names[int(probs.argmax())]} {float(probs.max()):.0%}").pack()
         answer = []
 
-        def shown(event, root=root, path=ds.paths[index], key_t=key_t):
+        def shown(event, root=root, label=label, path=ds.paths[index], key_t=key_t):
             label.unbind("<Expose>")
             root.after_idle(lambda: log.write(json.dumps({"kind": "shown", "t": time.time(), "path": path,
                                                           "key_t": key_t}) + "\n"))
 
-        def on_key(event, root=root):
+        def on_key(event, root=root, answer=answer):
             t = time.time()
             log.write(json.dumps({"kind": "key", "t": t, "key": event.keysym, "xtime": event.time}) + "\n")
             if event.keysym in ("0", "1"):
@@ -171,7 +171,7 @@ def baseline_app(args):
         if not answer:
             return
         (a, key_t), = answer
-        run.record(index, a, probs, learner.version)
+        give_answer(run, index, a, probs)
         if run.update_due():
             log.write(json.dumps({"kind": "update_started", "t": time.time()}) + "\n")
             run.update()

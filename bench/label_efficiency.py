@@ -36,14 +36,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import AntBeeDataset  # noqa: E402
-from learner import adam, evaluate_accuracy  # noqa: E402
-from models import PolicyModel, resolve_backbone_weights  # noqa: E402
-from ppo import original_design_loss  # noqa: E402
-from ddp import Ranks  # noqa: E402
-from rlhf_run import epoch_order, open_run, run_headless  # noqa: E402
-from run_config import RunConfig  # noqa: E402
-from simulated_labeler import FolderLabeler  # noqa: E402
+from dataset import ImagePool
+from ddp import Ranks
+from learner import adam, evaluate_accuracy
+from models import PolicyModel, resolve_backbone_weights
+from ppo import original_design_loss
+from question_queue import epoch_order
+from rlhf_run import open_run, run_headless
+from run_config import RunConfig
+from simulated_labeler import FolderLabeler
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "hymenoptera_data", "train")
@@ -255,8 +256,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train_dir, val_dir = (args.images, args.val) if args.images else split_folder(args.data, tmp)
-        ds = AntBeeDataset(train_dir, args.image_size)
-        val = AntBeeDataset(val_dir, args.image_size, ds.class_names)
+        ds = ImagePool(train_dir, args.image_size)
+        val = ImagePool(val_dir, args.image_size, ds.class_names)
         backbone, origin = resolve_backbone_weights(args.weights)
         budgets = [len(ds) if b == "all" else min(int(b), len(ds)) for b in args.budgets]
         rows = [(m, 0.0) for m in args.methods]

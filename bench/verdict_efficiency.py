@@ -36,14 +36,14 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import AntBeeDataset  # noqa: E402
-from label_efficiency import common_flags, plot, split_folder, summarize, val_accuracy  # noqa: E402
-from learner import adam, reward_model_loss  # noqa: E402
-from models import PolicyModel, resolve_backbone_weights  # noqa: E402
-from rlhf_run import open_run, run_headless  # noqa: E402
-from ddp import Ranks  # noqa: E402
-from run_config import RunConfig  # noqa: E402
-from simulated_labeler import FolderLabeler  # noqa: E402
+from dataset import ImagePool
+from ddp import Ranks
+from label_efficiency import common_flags, plot, split_folder, summarize, val_accuracy
+from learner import adam, reward_model_loss
+from models import PolicyModel, resolve_backbone_weights
+from rlhf_run import open_run, run_headless
+from run_config import RunConfig
+from simulated_labeler import FolderLabeler
 
 DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "digits", "train")
@@ -62,7 +62,7 @@ def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
                            checkpoint_every=0, val_every=0, out=out, batch_size=BATCH, **cfg)
         run = open_run(config, out, ds, None, backbone, origin, args.device, Ranks())
         run_headless(run, FolderLabeler(ds, noise, 0.0, seed))
-        given = run.answers_given()
+        given = run.ledger.given()
         run.store.close()
         return val_accuracy(run.learner.policy, val), given, val_accuracy(run.learner.reward_model, val)
 
@@ -129,8 +129,8 @@ def start_worker(train_dir, val_dir, args):
     if args.jobs > 1:
         torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    ds = AntBeeDataset(train_dir, args.image_size)
-    val = AntBeeDataset(val_dir, args.image_size, ds.class_names)
+    ds = ImagePool(train_dir, args.image_size)
+    val = ImagePool(val_dir, args.image_size, ds.class_names)
     backbone, origin = resolve_backbone_weights(args.weights)
     WORKER.update(ds=ds, val=val, backbone=backbone, origin=origin, args=args)
 
@@ -189,7 +189,8 @@ def main(argv=None):
                 f.write(json.dumps({**setting, "name": name, "budget": b, "seed": seed, "acc": acc, "given": given,
                                     "rm_acc": rm_acc, "seconds": seconds}) + "\n")
             print(f"{name:34s} budget {b:5d} seed {seed}: val_acc {acc:.3f}  given {given}  reward model "
-                  f"{'-' if rm_acc is None else f'{rm_acc:.3f}'}  {seconds:.0f}s  [{time.time() - t0:.0f}s]", flush=True)
+                  f"{'-' if rm_acc is None else f'{rm_acc:.3f}'}  {seconds:.0f}s  [{time.time() - t0:.0f}s]",
+                  flush=True)
             header = describe(len(ds), len(val), origin, args, t0, cells_path, ran)
             write_table(results, args, header)
         header = header or describe(len(ds), len(val), origin, args, t0, cells_path, ran)

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import ROOT, make_subset
-from dataset import AntBeeDataset
+from dataset import ImagePool
 from feature_cache import FeatureCache, weights_digest
 from feedback_store import FeedbackStore
-from learner import Learner
-from rlhf_run import RLHFRun, question_order
+from learner import Learner, UpdateBatch
+from question_queue import question_order
+from rlhf_run import RLHFRun
 from run_config import RunConfig
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -24,7 +25,7 @@ def test_least_sure_first_and_disagreement_counts_as_less_sure():
 
 
 def make_run(tmp_path, digits, explore, n_per_class=10, **cfg):
-    ds = AntBeeDataset(make_subset(tmp_path / "pool", digits, n_per_class, classes=["3", "8"]), image_size=32)
+    ds = ImagePool(make_subset(tmp_path / "pool", digits, n_per_class, classes=["3", "8"]), image_size=32)
     config = RunConfig(images=ds.root, order="uncertain", explore=explore, seed=3, out=str(tmp_path), **cfg)
     learner = Learner(2, None, "all", seed=0)
     return RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
@@ -67,7 +68,7 @@ def test_before_the_first_update_questions_follow_the_epochs_order(tmp_path, dig
     run = make_run(tmp_path, digits, explore=0.5)
     run.rank_questions = lambda unasked, rng: pytest.fail("an untrained policy ranked the pool")
     run.refresh_ranking()
-    assert run.next_questions(len(run.ds)) == run.order
+    assert run.next_questions(len(run.ds)) == run.questions.order
 
 
 def test_budget_stops_questions_and_every_image_is_still_visited(tmp_path, digits):
@@ -77,14 +78,14 @@ def test_budget_stops_questions_and_every_image_is_still_visited(tmp_path, digit
     assert len(run.answer_of) == 5 and run.questions_done()
     visited = []
     run.visit = lambda index, visit=run.visit: (visited.append(index), visit(index))
-    run.update = lambda rm_only=False: run.pending.clear()
+    run.update = lambda rm_only=False: run.training.pending.clear()
     assert run.finish_epoch()
     assert sorted(set(visited)) == list(range(len(run.ds)))
 
 
 def test_feature_cache_hits_and_is_rebuilt_when_weights_or_a_file_change(tmp_path, photos):
     pool = make_subset(tmp_path / "pool", photos, 3)
-    ds = AntBeeDataset(pool, image_size=32)
+    ds = ImagePool(pool, image_size=32)
     calls = []
 
     def encode(x):
@@ -104,10 +105,10 @@ def test_feature_cache_hits_and_is_rebuilt_when_weights_or_a_file_change(tmp_pat
     assert [n for n in os.listdir(tmp_path) if n.startswith("features-")] == [os.path.basename(other.path)]
 
     # one file replaced by another picture: only it is recomputed
-    target = os.path.join(pool, "ants", sorted(os.listdir(os.path.join(pool, "ants")))[0])
+    target = os.path.join(pool, "ants", min(os.listdir(os.path.join(pool, "ants"))))
     os.unlink(target)
     shutil.copy(os.path.join(photos, "ants", sorted(os.listdir(os.path.join(photos, "ants")))[40]), target)
-    changed = AntBeeDataset(pool, image_size=32)
+    changed = ImagePool(pool, image_size=32)
     assert FeatureCache(str(tmp_path), encode, "key-b").fill(changed) == 1
 
 
@@ -126,7 +127,7 @@ def test_head_finetuning_trains_on_cached_features(tmp_path, digits):
     run.cache = FeatureCache(str(tmp_path), run.learner.encode, "head-test")
     x = run.inputs(range(len(run.ds)))
     assert x.shape == (len(run.ds), 512)
-    stats = run.learner.update(x[:8], torch.tensor(run.ds.labels[:8]))
+    stats = run.learner.update(UpdateBatch(x[:8], torch.tensor(run.ds.labels[:8])))
     assert "policy_loss" in stats
 
 

@@ -211,10 +211,10 @@ def test_a_store_written_before_kinds_existed_exports_and_opens_unchanged(tmp_pa
 
 
 def test_implied_labels_need_every_other_class_rejected():
-    verdict = dict(path="/p/x.jpg", policy_version=0, created=1.0)
-    verdicts = [{**verdict, "sha1": "x", "proposed": 0, "verdict": 0},
-                {**verdict, "sha1": "x", "proposed": 1, "verdict": 0},
-                {**verdict, "sha1": "y", "proposed": 2, "verdict": 0}]
+    verdict = {"path": "/p/x.jpg", "policy_version": 0, "created": 1.0, "behaviour_prob": 0.5}
+    verdicts = [{**verdict, "id": 1, "sha1": "x", "proposed": 0, "verdict": 0},
+                {**verdict, "id": 2, "sha1": "x", "proposed": 1, "verdict": 0},
+                {**verdict, "id": 3, "sha1": "y", "proposed": 2, "verdict": 0}]
     rows = store_label_rows([], verdicts, ["a", "b", "c"])
     assert [(r["sha1"], r["kind"], r["class"], r["rejected"]) for r in rows] == [
         ("x", "verdict-no", "", "a"), ("x", "verdict-no", "", "b"), ("y", "verdict-no", "", "c"),

@@ -3,12 +3,11 @@ import math
 import random
 
 import pytest
-
 import torch
 
 from conftest import make_subset
-from dataset import AntBeeDataset
-from learner import Learner, RewardModelConfig, one_hot_rewards, reliability, reward_model_loss
+from dataset import ImagePool
+from learner import Learner, RewardModelConfig, UpdateBatch, one_hot_rewards, reliability, reward_model_loss
 from ppo import PPOConfig
 
 
@@ -18,12 +17,12 @@ def test_one_hot_rewards_follow_the_plus_minus_one_rule():
 
 
 def test_reward_model_fits_the_answers_it_was_given(tmp_path, digits):
-    ds = AntBeeDataset(make_subset(tmp_path / "d", digits, 6, classes=["0", "1", "7"]), image_size=32)
+    ds = ImagePool(make_subset(tmp_path / "d", digits, 6, classes=["0", "1", "7"]), image_size=32)
     answers = torch.tensor(ds.labels)
     learner = Learner(ds.num_classes, None, "all", PPOConfig(), RewardModelConfig(rm_learning_rate=1e-3), seed=0)
     x = ds.batch(list(range(len(ds))))
     for _ in range(15):
-        learner.update(x, answers)
+        learner.update(UpdateBatch(x, answers))
     predicted = learner.predicted_rewards(x)
     assert (predicted.argmax(1) == answers).float().mean().item() == 1.0
     # the predicted reward is highest (+ side) for the answered class and negative for the others
@@ -31,12 +30,12 @@ def test_reward_model_fits_the_answers_it_was_given(tmp_path, digits):
 
 
 def test_policy_learns_answered_images_and_update_counts_versions(tmp_path, digits):
-    ds = AntBeeDataset(make_subset(tmp_path / "d", digits, 6, classes=["0", "1"]), image_size=32)
+    ds = ImagePool(make_subset(tmp_path / "d", digits, 6, classes=["0", "1"]), image_size=32)
     answers = torch.tensor(ds.labels)
     learner = Learner(2, None, "all", PPOConfig(learning_rate=1e-3), RewardModelConfig(), seed=0)
     x = ds.batch(list(range(len(ds))))
     for _ in range(20):
-        stats = learner.update(x, answers, x_unanswered=x[:4])
+        stats = learner.update(UpdateBatch(x, answers, x_unanswered=x[:4]))
     assert learner.version == 20
     assert stats["rm_images"] == 4
     assert (learner.policy_probs(x).argmax(1) == answers).float().mean().item() >= 0.9
@@ -47,7 +46,7 @@ def test_head_finetuning_trains_only_the_head():
     before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
     x = learner.encode(torch.randn(4, 3, 32, 32))  # the frozen layers' output, as the feature cache holds
     assert x.shape == (4, 512)
-    learner.update(x, torch.tensor([0, 1, 0, 1]))
+    learner.update(UpdateBatch(x, torch.tensor([0, 1, 0, 1])))
     after = learner.policy.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"model.fc.weight", "model.fc.bias"}
@@ -67,11 +66,12 @@ def test_a_reward_model_no_better_than_chance_does_not_train_the_policy_and_the_
     learner = Learner(2, None, "all", PPOConfig(), RewardModelConfig(rm_min_answers=8), seed=0)
     x, answers = torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4)
     learner.rm_record = [(1, 0), (0, 1)] * 8
-    stats = learner.update(x, answers, x_unanswered=x[:4], fresh=torch.zeros(8, dtype=torch.bool))
+    stale = UpdateBatch(x, answers, fresh=torch.zeros(8, dtype=torch.bool), x_unanswered=x[:4])
+    stats = learner.update(stale)
     assert stats["rm_weight"] == 0.0 and stats["rm_images"] == 0
     assert "rm_acc" not in stats                          # no fresh answers: nothing new was measured
     learner.rm_record = [(1, 0), (1, 1)] * 32
-    stats = learner.update(x, answers, x_unanswered=x[:4], fresh=torch.zeros(8, dtype=torch.bool))
+    stats = learner.update(stale)
     assert stats["rm_weight"] > 0.85 and stats["rm_images"] == 4
     resumed = Learner(2, None, "all", seed=1)
     resumed.load_state_dict(learner.state_dict())

@@ -5,13 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppo import PPOConfig, advantages, ppo_loss, ppo_update, verdict_rows
+from ppo import LoggedActions, PPOConfig, advantages, logged_weights, ppo_loss, ppo_update
 
 
 def cfg(**kw):
-    base = dict(ent_coef=0.0, kl_coef=0.0, norm_adv=False)
-    base.update(kw)
-    return PPOConfig(**base)
+    return PPOConfig(**{"ent_coef": 0.0, "kl_coef": 0.0, "norm_adv": False, **kw})
 
 
 def test_advantage_is_reward_minus_expected_reward_under_old_policy():
@@ -26,7 +24,7 @@ def test_first_ratio_is_one_and_nothing_is_clipped(surrogate):
     logits = torch.tensor([[0.3, -0.2], [1.0, 0.5]])
     old = F.log_softmax(logits, -1)
     rewards = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
-    loss, stats = ppo_loss(logits, old, rewards, torch.tensor([0, 1]), cfg(surrogate=surrogate))
+    _, stats = ppo_loss(logits, old, rewards, torch.tensor([0, 1]), cfg(surrogate=surrogate))
     assert stats["clipfrac"] == 0.0
     assert abs(stats["approx_kl"]) < 1e-7
 
@@ -124,13 +122,14 @@ def test_a_verdicts_row_learns_its_logged_class_weighted_by_old_over_behaviour_p
     old = torch.log(torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64))
     new_logits = torch.log(torch.tensor([[0.25, 0.30, 0.45]], dtype=torch.float64)).requires_grad_()
     rm_rewards = torch.tensor([[0.2, -0.4, -0.6]], dtype=torch.float64)
-    rows, weight, baseline = verdict_rows((torch.tensor([True]), torch.tensor([2]), torch.tensor([0.25]),
-                                           rm_rewards), old, cfg(is_truncation=1.5))
+    logged = logged_weights(LoggedActions(torch.tensor([True]), torch.tensor([2]), torch.tensor([0.25]), rm_rewards),
+                            old, cfg(is_truncation=1.5))
+    weight, baseline = logged.is_weight, logged.baseline
     # old/behaviour = 0.5/0.25 = 2, cut at 1.5; baseline = 0.2*0.2 + 0.3*(-0.4) + 0.5*(-0.6) = -0.38
     assert weight.item() == pytest.approx(1.5) and baseline.item() == pytest.approx(-0.38)
     rewards = torch.tensor([[-1.0, -1.0, -1.0]], dtype=torch.float64)
     loss, stats = ppo_loss(new_logits, old, rewards, torch.tensor([2]), cfg(clip_coef=0.2, ent_coef=0.0),
-                           bandit=(rows, weight, baseline))
+                           logged=logged)
     ratio, adv = 0.45 / 0.5, -1.0 + 0.38   # inside the clip range; advantage -0.62
     assert stats["policy_loss"] == pytest.approx(-1.5 * ratio * adv)
     loss.backward()

@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from conftest import make_subset
-from dataset import AntBeeDataset
+from dataset import ImagePool
 from feedback_store import FeedbackStore
-from learner import Learner, RewardModelConfig
-from rlhf_run import DEFAULT_SCORE_POOL, RLHFRun
+from learner import Learner, RewardModelConfig, UpdateBatch, VerdictBatch
+from question_queue import DEFAULT_SCORE_POOL
+from rlhf_run import RLHFRun, checkpoint_of, give_answer, give_verdict
 from run_config import RunConfig
 
 GUESS = torch.tensor([0.7, 0.3])  # the guess shown with every answer: class 0
 
 
 def make_run(tmp_path, digits, classes=("3", "8"), **cfg):
-    ds = AntBeeDataset(make_subset(tmp_path / "pool", digits, 12, classes=list(classes)), image_size=32)
+    ds = ImagePool(make_subset(tmp_path / "pool", digits, 12, classes=list(classes)), image_size=32)
     config = RunConfig(images=ds.root, seed=3, out=str(tmp_path), checkpoint_every=0, **cfg)
     learner = Learner(len(classes), None, "all", config.ppo, config.rm, seed=0)
     return RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
@@ -26,7 +27,7 @@ def make_run(tmp_path, digits, classes=("3", "8"), **cfg):
 def answer(run, n):
     asked = run.next_questions(n)
     for index in asked:
-        run.record(index, run.ds.labels[index], GUESS, run.learner.version)
+        give_answer(run, index, run.ds.labels[index], GUESS)
     return asked
 
 
@@ -34,13 +35,17 @@ def test_replay_draws_only_answers_the_reward_model_was_fitted_on(tmp_path, digi
     run = make_run(tmp_path, digits, batch_size=4, order="random")
     replays = []
     update = run.learner.update
-    run.learner.update = lambda x_new, a_new, x_rep, a_rep, *rest, **kw: (replays.append(len(a_rep)),
-                                                                         update(x_new, a_new, x_rep, a_rep, *rest, **kw))[1]
+
+    def counting_update(batch):
+        replays.append(len(batch.answers_replay))
+        return update(batch)
+
+    run.learner.update = counting_update
     answer(run, 10)        # 10 answers queued: the first update takes 4, six wait
     run.update()
     assert replays == [0]  # nothing fitted before: the six waiting answers are not replayed
     run.update()
-    assert replays[-1] == 4 and run.rm_fitted == set(run.pending) ^ set(run.answer_of)
+    assert replays[-1] == 4 and run.training.rm_fitted == set(run.training.pending) ^ set(run.answer_of)
 
 
 def test_store_and_metrics_speak_of_the_guess_the_person_was_shown(tmp_path, digits):
@@ -59,6 +64,7 @@ def test_undo_of_a_trained_answer_refits_the_reward_model_and_asks_it_again(tmp_
     run.update()
     before = {k: v.clone() for k, v in run.learner.reward_model.state_dict().items()}
     assert run.undo(asked[-1]) is True                     # the reward model had learnt it
+    run.store.remove(run.ds.hash_of(asked[-1]))            # the window takes it out of the store
     assert asked[-1] not in run.answer_of and len(run.store.rows()) == 3
     run.refit_reward_model()
     after = run.learner.reward_model.state_dict()
@@ -66,15 +72,16 @@ def test_undo_of_a_trained_answer_refits_the_reward_model_and_asks_it_again(tmp_
     assert not run.questions_done()                        # handed out again: the window asks it once more
     asked_again = answer(run, 1)
     assert asked_again != [asked[-1]]                      # the next question is a new image ...
-    run.record(asked[-1], 1, GUESS, run.learner.version)   # ... and the undone one is answered again
-    assert run.answer_of[asked[-1]] == 1 and asked[-1] in run.pending
+    give_answer(run, asked[-1], 1, GUESS)                  # ... and the undone one is answered again
+    assert run.answer_of[asked[-1]] == 1 and asked[-1] in run.training.pending
 
 
 def test_disagreement_counts_only_once_the_reward_model_has_earned_trust(tmp_path, digits):
     run = make_run(tmp_path, digits, explore=0.0)
     pool = list(range(len(run.ds)))
     run.learner.predicted_rewards = lambda x: torch.tensor([[1.0, -1.0]] * x.shape[0])  # it always says 0
-    run.learner.policy_probs = lambda x: torch.tensor([[0.3, 0.7]] * (x.shape[0] // 2) + [[0.6, 0.4]] * (x.shape[0] - x.shape[0] // 2))
+    run.learner.policy_probs = lambda x: torch.tensor([[0.3, 0.7]] * (x.shape[0] // 2)
+                                                      + [[0.6, 0.4]] * (x.shape[0] - x.shape[0] // 2))
     untrusted = run.rank_questions(pool, None)
     run.learner.rm_record = [(1, a) for a in [0, 1] * 32]
     trusted = run.rank_questions(pool, None)
@@ -98,53 +105,54 @@ def test_a_rejected_class_is_never_proposed_again_and_the_last_one_left_is_a_lab
     flat = torch.tensor([1 / 3] * 3)
     proposed, behaviour = run.propose(index, flat)
     assert behaviour == pytest.approx(1 / 3)
-    run.record_verdict(index, proposed, behaviour, 0, 0)
-    assert index in run.unasked and index not in run.answer_of  # asked again later, with another class
+    give_verdict(run, index, proposed, behaviour, 0)
+    assert index in run.questions.unasked and index not in run.answer_of  # asked again later, with another class
     for _ in range(50):
         again, p = run.propose(index, flat)
         assert again != proposed and p == pytest.approx(1 / 2)
-    run.record_verdict(index, again, 0.5, 0, 0)
+    give_verdict(run, index, again, 0.5, 0)
     (left,) = set(range(3)) - {proposed, again}
-    assert run.answer_of[index] == left and index not in run.unasked  # two no's among three: a label
-    assert [r["verdict"] for r in run.store.verdicts()] == [0, 0] and run.answers_given() == 2
+    assert run.answer_of[index] == left and index not in run.questions.unasked  # two no's among three: a label
+    assert [r["verdict"] for r in run.store.verdicts()] == [0, 0] and run.ledger.given() == 2
 
 
 def test_verdicts_count_against_the_budget_and_a_yes_is_a_label(tmp_path, digits):
     run = make_run(tmp_path, digits, ask="verdict", max_answers=3, order="sequential")
     first, second = run.next_questions(2)
-    run.record_verdict(first, 0, 0.6, 0, 0)     # no: image 'first' may come back
-    run.record_verdict(second, 1, 0.7, 1, 0)    # yes: a label
+    give_verdict(run, first, 0, 0.6, 0)     # no: image 'first' may come back
+    give_verdict(run, second, 1, 0.7, 1)    # yes: a label
     assert run.answer_of[second] == 1 and first in run.answer_of  # 2 classes: one no leaves the other
-    assert run.next_questions(5) == [run.order[2]]  # the third verdict is the last the budget allows
-    assert run.update_due() is False and len(run.pending) == 2
+    assert run.next_questions(5) == [run.questions.order[2]]  # the third verdict is the last the budget allows
+    assert run.update_due() is False and len(run.training.pending) == 2
 
 
 def test_undoing_a_verdict_hands_the_question_out_again_and_takes_it_out_of_the_store(tmp_path, digits):
     run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", order="sequential")
     index = run.next_question()
-    key = run.record_verdict(index, 2, 0.4, 0, 0)
-    row = run.verdicts[key].row
-    assert run.pending_no == [key]
+    key = give_verdict(run, index, 2, 0.4, 0)
+    row = run.ledger.verdicts[key].row
+    assert run.training.pending_no == [key]
     assert run.undo_verdict(row) is False  # not fitted yet: nothing to refit
-    assert run.store.verdicts() == [] and run.pending_no == [] and 2 in run.allowed_classes(index)
-    assert index in run.outstanding and not run.questions_done()
+    run.store.remove_verdict(row)          # the window takes it out of the store
+    assert run.store.verdicts() == [] and run.training.pending_no == [] and 2 in run.ledger.allowed(index)
+    assert index in run.questions.outstanding and not run.questions_done()
 
 
 def test_an_update_learns_from_a_no_on_its_logged_class(tmp_path, digits):
     run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", batch_size=2, order="sequential")
     a, b = run.next_questions(2)
-    run.record_verdict(a, 0, 0.5, 0, 0)
-    run.record_verdict(b, run.ds.labels[b], 0.5, 1, 0)
+    give_verdict(run, a, 0, 0.5, 0)
+    give_verdict(run, b, run.ds.labels[b], 0.5, 1)
     metrics = run.update()
     assert metrics["verdict_no_images"] == 1 and metrics["verdicts"] == 2 and metrics["yes_share"] == 0.5
-    assert "rm_verdict_acc" in metrics and run.no_fitted == {0} and run.rm_fitted == {b}
+    assert "rm_verdict_acc" in metrics and run.training.no_fitted == {0} and run.training.rm_fitted == {b}
     # on the head alone (no BatchNorm statistics moving), each "no" lowers the rejected class
     learner = Learner(3, None, "head", seed=0)
     x = torch.randn(1, 512)
     before = learner.policy_probs(x)[0, 0].item()
     for _ in range(3):
-        learner.update(x[:0], torch.tensor([], dtype=torch.long),
-                       no=(x, torch.tensor([0]), torch.tensor([0.4]), x[:0], torch.tensor([], dtype=torch.long)))
+        no = VerdictBatch(x, torch.tensor([0]), torch.tensor([0.4]), x[:0], torch.tensor([], dtype=torch.long))
+        learner.update(UpdateBatch(x[:0], torch.tensor([], dtype=torch.long), no=no))
     assert learner.policy_probs(x)[0, 0].item() < before
 
 
@@ -176,11 +184,12 @@ def test_a_resume_from_an_older_checkpoint_counts_later_answers_as_not_yet_learn
     run = make_run(tmp_path, digits, batch_size=4, order="sequential")
     answer(run, 4)
     run.update()
-    ckpt = run.checkpoint_dict()          # the checkpoint knows the four answers it has learnt
+    ckpt = checkpoint_of(run)          # the checkpoint knows the four answers it has learnt
     later = answer(run, 4)                # four more, in the store only (then the process is killed)
     again = RLHFRun(run.cfg, run.ds, Learner(2, None, "all", seed=0), run.store, str(tmp_path), "random")
     again.restore(ckpt)
-    assert len(again.answer_of) == 8 and not again.rm_fitted & set(later) and len(again.rm_fitted) == 4
+    fitted = again.training.rm_fitted
+    assert len(again.answer_of) == 8 and not fitted & set(later) and len(fitted) == 4
 
 
 def test_an_image_that_stops_decoding_after_the_scan_is_never_asked(tmp_path, digits):
@@ -195,7 +204,7 @@ def test_an_image_that_stops_decoding_after_the_scan_is_never_asked(tmp_path, di
 
 
 def test_with_frozen_features_a_ranking_computes_features_for_a_bounded_sample_only(tmp_path, digits):
-    ds = AntBeeDataset(make_subset(tmp_path / "pool", digits, 20), image_size=32)  # 200 images, 10 classes
+    ds = ImagePool(make_subset(tmp_path / "pool", digits, 20), image_size=32)  # 200 images, 10 classes
     config = RunConfig(images=ds.root, seed=3, out=str(tmp_path), checkpoint_every=0, batch_size=4, finetune="head")
     learner = Learner(ds.num_classes, None, "head", config.ppo, config.rm, seed=0)
     run = RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
@@ -204,7 +213,7 @@ def test_with_frozen_features_a_ranking_computes_features_for_a_bounded_sample_o
     assert len(run.cache.features) == 4 + DEFAULT_SCORE_POOL < len(ds)  # not the whole pool's features
     run.refresh_ranking()  # every unasked image with cached features, and 64 more
     assert len(run.cache.features) == 4 + 2 * DEFAULT_SCORE_POOL
-    assert sorted(run.ranking) == sorted(i for i in run.unasked if run.cache.has(ds, i))
+    assert sorted(run.questions.ranking) == sorted(i for i in run.questions.unasked if run.cache.has(ds, i))
 
 
 def test_answers_whose_hashes_arrive_late_are_linked_and_never_asked_again(tmp_path, digits, monkeypatch):
@@ -213,20 +222,20 @@ def test_answers_whose_hashes_arrive_late_are_linked_and_never_asked_again(tmp_p
     from test_dataset import gate_background_reading
     first = make_run(tmp_path, digits, classes=("3", "5", "8"), batch_size=4, order="sequential")
     root = first.ds.root
-    first.ds = AntBeeDataset(root, image_size=32, cache_dir=str(tmp_path))  # the same pool, hashes cached
+    first.ds = ImagePool(root, image_size=32, cache_dir=str(tmp_path))  # the same pool, hashes cached
     asked = answer(first, 4)
     said_no = first.next_questions(2)
     for i in said_no:
-        first.record_verdict(i, (first.ds.labels[i] + 1) % 3, 0.5, 0, first.learner.version)
+        give_verdict(first, i, (first.ds.labels[i] + 1) % 3, 0.5, 0)
     first.ds.close()
     db = sqlite3.connect(tmp_path / "hashes.sqlite")
     with db:
         db.executemany("DELETE FROM files WHERE path=?", [(first.ds.paths[i],) for i in asked + said_no])
     db.close()
     opened, _ = gate_background_reading(monkeypatch)
-    ds = AntBeeDataset(root, image_size=32, cache_dir=str(tmp_path), hash_in_background=True)
+    ds = ImagePool(root, image_size=32, cache_dir=str(tmp_path), hash_in_background=True)
     run = RLHFRun(first.cfg, ds, Learner(3, None, "all", seed=0), first.store, str(tmp_path), "random")
-    assert not set(run.answer_of) & set(asked) and not run.rejected and ds.hasher is None  # not known yet
+    assert not set(run.answer_of) & set(asked) and not run.ledger.verdicts and ds.hasher is None  # not known yet
     rest = [run.next_question()]  # reads the hash of each image it considers before handing it out
     assert ds.hasher is not None  # the first question starts the reading of the rest
     opened.set()
@@ -234,5 +243,6 @@ def test_answers_whose_hashes_arrive_late_are_linked_and_never_asked_again(tmp_p
     rest += run.next_questions(len(ds))
     assert not set(rest) & set(asked) and sorted(rest + asked) == list(range(len(ds)))
     assert {i: run.answer_of[i] for i in asked} == {i: ds.labels[i] for i in asked}
-    assert run.rejected == {i: {(ds.labels[i] + 1) % 3} for i in said_no} and set(said_no) <= set(rest)  # asked on
-    assert run.rm_fitted == set(asked) and len(run.no_fitted) == 2
+    rejected = {v.image: run.ledger.rejected(v.image) for v in run.ledger.live_verdicts()}
+    assert rejected == {i: {(ds.labels[i] + 1) % 3} for i in said_no} and set(said_no) <= set(rest)  # asked on
+    assert run.training.rm_fitted == set(asked) and len(run.training.no_fitted) == 2
