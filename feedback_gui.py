@@ -1,15 +1,16 @@
 """The labeling window: one Tk root for the whole session, in which a person teaches the model by keyboard.
 
 Three threads; only the Tk thread touches a widget:
-  Tk thread  shows the prepared question; commits each answer to SQLite (its own connection) the moment
-             its key is pressed, then hands it to the trainer; drains the outbox with after().
+  Tk thread  shows the prepared question; commits each answer to SQLite (its own connection, the store's one
+             writer) the moment its key is pressed, then hands it to the run worker; drains the outbox with
+             after(). What it shows comes from its own AnswerLedger and the workers' messages.
   guesser    (labeling_workers.Guesser) hands out the run's next questions and prepares them ahead.
-  trainer    (labeling_workers.Trainer) drives the RLHFRun (rlhf_run.py): answers, undos, every update.
+  run worker (labeling_workers.RunWorker) drives the RLHFRun (rlhf_run.py): answers, undos, every update.
+The threads talk in the typed messages of window_messages.py.
 RLHF_GUI_EVENTS=FILE appends one JSON line per event (key, shown, update...), for tests and bench/.
 """
 import collections
 import json
-import math
 import os
 import queue
 import signal
@@ -21,10 +22,14 @@ import traceback
 import torch
 from PIL import ImageTk
 
-from feedback_store import IMPORTED, StoreError
-from label_transfer import store_label_rows
-from labeling_workers import Guesser, Trainer, fit
-from rlhf_run import SKIP
+import display
+import window_messages as msg
+from answer_ledger import IMPORT, SKIP, AnswerLedger
+from display import fit
+from feedback_store import StoreError
+from labeling_workers import Guesser, RunWorker
+from rlhf_run import answer_row, verdict_row
+from window_charts import AnswerChart, GuessBars, balance_warning
 
 TITLE = "rlhf-imgcls"
 POLL_MS = 40
@@ -32,120 +37,182 @@ POLL_BATCH = 20     # outbox messages handled per tick, so that a burst never ho
 RECENT = 20
 UNDO_DEPTH = 20     # answers u can take back, each holding its picture
 RETRY_MS = 2000     # an answer the store refused (locked by another program, disk full) is tried again
-LOPSIDED_AFTER = 20  # answers before a class under half its fair share is worth a warning
-LOPSIDED_CHANCE = 0.01  # ... and only a count that low by chance less often than this (lopsided())
 WINDOW_SIZE = (960, 840)
 SCREEN_MARGIN = (40, 80)  # left for the window manager's title bar and panels
-BAR_ROW = 20        # pixels per class in the bars under the image
 NO_DISPLAY = ("--feedback gui needs a display and {why}: use --feedback folder (the simulated labeler), "
               "or run under a virtual display: xvfb-run python train_rlhf.py ...")
 
 
-class NoDisplayError(Exception):
-    """There is no display to open the window on; the message names the ways out."""
-
-
 def open_root():
-    """The session's one Tk root, withdrawn until the session starts, so a missing display fails early."""
-    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
-        raise NoDisplayError(NO_DISPLAY.format(why="DISPLAY is not set"))
-    try:
-        root = tk.Tk(className=TITLE)
-    except tk.TclError as err:
-        raise NoDisplayError(NO_DISPLAY.format(why=f"cannot open {os.environ.get('DISPLAY')} ({err})")) from None
-    root.withdraw()
-    return root
+    """The session's one Tk root, withdrawn until the session starts, so a missing display fails early
+    (display.NoDisplayError)."""
+    return display.open_root(NO_DISPLAY, TITLE)
 
 
-def lopsided(counts, min_answers=LOPSIDED_AFTER, chance=LOPSIDED_CHANCE):
-    """Classes under half their fair share (total / number of classes) once min_answers are given, when
-    answers this uneven would come by less than `chance` were the classes equally likely: the counts as a
-    whole (chi-square) or one class this short (binomial, chance / classes each). Without that test, balanced
-    answers among 10 classes warn 78% of the time at 20 answers; with it, about 2%."""
-    total, k = sum(counts), len(counts)
-    low = [c for c, n in enumerate(counts) if n < 0.5 * total / k]
-    if total < min_answers or not low:
-        return []
-    short = any(binomial_cdf(counts[c], total, 1 / k) < chance / k for c in low)
-    return low if short or chi_square_tail(counts) < chance else []
+def session_ledger(store, names):
+    """The answers in the store as the window counts them, keyed by content hash (AnswerLedger)."""
+    return AnswerLedger.from_store(store.rows(), store.verdicts(), len(names))
 
 
-def binomial_cdf(x, n, p):
-    """P(X <= x) for X ~ Binomial(n, p)."""
-    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(x + 1))
+class SessionTally:
+    """The person's answers as the window shows them: its own AnswerLedger (by content hash), following each
+    answer given or undone, and the record of agreement with the guesses shown."""
 
+    def __init__(self, store, names, asking_verdicts, hash_of):
+        self.ledger, self.asking_verdicts, self.hash_of = session_ledger(store, names), asking_verdicts, hash_of
+        self.agree = [r["predicted"] == r["answer"] for r in store.rows()
+                      if r["answer"] is not None and r.get("kind") != IMPORT]
 
-def chi_square_tail(counts):
-    """P-value of the counts against equal shares: the chi-square statistic's upper tail, k - 1 degrees of
-    freedom, by the Wilson-Hilferty cube-root normal approximation (no SciPy for one number)."""
-    k, expected = len(counts), sum(counts) / len(counts)
-    stat, df = sum((n - expected) ** 2 for n in counts) / expected, k - 1
-    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
-class ClassTally:
-    """The person's labels per class in this run, kept as the keys are pressed: labels, corrections, yes
-    verdicts, and the class left once every other was rejected (imported labels are not the person's)."""
-
-    def __init__(self, names, answers, verdicts):
-        self.num_classes = len(names)
-        self.counts = [0] * len(names)
-        for row in store_label_rows(answers, verdicts, names):
-            if row["class"] and row["kind"] != "imported":
-                self.counts[names.index(row["class"])] += 1
-        self.rejected = {}  # image hash -> classes the person said no to
-        for v in verdicts:
-            if not v["verdict"]:
-                self.rejected.setdefault(v["sha1"], set()).add(v["proposed"])
-
-    def label(self, cls, sign):
-        """A label (or correction) given (+1) or undone (-1)."""
-        self.counts[cls] += sign
-
-    def verdict(self, sha1, proposed, yes, sign):
-        """A yes or no about `proposed` for image sha1, given (+1) or undone (-1)."""
-        if yes:
-            self.counts[proposed] += sign
+    def apply(self, q, kind, value, ref, sign):
+        """An answer (kind label) or verdict about question q, given (+1) or undone (-1); ref: its store id."""
+        sha1 = self.hash_of(q.index)
+        if kind == "verdict":
+            if sign > 0:
+                self.ledger.add_verdict(sha1, q.proposed, q.behaviour, value, q.version, ref)
+            else:
+                self.ledger.undo_verdict(self.ledger.verdict_by_row(ref).key)
             return
-        rejected = self.rejected.setdefault(sha1, set())
-        if sign < 0:
-            self.implied(rejected, -1)
-            rejected.discard(proposed)
+        if sign > 0:
+            self.ledger.add_answer(sha1, value, "correction" if self.asking_verdicts else "label")
         else:
-            rejected.add(proposed)
-            self.implied(rejected, +1)
+            self.ledger.undo_answer(sha1)
+        if value is not SKIP:
+            self.agree.append(int(q.probs.argmax()) == value) if sign > 0 else self.agree.pop()
 
-    def implied(self, rejected, sign):
-        # every class but one rejected: the one left is the label (as RLHFRun reads it)
-        if len(rejected) == self.num_classes - 1:
-            left, = set(range(self.num_classes)) - rejected
-            self.counts[left] += sign
+    def counts(self):
+        return self.ledger.counts()
+
+    def yes(self):
+        """The person's yes (1) and no (0), oldest first."""
+        return [v.verdict for v in self.ledger.live_verdicts()]
+
+    def answered(self):
+        """The person's labels and corrections (not skips, imports or verdicts)."""
+        return self.ledger.kinds["label"] + self.ledger.kinds["correction"]
+
+    def line(self, where):
+        """The status line's first line: answers, skips, imports, verdicts, `where` in the epoch, agreement."""
+        imported, yes = self.ledger.imported_count(), self.yes()
+        line = f"{self.answered()} answered · {self.ledger.kinds['skip']} skipped · " + (
+            f"{imported} imported · " if imported else "") + where
+        if self.asking_verdicts:
+            line = f"{len(yes)} verdicts · " + line
+        for name, record in (("yes", yes), ("agreement", self.agree)):
+            if record and (name == "yes") == self.asking_verdicts:
+                recent = record[-RECENT:]
+                line += (f"   {name} {sum(recent) / len(recent):.0%} last {len(recent)}"
+                         f" · {sum(record) / len(record):.0%} overall")
+        return line
+
+
+class WorkerStatus:
+    """What the workers last said (an update running, its metrics, answers waiting, the session's end), and
+    the training half of the status line made from it."""
+
+    def __init__(self, epoch):
+        self.metrics, self.running, self.waiting, self.epoch = {}, None, 0, epoch
+        self.no_more = self.finished = self.failed = False
+
+    def take(self, message):
+        """Note a worker's message; returns the event it is logged as (kind, fields)."""
+        if isinstance(message, msg.NoMoreQuestions):
+            self.no_more = True
+            return "no_more_questions", {}
+        if isinstance(message, msg.UpdateStarted):
+            self.running = message
+            return "update_started", {"update": message.number}
+        if isinstance(message, msg.UpdateDone):
+            self.running, self.metrics = None, message.metrics or self.metrics
+            return ("metrics", {"update": message.metrics["update"]}) if message.metrics else ("refit", {})
+        if isinstance(message, msg.EpochDone):
+            self.epoch = message.epoch
+            return "epoch", {"epoch": message.epoch}
+        if isinstance(message, msg.WorkerFailed):
+            self.running, self.failed = None, self.failed or message.stops_training
+            return "error", {"text": message.text}
+        self.finished, self.running = True, None  # SessionDone
+        return "done", {}
+
+    def training_text(self, batch_size):
+        """The last update's figures and what training does now."""
+        m, need, running = self.metrics, batch_size - self.waiting, self.running
+        last = (f"update {m['update']}: reward {m.get('mean_reward', float('nan')):+.2f} · "
+                f"KL {m.get('approx_kl', float('nan')):.4f} · {m.get('update_s', 0):.1f}s" if m else "no update yet")
+        now = ("training stopped (see above)" if self.failed else "done" if self.finished
+               else f"training update {running.number}…" if running and running.number
+               else "refitting the reward model without the undone answer…" if running
+               else "training on the answers" if self.no_more
+               else f"next update after {need} more answers" if need > 0 else "update due")
+        return f"{last}   ·   {now}"
+
+
+class ImageView:
+    """The picture canvas: the shown question's photo fitted to it (or a line of text), and the next one's
+    photo made ahead, so a key only swaps them."""
+
+    def __init__(self, root, box):
+        self.box, self.photos, self.on_canvas = box, {}, None
+        self.canvas = tk.Canvas(root, width=box[0], height=box[1], bg="#202020", highlightthickness=0)
+        self.image_item = self.canvas.create_image(0, 0, anchor="center")
+        self.text_item = self.canvas.create_text(0, 0, fill="#dddddd", font=("TkDefaultFont", 14), justify="center")
+        self.warmer = tk.Label(root)  # never shown: giving it a photo makes Tk convert the pixels ahead
+
+    def photo(self, q):
+        """q's picture as a Tk photo for the current box, converted for the display already."""
+        box, photo = self.photos.get(q.seq, (None, None))
+        if box != self.box:
+            photo = ImageTk.PhotoImage(q.fitted if q.box == self.box else fit(q.picture, self.box))
+            self.warmer.configure(image=photo)
+            self.photos[q.seq] = (self.box, photo)
+        return photo
+
+    def keep(self, shown, following, make=True):
+        """Keep the photos of the question shown and the next one (made now, when it has a picture and make)."""
+        keep = [q for q in (shown, following) if q and q.picture]
+        self.photos = {q.seq: self.photos[q.seq] for q in keep if q.seq in self.photos}
+        if len(keep) == 2 and make:
+            self.photo(keep[1])
+
+    def show(self, q):
+        self.on_canvas = self.photo(q)  # held while shown, whatever keep() lets go
+        self.canvas.itemconfigure(self.image_item, image=self.on_canvas, state="normal")
+        self.canvas.itemconfigure(self.text_item, state="hidden")
+
+    def say(self, text):
+        self.canvas.itemconfigure(self.image_item, state="hidden")
+        self.canvas.itemconfigure(self.text_item, state="normal", text=text)
+
+    def fit_to_canvas(self):
+        """Take the canvas's size when a resize's event has not come yet; True when the box changed."""
+        size = (self.canvas.winfo_width(), self.canvas.winfo_height())
+        if min(size) >= 10 and size != self.box:
+            self.set_box(*size)
+            return True
+        return False
+
+    def set_box(self, width, height):
+        """The canvas is width x height: pictures are fitted to it from now on."""
+        self.box = (width, height)
+        for item in (self.image_item, self.text_item):
+            self.canvas.coords(item, width // 2, height // 2)
+        self.canvas.itemconfigure(self.text_item, width=width - 40)
 
 
 class LabelingWindow:
     """The Tk side: widgets, keys, the prepared questions and the poll of the workers' outbox."""
 
-    def __init__(self, root, rlhf, store, cfg, guesser, trainer, outbox):
+    def __init__(self, root, rlhf, store, cfg, guesser, worker, outbox):
         self.root, self.rlhf, self.store, self.cfg = root, rlhf, store, cfg
-        self.guesser, self.trainer, self.outbox = guesser, trainer, outbox
-        self.names = rlhf.ds.class_names
+        self.guesser, self.worker, self.outbox = guesser, worker, outbox
+        self.names, self.asking_verdicts = rlhf.ds.class_names, cfg.ask == "verdict"
         self.ready = collections.deque()   # prepared questions not shown yet, in order
-        self.current, self.photos, self.on_canvas = None, {}, None
+        self.current = None
         self.history = collections.deque(maxlen=UNDO_DEPTH)  # (question, kind, answer, row added / row id)
-        rows, verdicts = store.rows(), store.verdicts()
-        given = [r for r in rows if r["answer"] is not None and r.get("kind") != IMPORTED]
-        self.answered, self.skipped = len(given), sum(r["answer"] is None for r in rows)
-        self.imported = sum(r.get("kind") == IMPORTED for r in rows)
-        self.agree = [r["predicted"] == r["answer"] for r in given]
-        self.tally = ClassTally(self.names, rows, verdicts)
-        self.chart_view = "agreement"  # or "share": the person's answers per class (key c)
+        self.tally = SessionTally(store, self.names, self.asking_verdicts, rlhf.ds.hash_of)
         self.status_text = None
-        self.asking_verdicts = cfg.ask == "verdict"
-        self.yes = [v["verdict"] for v in verdicts]  # the person's yes (1) and no (0), oldest first
-        self.metrics, self.running, self.key_t, self.after_id, self.note = {}, None, None, None, None
-        self.closing = self.finished = self.no_more = False
-        self.signals, self.signum, self.box, self.epoch = 0, 0, guesser.box, rlhf.epoch
+        self.key_t, self.after_id, self.note, self.closing = None, None, None, False
+        self.workers = WorkerStatus(rlhf.epoch)  # what the workers last said
+        self.signals, self.signum = 0, 0
         self.unsaved = None  # (question seq, answer) that the store refused; retried until it takes it
         path = os.environ.get("RLHF_GUI_EVENTS")
         self.events = open(path, "a", buffering=1, encoding="utf-8") if path else None
@@ -158,10 +225,31 @@ class LabelingWindow:
         root.protocol("WM_DELETE_WINDOW", lambda: self.quit("window closed"))
         root.report_callback_exception = self.callback_error
         root.bind("<KeyPress>", self.on_key)
+        self.build(width)
+
+    def build(self, width):
+        """The widgets, packed from the bottom up (chart, status, keys, class bars, guess, file), the image above."""
+        root, verdicts = self.root, self.asking_verdicts
         self.message = tk.Label(root, anchor="w", justify="left", padx=10, pady=6, fg="white", wraplength=920)
-        self.chart = tk.Canvas(root, height=96, bg="white", highlightthickness=0)
+        chart = tk.Canvas(root, height=96, bg="white", highlightthickness=0)
+        self.answer_chart = AnswerChart(chart, self.names, verdicts, RECENT)
         self.status = tk.Label(root, anchor="w", justify="left", padx=10, font=("TkFixedFont", 10))
-        keys = tk.Frame(root)
+        keys = self.build_keys()
+        bars = tk.Canvas(root, highlightthickness=0)
+        guess = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 22 if verdicts else 11,
+                                                          "bold" if verdicts else "normal"))
+        self.guess_bars = GuessBars(bars, guess, self.names, self.cfg.blind, verdicts)
+        self.guess_bars.resize(width)
+        self.file = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 12, "bold"))
+        for w in (chart, self.status, keys, bars, guess, self.file):
+            w.pack(side="bottom", fill="x", pady=2)
+        self.view = ImageView(root, self.guesser.box)
+        self.view.canvas.pack(side="top", fill="both", expand=True)
+        self.view.canvas.bind("<Configure>", self.on_resize)
+
+    def build_keys(self):
+        """A frame of buttons, one per key, eight to a row."""
+        keys = tk.Frame(self.root)
         self.buttons = [tk.Button(keys, text=f"{c}  {name}", command=lambda c=c: self.answer(c))
                         for c, name in enumerate(self.names)]
         if self.asking_verdicts:
@@ -172,20 +260,7 @@ class LabelingWindow:
                          tk.Button(keys, text="q  quit", command=lambda: self.quit("quit button"))]
         for i, b in enumerate(self.buttons):
             b.grid(row=i // 8, column=i % 8, padx=3, pady=3, sticky="ew")
-        self.bars = tk.Canvas(root, height=self.bars_height(width), highlightthickness=0)
-        self.guess = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 22 if self.asking_verdicts else 11,
-                                                               "bold" if self.asking_verdicts else "normal"))
-        self.file = tk.Label(root, anchor="w", padx=10, font=("TkDefaultFont", 12, "bold"))
-        for w in (self.chart, self.status, keys, self.bars, self.guess, self.file):
-            w.pack(side="bottom", fill="x", pady=2)
-        self.canvas = tk.Canvas(root, width=self.box[0], height=self.box[1], bg="#202020", highlightthickness=0)
-        self.canvas.pack(side="top", fill="both", expand=True)
-        self.image_item = self.canvas.create_image(0, 0, anchor="center")
-        self.text_item = self.canvas.create_text(0, 0, fill="#dddddd", font=("TkDefaultFont", 14), justify="center")
-        self.warmer = tk.Label(root)  # never shown: giving it a photo makes Tk convert the pixels ahead
-        self.canvas.bind("<Configure>", self.on_resize)
-        self.chart.bind("<Configure>", lambda e: self.draw_chart())
-        self.bars.bind("<Configure>", self.on_bars_resize)
+        return keys
 
     def say(self, text, kind="note"):
         """The message bar: errors (red) stay; notes (blue) and retries (red) go with the next saved answer."""
@@ -197,7 +272,7 @@ class LabelingWindow:
         self.note = kind
         colour = {"error": "#b00020", "retry": "#b00020", "done": "#1b5e20"}.get(kind, "#0d47a1")
         self.message.configure(text=text, bg=colour)
-        self.message.pack(side="top", fill="x", before=self.canvas)
+        self.message.pack(side="top", fill="x", before=self.view.canvas)
 
     def callback_error(self, exc, value, tb):
         traceback.print_exception(exc, value, tb)
@@ -208,125 +283,52 @@ class LabelingWindow:
             self.events.write(json.dumps({"kind": kind, "t": time.time(), **fields}) + "\n")
 
     # --- showing ----------------------------------------------------------------------------
-    def photo(self, q):
-        """q's picture as a Tk photo for the current box, converted for the display already."""
-        box, photo = self.photos.get(q.seq, (None, None))
-        if box != self.box:
-            photo = ImageTk.PhotoImage(q.fitted if q.box == self.box else fit(q.picture, self.box))
-            self.warmer.configure(image=photo)
-            self.photos[q.seq] = (self.box, photo)
-        return photo
-
     def warm_next(self):
         # While the person looks at this image, the next one's photo is made, so a key only swaps them.
-        keep = [q for q in (self.current, self.ready[0] if self.ready else None) if q and q.picture]
-        self.photos = {q.seq: self.photos[q.seq] for q in keep if q.seq in self.photos}
-        if len(keep) == 2 and not self.closing:
-            self.photo(keep[1])
+        self.view.keep(self.current, self.ready[0] if self.ready else None, make=not self.closing)
 
     def show(self):
-        q, c = self.current, self.canvas
+        q, w = self.current, self.workers
         # The progress widgets are drawn a moment later, once the image has gone to the display.
         self.root.after(1, self.after_show)
         if q is None:
-            c.itemconfigure(self.image_item, state="hidden")
-            c.itemconfigure(self.text_item, state="normal", text=(
-                "Session complete: every epoch is done and the checkpoint saved.\nClose the window (q)."
-                if self.finished else "No more questions in this run: training goes on over the answers.\n"
-                "Quit (q) at any time; --resume continues." if self.no_more else "preparing the next image…"))
-            self.root.title(f"{TITLE}  {'done' if self.finished else 'training' if self.no_more else 'preparing'}")
-            for label in (self.file, self.guess):
-                label.configure(text="")
-            self.bars.delete("all")
+            self.view.say("Session complete: every epoch is done and the checkpoint saved.\nClose the window (q)."
+                          if w.finished else "No more questions in this run: training goes on over the answers.\n"
+                          "Quit (q) at any time; --resume continues." if w.no_more else "preparing the next image…")
+            self.root.title(f"{TITLE}  {'done' if w.finished else 'training' if w.no_more else 'preparing'}")
+            self.file.configure(text="")
+            self.guess_bars.clear()
             return
         self.guesser.tell(shown=q.seq)
-        size = (c.winfo_width(), c.winfo_height())
-        if min(size) >= 10 and size != self.box:  # a resize whose event has not come yet: fit what is there
-            self.set_box(*size)
+        if self.view.fit_to_canvas():  # a resize whose event has not come yet: fit what is there
+            self.guesser.box = self.view.box
         if q.picture is None:
-            c.itemconfigure(self.image_item, state="hidden")
-            c.itemconfigure(self.text_item, state="normal", text=q.problem + "\nanswer from the file name, or skip (s)")
+            self.view.say(q.problem + "\nanswer from the file name, or skip (s)")
             self.say(q.problem)
         else:
-            self.on_canvas = self.photo(q)  # held while shown, whatever warm_next lets go
-            c.itemconfigure(self.image_item, image=self.on_canvas, state="normal")
-            c.itemconfigure(self.text_item, state="hidden")
+            self.view.show(q)
         title = f"{TITLE}  {q.pos}/{len(self.rlhf.ds)}  {os.path.basename(q.path)}"
         self.root.title(title)
         self.file.configure(text=os.path.relpath(q.path, self.rlhf.ds.root))
-        self.draw_guess(q)
+        self.guess_bars.draw(q, self.tally.counts())
         key_t, self.key_t = self.key_t, None
         if self.events:  # after_idle runs after Tk's own redraws: "shown" is logged once the image is drawn
+            counts = list(self.tally.counts())
             self.root.after_idle(lambda: self.log("shown", seq=q.seq, path=q.path, title=title, key_t=key_t,
-                                                  proposed=q.proposed, counts=list(self.tally.counts), box=self.box))
+                                                  proposed=q.proposed, counts=counts, box=self.view.box))
 
     def after_show(self):
         self.status_line()
-        self.draw_chart()
+        self.answer_chart.draw(self.tally.yes() if self.asking_verdicts else self.tally.agree, self.tally.counts())
         self.warm_next()
-
-    def bars_columns(self, width):
-        """Class bars side by side in two columns when there are many classes and room: the image keeps
-        the height they would take."""
-        return 2 if len(self.names) > 5 and width >= 760 else 1
-
-    def bars_height(self, width):
-        """Pixels the class bars need in a window this wide."""
-        return BAR_ROW * -(-len(self.names) // self.bars_columns(width)) + 4
-
-    def on_bars_resize(self, event):
-        """The bars' columns follow the window's width, and their height the columns."""
-        height = self.bars_height(event.width)
-        if int(self.bars["height"]) != height:
-            self.bars.configure(height=height)  # the image canvas follows, and its photo is fitted again
-        if self.current:
-            self.draw_guess(self.current)
-
-    def draw_guess(self, q):
-        """The model's guess (or proposal) and, per class, its probability and the person's answers so far."""
-        b = self.bars
-        b.delete("all")
-        top = q.proposed if self.asking_verdicts else int(q.probs.argmax())
-        if self.cfg.blind:
-            self.guess.configure(text="the model's guess is hidden (--blind)")
-        elif self.asking_verdicts:
-            self.guess.configure(text=f"Is it  {self.names[top]}?   y yes · n no · 0-{len(self.names) - 1} the right "
-                                      "class", fg="#0d47a1")
-        else:
-            self.guess.configure(text=f"model's guess: {top} {self.names[top]}  ({q.probs[top]:.0%}, policy "
-                                      f"v{q.version})")
-        width = max(b.winfo_width(), 400)
-        columns = self.bars_columns(width)
-        rows, low = -(-len(self.names) // columns), set(lopsided(self.tally.counts))
-        for c, p in enumerate(map(float, q.probs)):
-            x0, y = width // columns * (c // rows), 2 + BAR_ROW * (c % rows)
-            right = x0 + width // columns - 10
-            n = self.tally.counts[c]
-            b.create_text(x0 + 12, y + 9, anchor="w", text=f"{c}  {self.names[c][:14]}")
-            b.create_text(right, y + 9, anchor="e", text=f"{n} answer{'' if n == 1 else 's'}",
-                          fill="#b00020" if c in low else "#555555")
-            if self.cfg.blind:
-                continue
-            start, end = x0 + 130, right - 150
-            b.create_rectangle(start, y + 3, end, y + 16, outline="#bbbbbb")
-            b.create_rectangle(start, y + 3, start + max(1, (end - start) * p), y + 16, width=0,
-                               fill="#1565c0" if c == top else "#90a4ae")
-            b.create_text(end + 8, y + 9, anchor="w", text=f"{p:6.1%}")
-
-    def set_box(self, width, height):
-        """The image canvas is width x height: pictures are fitted to it from now on."""
-        self.box = self.guesser.box = (width, height)
-        for item in (self.image_item, self.text_item):
-            self.canvas.coords(item, width // 2, height // 2)
-        self.canvas.itemconfigure(self.text_item, width=width - 40)
 
     def on_resize(self, event):
         if event.width < 10 or event.height < 10:
             return
-        self.set_box(event.width, event.height)
+        self.view.set_box(event.width, event.height)
+        self.guesser.box = self.view.box
         if self.current is not None and self.current.picture is not None:
-            self.on_canvas = self.photo(self.current)
-            self.canvas.itemconfigure(self.image_item, image=self.on_canvas)
+            self.view.show(self.current)
 
     # --- keys -------------------------------------------------------------------------------
     def on_key(self, event):
@@ -341,26 +343,26 @@ class LabelingWindow:
         elif key in ("u", "U", "BackSpace"):
             self.undo()
         elif key in ("c", "C"):
-            self.toggle_chart()
+            self.log("chart", view=self.answer_chart.toggle())
         elif key in ("q", "Q", "Escape"):
             self.quit(f"key {key}")
 
     def answer(self, answer, t=None):
-        """A class (or SKIP) for the image shown: committed at once, then passed to the trainer."""
+        """A class (or SKIP) for the image shown: committed at once, then passed to the run worker."""
         q = self.current
         if q is None or self.closing:
             return
-        row = {**self.rlhf.answer_row(q.index, answer, q.probs, q.version), "epoch": q.epoch}
-        self.commit(q, "label", answer, lambda: self.store.add(**row), lambda added: ("answer", (q, answer)), t)
+        row = {**answer_row(self.rlhf, q.index, answer, q.probs, q.version), "epoch": q.epoch}
+        self.commit(q, "label", answer, lambda: self.store.add(**row), lambda added: msg.Answered(q, answer), t)
 
     def verdict(self, verdict, t=None):
         """Yes (1) or no (0) to the class proposed for the image shown (--ask verdict)."""
         q = self.current
         if q is None or self.closing:
             return
-        self.commit(q, "verdict", verdict, lambda: self.store.add_verdict(
-            self.rlhf.ds.hash_of(q.index), q.path, q.proposed, q.behaviour, verdict, self.cfg.propose, q.version,
-            q.epoch), lambda row: ("verdict", (q, verdict, row)), t)
+        row = {**verdict_row(self.rlhf, q.index, q.proposed, q.behaviour, verdict, q.version), "epoch": q.epoch}
+        self.commit(q, "verdict", verdict, lambda: self.store.add_verdict(**row),
+                    lambda ref: msg.VerdictGiven(q, verdict, ref), t)
 
     def commit(self, q, kind, value, write, message, t):
         """Write to the store before anything else (a kill from here on loses nothing), then move on."""
@@ -374,15 +376,15 @@ class LabelingWindow:
                             and again(value, t))
             return
         self.unsaved = None
-        self.trainer.inbox.put(message(ref))
+        self.worker.inbox.put(message(ref))
         self.history.append((q, kind, value, ref))
-        self.count(q, kind, value, +1)
+        self.tally.apply(q, kind, value, ref, +1)
         self.say("")
         self.current, self.key_t = (self.ready.popleft() if self.ready else None), t or time.time()
         self.show()
 
     def undo(self):
-        if self.closing or self.finished:
+        if self.closing or self.workers.finished:
             return
         if not self.history:
             self.say(f"nothing to undo: u takes back the last {UNDO_DEPTH} answers of this session")
@@ -398,8 +400,8 @@ class LabelingWindow:
             self.history.append((q, kind, value, ref))
             self.say(f"cannot undo now: {err}", "error")
             return
-        self.trainer.inbox.put(("undo_verdict", ref) if kind == "verdict" else ("undo", q))
-        self.count(q, kind, value, -1)
+        self.worker.inbox.put(msg.VerdictUndone(ref) if kind == "verdict" else msg.AnswerUndone(q))
+        self.tally.apply(q, kind, value, ref, -1)
         if self.current is not None:
             self.ready.appendleft(self.current)
         self.current = q
@@ -407,27 +409,16 @@ class LabelingWindow:
         self.say(f"undone: {os.path.basename(q.path)} ({given}) is removed and will train nothing; answer it again")
         self.show()
 
-    def count(self, q, kind, value, sign):
-        if kind == "verdict":
-            self.yes.append(value) if sign > 0 else self.yes.pop()
-            self.tally.verdict(self.rlhf.ds.hash_of(q.index), q.proposed, value, sign)
-        elif value is SKIP:
-            self.skipped += sign
-        else:
-            self.answered += sign
-            self.tally.label(value, sign)
-            self.agree.append(int(q.probs.argmax()) == value) if sign > 0 else self.agree.pop()
-
     def quit(self, why):
         """Stop taking keys; the poll closes the window once the running update has finished."""
         if self.closing:
             return
-        self.closing, running = True, self.trainer.updating.is_set()
+        self.closing, running = True, self.workers.running is not None
         self.log("quit", why=why, update_running=running)
         if self.unsaved:
             print(f"warning: the answer to {self.current.path} could not be saved and is not in the store: "
                   "it will be asked again after --resume", file=sys.stderr)
-        self.trainer.stop()
+        self.worker.stop()
         self.guesser.tell(stopping=True)
         for b in self.buttons:
             b.configure(state="disabled")
@@ -438,147 +429,54 @@ class LabelingWindow:
     def poll(self):
         for _ in range(POLL_BATCH):
             try:
-                kind, payload = self.outbox.get_nowait()
+                message = self.outbox.get_nowait()
             except queue.Empty:
                 break
             try:
-                self.handle(kind, payload)
+                self.handle(message)
             except Exception:  # shown in the message bar; the poll must go on
                 self.callback_error(*sys.exc_info())
         if self.signals and not self.closing:
             self.quit("signal")
-        if self.closing and not self.trainer.is_alive():
+        if self.closing and not self.worker.is_alive():
             self.after_id = None
             self.root.destroy()
             return
         self.after_id = self.root.after(POLL_MS, self.poll)
 
-    def handle(self, kind, payload):
-        if kind == "question":
-            self.ready.append(payload)
+    def handle(self, message):
+        if isinstance(message, msg.QuestionReady):
+            self.ready.append(message.question)
             if self.current is None and not self.closing:
                 self.current = self.ready.popleft()
                 self.show()
             elif len(self.ready) == 1:
                 self.warm_next()
             return
-        if kind == "no_more_questions":
-            self.no_more = True
-        elif kind == "update_started":
-            self.running = payload
-        elif kind in ("metrics", "refit"):
-            self.running = None
-            self.metrics = payload if kind == "metrics" else self.metrics
-        elif kind == "epoch":
-            self.epoch = payload
-        elif kind == "error":
-            print(f"error: {payload}", file=sys.stderr)
-            self.running = None
-            self.say(payload, "error")
-        elif kind == "done":
-            self.finished, self.running = True, None
-            self.say(f"Session complete: {self.answered} answers, {payload} updates. Close the window (q).", "done")
-        self.log(kind, **({"update": payload.get("update")} if isinstance(payload, dict) else
-                          {"text": payload} if kind == "error" else {"epoch": payload} if kind == "epoch" else {}))
+        if isinstance(message, msg.Waiting):
+            self.workers.waiting = message.count
+        else:
+            kind, fields = self.workers.take(message)
+            self.log(kind, **fields)
+            if isinstance(message, msg.WorkerFailed):
+                print(f"error: {message.text}", file=sys.stderr)
+                self.say(message.text, "error")
+            elif isinstance(message, msg.SessionDone):
+                self.say(f"Session complete: {self.tally.answered()} answers, {message.updates} updates. Close the "
+                         "window (q).", "done")
         self.show() if self.current is None else self.status_line()
 
     def status_line(self):
-        q, m, epochs = self.current, self.metrics, self.cfg.epochs
-        epoch = q.epoch + 1 if q else min(self.epoch + 1, epochs)
-        line = f"{self.answered} answered · {self.skipped} skipped · " + (f"{self.imported} imported · "
-                                                                          if self.imported else "") + (
-            f"{q.left} left in epoch {epoch}/{epochs}" if q else f"epoch {epoch}/{epochs}")
-        if self.asking_verdicts:
-            line = f"{len(self.yes)} verdicts · " + line
-        for name, record in (("yes", self.yes), ("agreement", self.agree)):
-            if record and (name == "yes") == self.asking_verdicts:
-                recent = record[-RECENT:]
-                line += (f"   {name} {sum(recent) / len(recent):.0%} last {len(recent)}"
-                         f" · {sum(record) / len(record):.0%} overall")
-        last = (f"update {m['update']}: reward {m.get('mean_reward', float('nan')):+.2f} · "
-                f"KL {m.get('approx_kl', float('nan')):.4f} · {m.get('update_s', 0):.1f}s" if m else "no update yet")
-        need = self.cfg.batch_size - len(self.rlhf.pending) - len(self.rlhf.pending_no)  # a glance at the trainer's lists
-        now = ("training stopped (see above)" if self.trainer.failed else "done" if self.finished
-               else f"training update {self.running['update']}…" if self.running and self.running["update"]
-               else "refitting the reward model without the undone answer…" if self.running
-               else "training on the answers" if self.no_more
-               else f"next update after {need} more answers" if need > 0 else "update due")
-        warning = self.balance_warning()
-        text = f"{line}\n{last}   ·   {now}" + (f"\n{warning}" if warning else "")
+        q, epochs = self.current, self.cfg.epochs
+        epoch = q.epoch + 1 if q else min(self.workers.epoch + 1, epochs)
+        where = f"{q.left} left in epoch {epoch}/{epochs}" if q else f"epoch {epoch}/{epochs}"
+        warning = balance_warning(self.tally.counts(), self.names)
+        text = (f"{self.tally.line(where)}\n{self.workers.training_text(self.cfg.batch_size)}"
+                + (f"\n{warning}" if warning else ""))
         if text != self.status_text:
             self.status_text = text
             self.status.configure(text=text)
             self.log("status", text=text)
-
-    def balance_warning(self):
-        """A line when the person's answers leave a class under half its fair share (often an ordering
-        problem: the images coming class by class), else ''."""
-        counts = self.tally.counts
-        low = lopsided(counts)
-        if not low:
-            return ""
-        named = ", ".join(f"{self.names[c]}: {counts[c]}" for c in low[:3]) + (" ..." if len(low) > 3 else "")
-        return (f"warning: answers lopsided: {named} of {sum(counts)} (fair share {sum(counts) / len(counts):.0f})"
-                " · images in class order? · c: chart per class")
-
-    def toggle_chart(self):
-        """Key c: the chart shows the agreement over time, or the person's answers per class."""
-        self.chart_view = "share" if self.chart_view == "agreement" else "agreement"
-        self.log("chart", view=self.chart_view)
-        self.draw_chart()
-
-    def draw_chart(self):
-        c = self.chart
-        c.delete("all")
-        w, h = max(c.winfo_width(), 200), int(c["height"])
-        if self.chart_view == "share":
-            self.draw_share_chart(w, h)
-            return
-        agree = self.yes if self.asking_verdicts else self.agree
-        n = len(agree)
-        what = "your yes to its proposals over verdicts" if self.asking_verdicts else "agreement with you over answers"
-        c.create_text(8, 4, anchor="nw", font=("TkDefaultFont", 9), fill="#444444",
-                      text=f"{what}:  blue last 20 · grey overall · dashed chance   (c: answers per class)")
-        x0, x1, y0, y1 = 40, w - 10, 20, h - 6
-        c.create_rectangle(x0, y0, x1, y1, outline="#cccccc")
-        for v in (0.0, 0.5, 1.0):
-            c.create_text(x0 - 4, y1 - v * (y1 - y0), anchor="e", font=("TkDefaultFont", 8), text=f"{v:.0%}")
-        chance = y1 - (y1 - y0) / len(self.names)
-        c.create_line(x0, chance, x1, chance, dash=(4, 3), fill="#999999")
-        if n < 2:
-            return
-        stride, recent, overall, total = max(1, n // (x1 - x0)), [], [], 0
-        for i, a in enumerate(agree):
-            total += a
-            if i % stride == 0 or i == n - 1:
-                x, window = x0 + (x1 - x0) * i / (n - 1), agree[max(0, i - RECENT + 1):i + 1]
-                recent += [x, y1 - (y1 - y0) * sum(window) / len(window)]
-                overall += [x, y1 - (y1 - y0) * total / (i + 1)]
-        c.create_line(*overall, fill="#9e9e9e", width=2)
-        c.create_line(*recent, fill="#1565c0", width=2)
-
-    def draw_share_chart(self, w, h):
-        """One column per class: its share of the person's answers, beside the fair share and half of it."""
-        c, counts = self.chart, self.tally.counts
-        total, k, low = sum(counts), len(counts), set(lopsided(counts))
-        c.create_text(8, 4, anchor="nw", font=("TkDefaultFont", 9), fill="#444444",
-                      text=f"your {total} answers per class:  dashed fair share · dotted half of it, the warning "
-                           f"line after {LOPSIDED_AFTER} answers   (c: agreement)")
-        x0, x1, y0, y1 = 40, w - 10, 20, h - 18
-        scale = max([2 / k] + [n / total for n in counts if total])  # the tallest column, or twice the fair share
-        c.create_rectangle(x0, y0, x1, y1, outline="#cccccc")
-        for v in (0.0, scale):
-            c.create_text(x0 - 4, y1 - v / scale * (y1 - y0), anchor="e", font=("TkDefaultFont", 8), text=f"{v:.0%}")
-        step = (x1 - x0) / k
-        for cls, n in enumerate(counts):
-            left, share = x0 + cls * step, n / total if total else 0.0
-            c.create_rectangle(left + 3, y1 - share / scale * (y1 - y0), left + step - 3, y1, width=0,
-                               fill="#b00020" if cls in low else "#1565c0")
-            c.create_text(left + step / 2, y1 + 2, anchor="n", font=("TkDefaultFont", 8),
-                          text=f"{self.names[cls][:10]}: {n}")
-        for share, dash in ((1 / k, (4, 3)), (0.5 / k, (1, 3))):
-            y = y1 - share / scale * (y1 - y0)
-            c.create_line(x0, y, x1, y, dash=dash, fill="#555555")
 
 
 def run_session(root, rlhf):
@@ -586,17 +484,17 @@ def run_session(root, rlhf):
     (then the caller keeps the last good checkpoint instead of saving); every answer is in the store."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # one core trains, the other keeps keys quick (bench/gui_latency.py)
-    # Every Tk call hands the GIL back; with the default 5 ms switch interval a busy trainer thread
-    # made each of a key's ~30 Tk calls wait up to 5 ms for it.
+    # Every Tk call hands the GIL back; with the default switch interval a busy run worker would make each of
+    # a key's many Tk calls wait a whole interval for it.
     switch = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)
     outbox = queue.Queue()
     guesser = Guesser(rlhf, outbox, (root.winfo_screenwidth(), root.winfo_screenheight()))
-    trainer = Trainer(rlhf, outbox, guesser)
+    worker = RunWorker(rlhf, outbox, guesser)
     # The Tk thread's own connection, for its commits: a short busy timeout, so a store locked by another
     # program freezes no key for long (the answer is kept and retried instead).
     gui_store = type(rlhf.store)(rlhf.store.path, busy_timeout=0.5)
-    window = LabelingWindow(root, rlhf, gui_store, rlhf.cfg, guesser, trainer, outbox)
+    window = LabelingWindow(root, rlhf, gui_store, rlhf.cfg, guesser, worker, outbox)
 
     def on_signal(signum, frame):  # Ctrl-C, kill: the poll quits as the q key does
         window.signals, window.signum = window.signals + 1, signum
@@ -608,7 +506,7 @@ def run_session(root, rlhf):
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         guesser.start()
-        trainer.start()
+        worker.start()
         window.show()
         root.deiconify()
         window.after_id = root.after(POLL_MS, window.poll)
@@ -618,10 +516,10 @@ def run_session(root, rlhf):
                 root.after_cancel(window.after_id)
             except tk.TclError:
                 pass
-        trainer.stop()
+        worker.stop()
         guesser.tell(stopping=True)
-        while trainer.is_alive():  # the window went without a quit: the update still finishes
-            trainer.join(0.2)
+        while worker.is_alive():  # the window went without a quit: the update still finishes
+            worker.join(0.2)
         guesser.join(5)
     finally:
         for s, handler in previous.items():
@@ -631,4 +529,4 @@ def run_session(root, rlhf):
         if window.events:
             window.events.close()
     # a signal ends the process the usual way, 128 + its number, once the checkpoint is saved by the caller
-    return 1 if trainer.failed else 128 + window.signum if window.signum else 0
+    return 1 if worker.failed else 128 + window.signum if window.signum else 0

@@ -2,16 +2,17 @@
 class and a bar per class; a worker thread classifies, the Tk thread only draws (polled with after())."""
 import os
 import queue
-import sys
 import threading
 import traceback
 
-from PIL import Image
-
-from batch_classifier import InferenceError, first_line, classify_files, load_classifier, pick_precision
+import display
+from batch_classifier import classify_files, load_classifier, pick_precision
 from dataset import IMAGE_EXTENSIONS, list_image_files
+from user_errors import first_line
 
 VIEW_MAX = 1600  # the window keeps images no larger than this, so refitting on resize stays quick
+NO_DISPLAY = ("cannot open the window ({why}): classify from the command line: python inference.py IMG_OR_DIR "
+              "[--csv out.csv]")
 
 
 class Window:
@@ -78,10 +79,7 @@ class Window:
             try:
                 row = classify_files(self.clf, [path], workers=0, precision=self.precision)[0]
                 if row["error"] is None:
-                    with Image.open(path) as img:
-                        img.draft("RGB", (VIEW_MAX, VIEW_MAX))  # cheap reduced-size JPEG decode
-                        view = img.convert("RGB")
-                    view.thumbnail((VIEW_MAX, VIEW_MAX))
+                    view = display.load_picture(path, (VIEW_MAX, VIEW_MAX))
             except Exception as err:  # the window must outlive any one file; the message goes on screen
                 traceback.print_exc()
                 row = {"path": path, "error": first_line(err)}
@@ -124,26 +122,18 @@ class Window:
             self.canvas.create_text(w // 2, h // 2, text=self.message, fill="#ff8080", width=max(w - 20, 10),
                                     font=("Helvetica", 13))
             return
-        scale = min(w / self.view.width, h / self.view.height)
-        size = (max(1, round(self.view.width * scale)), max(1, round(self.view.height * scale)))
         from PIL import ImageTk  # needs tkinter, which the command line must not
-        self.photo = ImageTk.PhotoImage(self.view.resize(size, Image.LANCZOS))
+        self.photo = ImageTk.PhotoImage(display.fit(self.view, (w, h)))
         self.canvas.create_image(w // 2, h // 2, image=self.photo)
 
 
 def run_window(model, open_path, precision):
     """The window; returns when it is closed."""
-    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
-        raise InferenceError("no display (DISPLAY is not set) for the window: classify from the command line: "
-                             "python inference.py IMG_OR_DIR [--csv out.csv]")
+    root = display.open_root(NO_DISPLAY)  # before the model loads, so that a missing display fails at once
+    import tkinter as tk  # here, not at the top: the command line must run where Tk is missing
     clf = load_classifier(model)
-    try:
-        import tkinter as tk  # here, not at the top: the command line must run where Tk is missing
-        root = tk.Tk()
-    except Exception as err:  # ImportError without Tk, TclError without a usable display
-        raise InferenceError(f"cannot open the window ({err}): classify from the command line: "
-                             "python inference.py IMG_OR_DIR") from None
     window = Window(tk, root, clf, pick_precision(precision))
+    root.deiconify()
     if open_path:
         root.after(100, window.open, open_path)
     root.mainloop()

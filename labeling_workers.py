@@ -3,9 +3,9 @@
   Guesser  hands out the run's next questions (RLHFRun.next_question) and prepares LOOKAHEAD of them: the
            guess of a snapshot of the policy (its version is stored with the answer) and the picture
            decoded and fitted, so that a key never waits for either, nor for an update.
-  Trainer  drives the RLHFRun: records the answers and undos in order, and runs every update and epoch
-           end, however far behind the person it falls.
-Both report to the window through its outbox queue.
+  RunWorker  drives the RLHFRun: records the answers and undos in order (committed to the store by the
+           window already), and runs every update and epoch end, however far behind the person it falls.
+Both report to the window through its outbox queue, in the typed messages of window_messages.py.
 """
 import copy
 import os
@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+import window_messages as msg
+from display import fit, load_picture
 from rlhf_run import NullObserver
 
-LOOKAHEAD = 8       # questions ready beyond the one shown: the guesser needs ~0.1 s for one
+LOOKAHEAD = 8       # questions ready beyond the one shown, so a fast labeler never waits for a guess
 
 
 @dataclass
@@ -43,23 +45,6 @@ class Question:
     behaviour: float = 1.0
 
 
-def fit(picture, box):
-    """The picture scaled to fit box, aspect ratio kept (small images are enlarged, pixels kept sharp)."""
-    w, h = picture.size
-    scale = min(box[0] / w, box[1] / h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return picture.resize(size, Image.NEAREST if scale >= 3 else Image.BILINEAR)
-
-
-def load_picture(path, screen):
-    """An image decoded for display, at most screen-sized (a JPEG decodes at 1/2..1/8 scale for free)."""
-    with Image.open(path) as img:
-        img.draft("RGB", screen)
-        picture = img.convert("RGB")
-    picture.thumbnail(screen)
-    return picture
-
-
 def failure(what, err):
     traceback.print_exc()
     return f"{what} stopped: {type(err).__name__}: {err}"
@@ -74,7 +59,7 @@ class Guesser(threading.Thread):
         super().__init__(name="rlhf-guesser", daemon=True)
         self.rlhf, self.ds, self.outbox, self.screen = run, run.ds, outbox, screen
         self.epoch, self.asked_before, self.total = run.epoch, len(run.answer_of), run.questions_left()
-        self.snapshot = self.copy_policy()  # replaced whole by the trainer after each update
+        self.snapshot = self.copy_policy()  # replaced whole by the run worker after each update
         self.box, self.shown, self.stopping = (720, 480), 0, False
         self.cond = threading.Condition()
 
@@ -101,11 +86,11 @@ class Guesser(threading.Thread):
                 index = self.rlhf.next_question()
                 if index is None:
                     break
-                self.outbox.put(("question", self.prepare(seq, index)))
+                self.outbox.put(msg.QuestionReady(self.prepare(seq, index)))
                 seq += 1
-            self.outbox.put(("no_more_questions", None))
+            self.outbox.put(msg.NoMoreQuestions())
         except Exception as err:
-            self.outbox.put(("error", failure("preparing images", err)))
+            self.outbox.put(msg.WorkerFailed(failure("preparing images", err)))
 
     def prepare(self, seq, index):
         policy, version = self.snapshot
@@ -123,33 +108,33 @@ class Guesser(threading.Thread):
                         version, picture, fitted, box, problem, proposed, behaviour)
 
 
-class Trainer(threading.Thread, NullObserver):
-    """Drives the RLHFRun for the window: records answers and undos as they come, runs the updates and
-    the epoch ends, and tells the window (its outbox) and the guesser (a new policy snapshot) about them."""
+class RunWorker(threading.Thread, NullObserver):
+    """Drives the RLHFRun for the window: records answers and undos as they come, runs the updates and the
+    epoch ends, and tells the window (its outbox) and the guesser (a new policy snapshot) about them."""
 
     def __init__(self, run, outbox, guesser):
-        super().__init__(name="rlhf-trainer", daemon=True)
+        super().__init__(name="rlhf-run-worker", daemon=True)
         self.rlhf, self.outbox, self.guesser = run, outbox, guesser
         self.inbox = queue.Queue()
-        self.stopping, self.updating = threading.Event(), threading.Event()
-        self.failed = False
+        self.stopping = threading.Event()
+        self.failed = False  # read by run_session once this thread has ended
         run.observer = self
 
     def stop(self):
         """Finish the running update, start no other, and end (the caller saves the checkpoint)."""
         self.stopping.set()
-        self.inbox.put(("stop", None))
+        self.inbox.put(msg.Stop())
 
     def run(self):
         if sys.platform.startswith("linux"):  # this thread alone (a Linux thread id) yields the CPU to keys
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         try:
             if self.train():
-                self.outbox.put(("done", self.rlhf.learner.version))
+                self.outbox.put(msg.SessionDone(self.rlhf.learner.version))
         except Exception as err:
             self.failed = True
-            self.outbox.put(("error", failure("training", err) + ". Every answer given is saved: quit, "
-                             "and continue with --resume once the cause is fixed"))
+            self.outbox.put(msg.WorkerFailed(failure("training", err) + ". Every answer given is saved: quit, "
+                                         "and continue with --resume once the cause is fixed", stops_training=True))
 
     def train(self):
         run = self.rlhf
@@ -160,45 +145,46 @@ class Trainer(threading.Thread, NullObserver):
                     return False
                 if run.update_due():
                     run.update()
+                    self.drain()  # answers and undos that came during the update
                     continue
                 try:
-                    self.handle(*self.inbox.get(timeout=0.5))
+                    self.handle(self.inbox.get(timeout=0.5))
                 except queue.Empty:
                     pass
-            if not run.finish_epoch(stop=self.stopping.is_set):
+            # between the epoch end's updates, undos are still taken
+            if not run.finish_epoch(stop=lambda: self.drain() or self.stopping.is_set()):
                 return False
-            self.outbox.put(("epoch", run.epoch))
+            self.outbox.put(msg.EpochDone(run.epoch))
         return True
 
     def drain(self):
         while True:
             try:
-                self.handle(*self.inbox.get_nowait())
+                self.handle(self.inbox.get_nowait())
             except queue.Empty:
                 return
 
-    def handle(self, kind, message):
-        if kind == "answer":
-            q, answer = message
-            self.rlhf.record(q.index, answer, q.probs, q.version, commit=False)
-        elif kind == "verdict":
-            q, verdict, row = message
-            self.rlhf.record_verdict(q.index, q.proposed, q.behaviour, verdict, q.version, commit=False, row=row)
-        elif kind == "undo" and self.rlhf.undo(message.index, commit=False):
-            self.rlhf.refit_reward_model()
-        elif kind == "undo_verdict" and self.rlhf.undo_verdict(message, commit=False):
-            self.rlhf.refit_reward_model()
+    def handle(self, message):
+        run = self.rlhf
+        if isinstance(message, msg.Answered):
+            q = message.question
+            run.record(q.index, message.answer, q.probs, q.version)
+        elif isinstance(message, msg.VerdictGiven):
+            q = message.question
+            run.record_verdict(q.index, q.proposed, q.behaviour, message.verdict, q.version, message.row)
+        elif isinstance(message, msg.AnswerUndone) and run.undo(message.question.index):
+            run.refit_reward_model()
+        elif isinstance(message, msg.VerdictUndone) and run.undo_verdict(message.row):
+            run.refit_reward_model()
+        if not isinstance(message, msg.Stop):
+            self.outbox.put(msg.Waiting(run.training.waiting()))
 
     # --- what the run tells (NullObserver) ----------------------------------------------------
     def update_started(self, number):
-        self.updating.set()
-        self.outbox.put(("update_started", {"update": number}))
+        self.outbox.put(msg.UpdateStarted(number))
 
     def update_done(self, metrics):
-        self.updating.clear()
-        if metrics is None:
-            self.outbox.put(("refit", None))
-            return
-        self.guesser.snapshot = self.guesser.copy_policy()
-        self.outbox.put(("metrics", metrics))
-        self.drain()  # answers and undos that came during the update
+        if metrics is not None:
+            self.guesser.snapshot = self.guesser.copy_policy()
+        self.outbox.put(msg.UpdateDone(metrics))
+        self.outbox.put(msg.Waiting(self.rlhf.training.waiting()))
