@@ -4,9 +4,7 @@ classified in batches, and the writers of the results (CSV, JSON, a table).
     clf = load_classifier("runs/demo")               # or the original script's rlhf_models.pth
     rows = classify_files(clf, list_inputs(["photos/"]))
 """
-import csv
 import functools
-import io
 import json
 import os
 import sys
@@ -15,7 +13,8 @@ from collections import namedtuple
 
 import torch
 
-from checkpoint import CheckpointError, atomic_write_bytes, read_policy
+from checkpoint import CheckpointError, atomic_write_bytes, is_stream, read_policy
+from csv_cells import csv_text
 from dataset import list_image_files, load_image, normalize
 from user_errors import UserError, first_line
 
@@ -110,6 +109,10 @@ def check_writable(path, flag):
     try:
         if os.path.isdir(path):
             raise IsADirectoryError(21, "it is a folder")
+        if is_stream(path):  # a device or pipe is written into, not replaced: its folder need not be writable
+            if not os.access(path, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+            return
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test")
         os.close(fd)
         os.unlink(probe)
@@ -119,15 +122,13 @@ def check_writable(path, flag):
 
 
 def write_csv(rows, path):
-    """Classified rows as CSV (path, predicted, prob_<class>...), written atomically."""
+    """Classified rows as CSV (path, predicted, prob_<class>...), cells neutralised for spreadsheets, written
+    atomically."""
     done = [r for r in rows if r["error"] is None]
     names = list(done[0]["probabilities"]) if done else []
-    buf = io.StringIO()
-    out = csv.writer(buf, lineterminator="\n")
-    out.writerow(["path", "predicted"] + [f"prob_{c}" for c in names])
-    for r in done:
-        out.writerow([r["path"], r["predicted"]] + [f"{r['probabilities'][c]:.6f}" for c in names])
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    text = csv_text(["path", "predicted"] + [f"prob_{c}" for c in names],
+                    [[r["path"], r["predicted"]] + [f"{r['probabilities'][c]:.6f}" for c in names] for r in done])
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(rows, path):

@@ -4,11 +4,14 @@ folder itself, its lock and the runs/latest link, is run_folder.py's).
 A checkpoint is one dict of tensors and plain values (nanoGPT style), so `torch.load(weights_only=True)`
 reads it without executing any pickled code.
 """
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
+import stat
+import sys
 import tempfile
 from collections import namedtuple
 
@@ -53,8 +56,59 @@ def _atomic_write(path, write):
 
 
 def atomic_write_bytes(path, data):
-    """Write a file so that readers see the old or the new content, never half of it."""
-    _atomic_write(path, lambda f: f.write(data))
+    """Write a file so that readers see the old or the new content, never half of it; a device, a pipe or
+    /dev/stdout is written into as a stream, never replaced by a file."""
+    if is_stream(path):
+        write_stream(path, data)
+    else:
+        _atomic_write(path, lambda f: f.write(data))
+
+
+def is_stream(path):
+    """True for an existing target that is not a regular file or folder (a device, a FIFO, a terminal), or that
+    lies in /dev or /proc (/dev/stdout, /dev/fd/N even when they lead to a file)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    top = os.path.realpath(os.path.dirname(os.path.abspath(path))).split(os.sep)[1:2]
+    return not stat.S_ISDIR(mode) and (not stat.S_ISREG(mode) or top in (["dev"], ["proc"]))
+
+
+def write_stream(path, data):
+    """Write data into a device, FIFO or pipe; a reader that has gone (head -1) ends the writing, not the run.
+    A FIFO that nobody reads is an OSError (ENXIO), not a hang."""
+    target = os.stat(path)
+    std = next((n for n in (1, 2) if _is_fd(n, target)), None)
+    if std is not None:  # our own stdout redirected to a file: write at the shell's offset, not over the top
+        for f in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                f.flush()
+        fd = os.dup(std)
+    else:
+        trunc = os.O_TRUNC if stat.S_ISREG(target.st_mode) else 0
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | trunc)  # non-blocking: no hang
+        except OSError as err:
+            if err.errno == errno.ENXIO and stat.S_ISFIFO(target.st_mode):
+                raise OSError(errno.ENXIO, "a FIFO that no process reads") from None
+            raise
+        os.set_blocking(fd, True)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        pass  # the reader read what it wanted
+    finally:
+        os.close(fd)
+
+
+def _is_fd(fd, target):
+    try:
+        return os.path.samestat(os.fstat(fd), target)
+    except OSError:  # that descriptor is closed
+        return False
 
 
 def atomic_write_json(path, obj):

@@ -6,9 +6,11 @@ its subfolders), images decoded lazily, content hashes read in the background fo
     x, index = ds[0]          # normalised float tensor (3, H, W), position in the pool
     ds.labels[index]          # class from the folder name, or -1 when the folder names no class
 """
+import errno
 import hashlib
 import io
 import os
+import stat
 import sys
 import threading
 import time
@@ -16,7 +18,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from decoded_cache import EMPTY, FILLED, UNREADABLE, DecodedCache, decoded_cache_name
@@ -30,6 +32,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NOT_AN_IMAGE = "not an image type"
 ALREADY_SCANNED = "a link to a folder or file already scanned"
 CANNOT_OPEN = "a folder that cannot be opened"
+NOT_A_FILE = "not a regular file"
+# The kernel's pseudo file systems: their files can block a read forever or never end (a link to / in a pool
+# would otherwise walk them too).
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
 JPEG_TAIL = 4096  # a whole JPEG ends with its end-of-image marker, at most a little padding after it
 BACKGROUND_NICE = 10  # the background reading of a new folder yields the cores to the window and training
 SCAN_PROGRESS_AFTER_S = 1.5  # a quicker reading of the files would only flash a line by
@@ -40,19 +46,45 @@ class DatasetError(UserError):
     """A folder the tool cannot use; the message names the folder and the fix."""
 
 
+def hide_pillow_size_warning():
+    """Silence Pillow's warning about a large image, which names no file and comes once per open of it:
+    load_image says it once per decode, naming the file (Pillow still refuses one over twice its limit)."""
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+hide_pillow_size_warning()
+
+
 def is_image_file(path):
     """True when the file name has one of the accepted image suffixes."""
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def symlink_names(folder):
-    """Names of the entries of folder that are symbolic links, from one directory read (no lstat per file, which
-    on a large folder would cost more than the rest of a resume's scan)."""
+def odd_names(folder):
+    """(names of the links, names of the other entries that are neither folders nor regular files) of folder, from
+    one directory read (no lstat per file, which on a large folder would cost more than the rest of a scan)."""
     try:
         with os.scandir(folder) as entries:
-            return {e.name for e in entries if e.is_symlink()}
+            kinds = [(e.name, e.is_symlink(), e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False))
+                     for e in entries]
     except OSError:
-        return set()
+        return set(), set()
+    return {name for name, link, _ in kinds if link}, {name for name, link, plain in kinds if not link and not plain}
+
+
+def is_system_path(real_path):
+    """True for a path (links resolved) in one of the kernel's pseudo file systems (SYSTEM_FOLDERS)."""
+    return any(real_path == top or real_path.startswith(top + os.sep) for top in SYSTEM_FOLDERS)
+
+
+def open_regular(path):
+    """The file at path opened for reading, or OSError when it is not a regular file: a pipe named like an image
+    would block the open, and the read, forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, NOT_A_FILE, path)
+    return os.fdopen(fd, "rb")
 
 
 def _prefix(folder):
@@ -82,16 +114,26 @@ def _walk_plain(root):
         except OSError:
             skipped.append((folder, CANNOT_OPEN))
             continue
-        dirs, files = [], []
+        dirs, files, special = [], [], set()
         for e in entries:
             if e.is_symlink():
                 return None
-            (dirs if e.is_dir(follow_symlinks=False) else files).append(e.name)
+            if e.is_dir(follow_symlinks=False):
+                if not e.name.startswith("."):  # .thumbnails, .ipynb_checkpoints: copies, never a class
+                    dirs.append(e.name)
+                continue
+            files.append(e.name)
+            if not e.is_file(follow_symlinks=False):
+                special.add(e.name)
         prefix = _prefix(folder)
         for name in sorted(files):
-            if is_image_file(name):
+            if name.startswith("."):  # .DS_Store, editor and download leftovers say nothing
+                continue
+            if name in special:
+                skipped.append((prefix + name, NOT_A_FILE))
+            elif is_image_file(name):
                 found.append(prefix + name)
-            elif not name.startswith("."):  # .DS_Store, editor and download leftovers say nothing
+            else:
                 skipped.append((prefix + name, NOT_AN_IMAGE))
         stack.extend(os.path.join(folder, name) for name in sorted(dirs, reverse=True))
     return found, skipped
@@ -104,10 +146,12 @@ def _real_locations(root):
     real_dirs, real_files, links_in = set(), set(), {}
     # a file that is not a link lies where its folder really is: one realpath per folder, not per file, as
     # realpath makes a system call for each part of a path
-    for folder, _, files in os.walk(root):
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         real_folder = os.path.realpath(folder)
         real_dirs.add(real_folder)
-        links = links_in[folder] = symlink_names(folder)
+        links_in[folder] = odd_names(folder)
+        links = links_in[folder][0]
         prefix = _prefix(real_folder)
         real_files.update(prefix + f for f in files if f not in links)
     return real_dirs, real_files, links_in
@@ -116,18 +160,22 @@ def _real_locations(root):
 def _walk_images(root, real):
     # The scan, following links, given where everything really lies (_real_locations).
     real_dirs, real_files, links_in = real
-    found, skipped = [], []
-    seen_dirs, seen_files = {os.path.realpath(root)}, set()
+    found, skipped, outside = [], [], []
+    real_root = os.path.realpath(root)
+    seen_dirs, seen_files = {real_root}, set()
     through_link = {}
     unreadable = []
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable.append):
         linked = through_link.get(folder, False)
         real_folder = os.path.realpath(folder)
-        links = links_in[folder] if folder in links_in else symlink_names(folder)
+        links, special = links_in[folder] if folder in links_in else odd_names(folder)
         keep = []
-        for name in sorted(dirs):
+        for name in sorted(d for d in dirs if not d.startswith(".")):  # as in _walk_plain
             sub = os.path.join(folder, name)
             real_sub, via = os.path.realpath(sub), linked or name in links
+            if is_system_path(real_sub):
+                skipped.append((sub, NOT_A_FILE))
+                continue
             # a loop of links would otherwise list the same files again at every turn
             if real_sub in seen_dirs or (via and real_sub in real_dirs):
                 skipped.append((sub, ALREADY_SCANNED))
@@ -137,21 +185,40 @@ def _walk_images(root, real):
             keep.append(name)
         dirs[:] = keep
         prefix, real_prefix = _prefix(folder), _prefix(real_folder)
+        # a linked folder that lies elsewhere brings files no one chose one by one (a link to / brings the disk)
+        elsewhere = linked and not real_prefix.startswith(_prefix(real_root))
         for name in sorted(files):
             path = prefix + name
-            if not is_image_file(name):
-                if not name.startswith("."):  # .DS_Store, editor and download leftovers say nothing
-                    skipped.append((path, NOT_AN_IMAGE))
+            if name.startswith("."):  # .DS_Store, editor and download leftovers say nothing
                 continue
             is_link = name in links
             real_file = os.path.realpath(path) if is_link else real_prefix + name
-            if real_file in seen_files or ((linked or is_link) and real_file in real_files):
+            if name in special or (is_link and not _regular_or_missing(real_file)):
+                skipped.append((path, NOT_A_FILE))
+            elif not is_image_file(name):
+                skipped.append((path, NOT_AN_IMAGE))
+            elif real_file in seen_files or ((linked or is_link) and real_file in real_files):
                 skipped.append((path, ALREADY_SCANNED))
-                continue
-            seen_files.add(real_file)
-            found.append(path)
+            else:
+                seen_files.add(real_file)
+                found.append(path)
+                if elsewhere:
+                    outside.append(path)
     skipped.extend((err.filename, CANNOT_OPEN) for err in unreadable)
+    if outside:
+        warnings.warn(f"{len(outside)} image file{'s' if len(outside) > 1 else ''} in {root} came through links to "
+                      f"folders outside it (such as {relative_path(outside[0], root)}): they are used as if they "
+                      "lay where the links are; remove the links that should not be followed", stacklevel=3)
     return found, skipped
+
+
+def _regular_or_missing(real_path):
+    # What a link leads to: a regular file outside the system folders, or nothing (a broken link is named later,
+    # when the pool finds its file gone).
+    try:
+        return not is_system_path(real_path) and stat.S_ISREG(os.stat(real_path).st_mode)
+    except OSError:
+        return True
 
 
 def list_image_files(root):
@@ -159,13 +226,40 @@ def list_image_files(root):
     return scan_image_folder(root)[0]
 
 
+def upright_rgb(img):
+    """An opened image as 8-bit RGB, turned as its EXIF orientation says (a phone photo is stored sideways)."""
+    if img.mode == "F" or img.mode.startswith("I"):
+        img = eight_bit(img)
+    rgb = img.convert("RGB")
+    ImageOps.exif_transpose(rgb, in_place=True)  # the orientation tag travels in the converted image's info
+    return rgb
+
+
+def eight_bit(img):
+    """A 16-bit, 32-bit or float greyscale image scaled to mode L: Pillow's convert would clip it to white or
+    black. Integers are read on the 16-bit scale, floats on 0..1, unless their values leave it."""
+    a = np.asarray(img, dtype=np.float32)
+    a = np.where(np.isfinite(a), a, 0)
+    lo, hi = (0.0, 1.0) if img.mode == "F" else (0.0, 65535.0)
+    if a.size and (a.min() < lo or a.max() > hi):
+        lo, hi = float(a.min()), float(a.max())
+    scaled = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    picture = Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+    picture.info = dict(img.info)  # the EXIF orientation with it
+    return picture
+
+
 def load_image(path, image_size):
     """Decode one image (a GIF's first frame) to a uint8 tensor (3, size, size): shorter side resized, then
     centre-cropped. Raises OSError/UnidentifiedImageError/ValueError for files that are not readable images."""
-    with Image.open(path) as img:
+    with open_regular(path) as f, Image.open(f) as img:
         # JPEG can decode at 1/2, 1/4 or 1/8 scale directly, which is far cheaper than a full decode.
         img.draft("RGB", (image_size, image_size))
-        img = img.convert("RGB")
+        if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+            warnings.warn(f"{path} is a very large image ({img.width}x{img.height} pixels, over Pillow's limit of "
+                          f"{Image.MAX_IMAGE_PIXELS}): its decode is slow and needs much memory; shrink it unless "
+                          "it is meant", stacklevel=2)
+        img = upright_rgb(img)
         w, h = img.size
         scale = image_size / min(w, h)
         nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
@@ -200,7 +294,7 @@ def header_problem(data):
 def inspect_image_file(path):
     """(content hash, header_problem) of one file, read once."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read()
     except OSError as err:
         return None, err.strerror or type(err).__name__
@@ -210,7 +304,7 @@ def inspect_image_file(path):
 def file_sha1(path):
     """Content hash of a file: answers follow the picture, not its name."""
     h = hashlib.sha1()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -242,18 +336,20 @@ def skipped_summary(root, skipped, shown=5):
     """One line for everything left out of a pool, grouped by why, with a few names of each."""
     groups = {}
     for path, why in skipped:
-        kind = why if why in (NOT_AN_IMAGE, ALREADY_SCANNED, CANNOT_OPEN) else "unreadable"
+        kind = why if why in (NOT_AN_IMAGE, ALREADY_SCANNED, CANNOT_OPEN, NOT_A_FILE) else "unreadable"
         name = os.path.relpath(path, root) + (f" ({why})" if kind == "unreadable" else "")
         groups.setdefault(kind, []).append(name)
     parts = []
     for kind, label in (("unreadable", "unreadable image file{s} (re-save them as JPEG or PNG, or remove them)"),
                         (CANNOT_OPEN, "folder{s} that cannot be opened (check their permissions)"),
+                        (NOT_A_FILE, "entr{ies} neither regular files nor folders (pipes, devices, links into "
+                                     + ", ".join(SYSTEM_FOLDERS) + ")"),
                         (NOT_AN_IMAGE, "file{s} not an image type (only " + " ".join(IMAGE_EXTENSIONS) + " are read)"),
                         (ALREADY_SCANNED, "link{s} to folders or files already scanned (each image is used once)")):
         names = groups.get(kind)
         if names:
             more = f" and {len(names) - shown} more" if len(names) > shown else ""
-            label = label.format(s="" if len(names) == 1 else "s")
+            label = label.format(s="" if len(names) == 1 else "s", ies="y" if len(names) == 1 else "ies")
             parts.append(f"{len(names)} {label}: {', '.join(names[:shown])}{more}")
     return f"skipped {len(skipped)} in {root}: " + "; ".join(parts)
 
@@ -327,6 +423,9 @@ class ImagePool(torch.utils.data.Dataset):
                 st = os.stat(path)
             except OSError as err:  # gone, or unreadable, since the scan
                 self.skipped.append((path, err.strerror or type(err).__name__))
+                continue
+            if not stat.S_ISREG(st.st_mode):  # made a pipe or a device since the scan
+                self.skipped.append((path, NOT_A_FILE))
                 continue
             self.paths.append(path)
             stats.append(st)

@@ -22,7 +22,8 @@ HEADER_ALIGN = 4096  # slots start on a page boundary
 def decoded_cache_name(tag, identities, image_size):
     """File name for a pool: tag (pool or val), the image size and a digest of its files' identities, in
     pool order (one string per file: relative path, size, mtime_ns)."""
-    digest = hashlib.sha1("\n".join(identities).encode()).hexdigest()[:16]
+    # surrogateescape: a file name that is not UTF-8 keeps its bytes (os.fsencode's way)
+    digest = hashlib.sha1("\n".join(identities).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return f"decoded-{tag}-{image_size}px-{digest}.u8"
 
 

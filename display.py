@@ -6,8 +6,9 @@ tkinter is imported only inside open_root, so the headless run and the batch CLI
 import os
 import sys
 
-from PIL import Image
+from PIL import ExifTags, Image
 
+from dataset import upright_rgb
 from user_errors import UserError
 
 SHARP_FROM = 3  # an image enlarged this much or more keeps square pixels: a small digit blurs into a smudge
@@ -44,9 +45,12 @@ def fit(picture, box):
 
 
 def load_picture(path, screen):
-    """An image decoded for display, at most screen-sized (a JPEG decodes at 1/2..1/8 scale for free)."""
+    """An image decoded for display, upright and at most screen-sized (a JPEG decodes at 1/2..1/8 scale for
+    free)."""
     with Image.open(path) as img:
-        img.draft("RGB", screen)
-        picture = img.convert("RGB")
+        # a photo stored sideways is turned after the decode: its draft asks for the screen turned with it
+        turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+        img.draft("RGB", screen[::-1] if turned else screen)
+        picture = upright_rgb(img)
     picture.thumbnail(screen)
     return picture

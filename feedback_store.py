@@ -108,6 +108,8 @@ class FeedbackStore:
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 # reads every page and index: cheap next to a damaged store written to
                 problems = [r[0] for r in db.execute("PRAGMA integrity_check")]
+                schema = problems == ["ok"] and "meta" in tables and db.execute(
+                    "SELECT value FROM meta WHERE key='schema'").fetchone()
         finally:
             db.close()
         if problems != ["ok"]:
@@ -115,6 +117,10 @@ class FeedbackStore:
         if tables - TABLES:
             raise StoreError(f"{self.path} is an SQLite database but not a feedback database (tables "
                              f"{sorted(tables)}): move it away or use a new --out")
+        if schema and not (str(schema[0]).isdigit() and int(schema[0]) <= SCHEMA_VERSION):
+            # its rows may mean what this version cannot know: written to, they would be wrong for both
+            raise StoreError(f"{self.path} was written by a newer version of the tool (schema {schema[0]}, this "
+                             f"one knows {SCHEMA_VERSION}): use that version, or a new --out; the file is untouched")
 
     def _damaged(self, detail):
         return StoreError(
@@ -201,15 +207,15 @@ class FeedbackStore:
         return self._write((
             ("INSERT OR IGNORE INTO answers (sha1, path, answer, predicted, probability, sampled, reward,"
              " policy_version, epoch, created, kind) VALUES (?,?,?,?,?,?,?,?,?,?,?)"),
-            (sha1, path, answer, predicted, probability, sampled, reward, policy_version, epoch, time.time(),
-             kind))).rowcount == 1
+            (sha1, path_text(path), answer, predicted, probability, sampled, reward, policy_version, epoch,
+             time.time(), kind))).rowcount == 1
 
     def add_imported(self, labels):
         """Commit (sha1, path, answer) labels from --import-labels in one transaction, marked kind 'import';
         an image that already has an answer keeps it. Returns how many were added."""
         before, now = self.db.total_changes, time.time()
         self._write(*[("INSERT OR IGNORE INTO answers (sha1, path, answer, created, kind) VALUES (?,?,?,?,?)",
-                       (sha1, path, answer, now, IMPORTED)) for sha1, path, answer in labels])
+                       (sha1, path_text(path), answer, now, IMPORTED)) for sha1, path, answer in labels])
         return self.db.total_changes - before
 
     def imported(self):
@@ -233,7 +239,8 @@ class FeedbackStore:
         return self._write((
             ("INSERT INTO verdicts (sha1, path, proposed, behaviour_prob, verdict, rule, policy_version, epoch,"
              " created) VALUES (?,?,?,?,?,?,?,?,?)"),
-            (sha1, path, proposed, behaviour_prob, verdict, rule, policy_version, epoch, time.time()))).lastrowid
+            (sha1, path_text(path), proposed, behaviour_prob, verdict, rule, policy_version, epoch,
+             time.time()))).lastrowid
 
     def remove_verdict(self, row_id):
         """Delete a verdict (undo); returns True when there was one."""
@@ -274,6 +281,12 @@ class FeedbackStore:
 
     def close(self):
         self.db.close()
+
+
+def path_text(path):
+    """A path as SQLite text: a file name that is not UTF-8 shows its odd bytes as \\xNN (answers are keyed by
+    content hash, so the path only names the file to a person)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _uri_path(path):

@@ -31,6 +31,8 @@ from batch_classifier import (
 )
 from dataset import IMAGE_EXTENSIONS
 from ddp import Ranks, exit_as_promised, pick_device
+from run_folder import check_output_path
+from std_streams import guard_standard_streams
 
 
 def build_parser():
@@ -74,6 +76,7 @@ def main(argv=None):
                              "pass image files or folders that hold them")
     flag, out = ("--csv", args.csv) if args.csv else ("--json", args.json)
     if out:
+        check_output_path(out, flag, files)
         check_writable(out, flag)
     clf = load_classifier(args.model)
     precision = pick_precision(args.precision)
@@ -115,6 +118,7 @@ def main(argv=None):
 
 
 def cli():
+    guard_standard_streams()
     exit_as_promised(main, "nothing was written; run it again")
 
 

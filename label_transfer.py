@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -27,11 +28,13 @@ from datetime import datetime, timezone
 
 from answer_ledger import AnswerLedger
 from checkpoint import atomic_write_bytes
+from csv_cells import csv_text, restore
 from dataset import file_sha1, scan_image_folder
 from feedback_store import IMPORTED, FeedbackStore
 from user_errors import UserError
 
 COLUMNS = ("path", "sha1", "class", "kind", "rejected", "policy_version", "time")
+LABEL_KEYS = ("class", "sha1", "path", "kind")  # what an import reads of a row, in LabelRow's order
 VERDICT_NO = "verdict-no"
 TABLE_SUFFIXES = (".csv", ".jsonl")
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder reads back (a GIF is not among them)
@@ -49,13 +52,16 @@ def export_labels(run_dir, target):
     """Write the labels of the run in run_dir to target (.csv, .jsonl, or a folder as an ImageFolder);
     returns the one line that says what was written. The run is read, never changed."""
     to_folder = is_folder_target(target)
+    if to_folder:
+        refuse_export_into(run_images(run_dir), target)
     rows = run_label_rows(run_dir)
     labels = [r for r in rows if r["class"]]
     if to_folder:
-        done = write_image_folder(labels, target)
+        present = [r for r in labels if os.path.isfile(r["source"])]  # the tally counts what is written
+        done, missing = write_image_folder(present, target), len(labels) - len(present)
         return (f"exported {done['images']} labelled images of {run_dir} to {target} as an ImageFolder "
-                f"({class_tally(labels)}; {done['links']} hard links, {done['copies']} copies)"
-                + (f"; {done['missing']} no longer at their stored path, left out" if done["missing"] else "")
+                f"({class_tally(present)}; {done['links']} hard links, {done['copies']} copies)"
+                + (f"; {missing} labelled images no longer at their stored path, left out" if missing else "")
                 + (f"; {done['gifs']} GIFs, which torchvision's ImageFolder does not read" if done["gifs"] else ""))
     write_table(rows, target)
     nos = len(rows) - len(labels)
@@ -78,9 +84,16 @@ def is_folder_target(target):
     return False
 
 
-def run_label_rows(run_dir):
-    """Every label and verdict "no" in the run's store, oldest first, as export rows (with `source`: the
-    image's path as stored)."""
+def refuse_export_into(images, target):
+    """An ImageFolder written inside the run's image folder would become a class of the pool: refused."""
+    inside, pool = os.path.realpath(target), os.path.realpath(images)
+    if os.path.commonpath([inside, pool]) == pool:
+        raise LabelTransferError(f"--export {target}: inside the run's image folder {images}, where it would "
+                                 "become a class: pass a folder outside it")
+
+
+def run_images(run_dir):
+    """The image folder of the run in run_dir, as its config.json names it."""
     db, saved = os.path.join(run_dir, "feedback.sqlite"), os.path.join(run_dir, "config.json")
     for needed in (db, saved):
         if not os.path.isfile(needed):
@@ -89,10 +102,17 @@ def run_label_rows(run_dir):
     try:
         with open(saved, encoding="utf-8") as f:
             images = json.load(f)["images"]
+        return os.fspath(images)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise LabelTransferError(f"--export: cannot read the image folder from {saved} ({err}): pass --out "
                                  "with a run folder") from None
-    store = FeedbackStore(db, read_only=True)
+
+
+def run_label_rows(run_dir):
+    """Every label and verdict "no" in the run's store, oldest first, as export rows (with `source`: the
+    image's path as stored)."""
+    images = run_images(run_dir)
+    store = FeedbackStore(os.path.join(run_dir, "feedback.sqlite"), read_only=True)
     try:
         names, answers, verdicts = store.class_names() or [], store.rows(), store.verdicts()
     finally:
@@ -127,13 +147,10 @@ def store_label_rows(answers, verdicts, names):
 
 
 def write_table(rows, target):
-    """rows as CSV (a header line, then one line per row) or JSON lines, written atomically."""
+    """rows as CSV (a header line, then one line per row; cells neutralised for spreadsheets) or JSON lines,
+    written atomically."""
     if target.lower().endswith(".csv"):
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        writer.writerows([["" if r[c] is None else r[c] for c in COLUMNS] for r in rows])
-        data = text.getvalue()
+        data = csv_text(COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
     else:
         data = "".join(json.dumps({c: (r[c] if r[c] != "" else None) for c in COLUMNS}) + "\n" for r in rows)
     with writing(target):
@@ -158,7 +175,7 @@ def write_image_folder(labels, target):
     if os.path.isdir(folder) and os.listdir(folder):
         raise LabelTransferError(f"--export {target}: the folder already holds files: pass a new or empty "
                                  "folder (the export writes a whole ImageFolder)")
-    done = Counter(images=0, links=0, copies=0, missing=0, gifs=0)
+    done = Counter(images=0, links=0, copies=0, gifs=0)
     with writing(target):
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         building = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{os.path.basename(folder)}.",
@@ -166,9 +183,6 @@ def write_image_folder(labels, target):
         try:
             taken = set()
             for r in labels:
-                if not os.path.isfile(r["source"]):
-                    done["missing"] += 1
-                    continue
                 dest = image_folder_name(building, r, taken)
                 done[link_or_copy(r["source"], dest)] += 1
                 done["images"] += 1
@@ -210,6 +224,9 @@ class LabelRow:
     sha1: str = ""
     path: str = ""
     kind: str = ""
+
+    def __post_init__(self):
+        self.sha1 = self.sha1.lower()  # other tools write hashes in capitals; hashlib writes lower case
 
 
 @dataclass
@@ -264,25 +281,46 @@ def read_csv_labels(path, text):
         if "class" not in header or not {"sha1", "path"} & set(header):
             raise malformed(path, "line 1", f"the header names no class, or neither sha1 nor path (it has "
                             f"{', '.join(map(str, header)) or 'nothing'})")
-        return [LabelRow(*(str(r.get(k) or "").strip() for k in ("class", "sha1", "path", "kind")))
-                for r in reader]
+        twice = sorted({k for k in LABEL_KEYS if header.count(k) > 1})
+        if twice:  # a reader would take one of the columns, and which one is a guess
+            raise malformed(path, "line 1", f"the header is ambiguous: it names {', '.join(twice)} more than once")
+        return [LabelRow(*(restore(str(r.get(k) or "").strip()) for k in LABEL_KEYS)) for r in reader]
     except csv.Error as err:
         raise malformed(path, f"line {reader.line_num}", f"not CSV ({err})") from None
 
 
 def read_jsonl_labels(path, text):
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # A JSON string never holds a raw CR or LF, but may hold U+2028 and the others str.splitlines ends lines at.
+    for number, line in enumerate(re.split(r"\r\n?|\n", text), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=label_keys_once)
+        except LabelKeysTwice as err:
+            raise malformed(path, f"line {number}", f"the object is ambiguous: it names {err} more than once") from None
         except ValueError as err:
             raise malformed(path, f"line {number}", f"not JSON ({err})") from None
-        if not isinstance(obj, dict) or not all(isinstance(obj.get(k) or "", str) for k in ("class", "sha1", "path")):
-            raise malformed(path, f"line {number}", "not an object with text class, sha1 and path")
-        rows.append(LabelRow(*((obj.get(k) or "").strip() for k in ("class", "sha1", "path", "kind"))))
+        except RecursionError:
+            raise malformed(path, f"line {number}", "nested too deeply to be a label") from None
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k) or "", str) for k in LABEL_KEYS):
+            raise malformed(path, f"line {number}", "not an object with text class, sha1, path (and kind)")
+        rows.append(LabelRow(*((obj.get(k) or "").strip() for k in LABEL_KEYS)))
     return rows
+
+
+class LabelKeysTwice(ValueError):
+    """A JSON object that names a key an import reads more than once (the message: those keys)."""
+
+
+def label_keys_once(pairs):
+    """A JSON object as a dict; LabelKeysTwice where a key an import reads is given twice (json keeps the last,
+    and which one the other tool meant is a guess)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in LABEL_KEYS if keys.count(k) > 1})
+    if twice:
+        raise LabelKeysTwice(", ".join(twice))
+    return dict(pairs)
 
 
 def read_label_folder(root):
@@ -316,7 +354,7 @@ def plan_import(source, rows, pool, answered):
         elif not r.class_name:
             why = "verdict-no" if r.kind == VERDICT_NO else "no class"
         else:
-            index = index_of.get(r.sha1) if r.sha1 else by_path.get(pool_relative(r.path, pool.root))
+            index = index_of.get(r.sha1) if r.sha1 else path_index(by_path, r.path, pool.root)
             why = ("image" if index is None else "class" if r.class_name not in pool.class_names
                    else "repeated" if hashes[index] in chosen
                    else "answered" if hashes[index] in answered else None)
@@ -328,6 +366,12 @@ def plan_import(source, rows, pool, answered):
         chosen.add(hashes[index])
         report.added[hashes[index]] = (index, pool.class_names.index(r.class_name))
     return report
+
+
+def path_index(by_path, path, root):
+    """The pool position of a row's path: as written, else with Windows' \\ separators read as /."""
+    exact = by_path.get(pool_relative(path, root))
+    return exact if exact is not None else by_path.get(pool_relative(path.replace("\\", "/"), root))
 
 
 def pool_relative(path, root):

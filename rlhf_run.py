@@ -459,6 +459,9 @@ def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows=
         if ckpt.get("class_names") != ds.class_names:
             raise CheckpointError(f"{ckpt_path} was trained on classes {ckpt.get('class_names')}, not "
                                   f"{ds.class_names}: pass the run's --images/--classes or a new --out")
+        if ckpt.get("image_size", ds.image_size) != ds.image_size:  # another run's file put in this folder
+            raise CheckpointError(f"{ckpt_path} was trained on {ckpt.get('image_size')} px images, not "
+                                  f"{ds.image_size}: put back this run's checkpoint.pt or start a new --out")
         run.restore(ckpt)
     if report:
         run.learn_imported(sorted(i for i, _ in report.added.values()))

@@ -1,15 +1,19 @@
 """The run folder: its one-writer lock, the runs/latest link, finding a run folder, cleaning up after killed
-writes, and RunFiles, which writes the run's files (metrics, checkpoint, reference, training data, config).
+writes, keeping outputs off a run's files, and RunFiles, which writes the run's files (metrics, checkpoint,
+reference, training data, config).
 
     lock_run_dir("runs/demo")              # held until this process ends; RunLockedError when another holds it
     update_latest_link("runs/demo")        # runs/latest now names runs/demo
     resolve_run_dir("runs/latest")         # the folder it names
+    check_output_path("out.csv", "--csv", inputs)   # OutputPathError if it would replace an input or a run's file
 """
 import contextlib
 import errno
 import fcntl
 import json
 import os
+import re
+import stat
 import sys
 
 from checkpoint import (
@@ -22,10 +26,16 @@ from checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from hash_cache import HASH_CACHE_NAME
 from user_errors import UserError
 
 LOCK_NAME = ".lock"
 REFERENCE_NAME = "reference.pt"
+# The files a run keeps in its folder, SQLite's companions and the decoded caches (decoded_cache_name) included:
+# never links, so that a write there cannot land in a file elsewhere.
+OWN_FILE = re.compile("|".join(map(re.escape, (LOCK_NAME, "config.json", CHECKPOINT_NAME, REFERENCE_NAME,
+                                               "metrics.jsonl", "training_data.json")))
+                      + r"|(feedback\.sqlite|" + re.escape(HASH_CACHE_NAME) + r")(-wal|-shm|-journal)?|decoded-.+\.u8")
 # what each metrics line prints beside update, epoch and answers
 METRICS_SHOWN = (("mean_reward", "reward {:+.2f}"), ("agreement", "agree {:.2f}"), ("approx_kl", "kl {:.4f}"),
                  ("rm_acc", "rm_acc {:.2f}"), ("rm_weight", "rm_w {:.2f}"), ("val_acc", "val_acc {:.3f}"),
@@ -33,26 +43,111 @@ METRICS_SHOWN = (("mean_reward", "reward {:+.2f}"), ("agreement", "agree {:.2f}"
 
 
 class RunLockedError(UserError):
-    """Another process writes this run folder; the message names it."""
+    """Another process writes this run folder; the message names it when it can."""
+
+
+class RunFolderError(UserError):
+    """A run folder whose own files are links or special files; the message names the file."""
+
+
+class OutputPathError(UserError):
+    """An output path that would replace an input image or a run's own file; the message names the fix."""
 
 
 def lock_run_dir(run_dir):
     """Hold the run folder's lock for the rest of this process's life: a run folder has one writer. The
     kernel drops the lock when the process ends, kill -9 included, so a resume is never blocked by a dead
-    run. Raises RunLockedError naming the process that holds it."""
-    fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    run. Raises RunLockedError (naming the process that holds it) and RunFolderError (check_own_files)."""
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        check_own_files(run_dir)  # names the link
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
-        holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+        holder = lock_holder(fd)
         os.close(fd)
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise
-        raise RunLockedError(f"{run_dir} is in use by {holder}: a run folder has one writer; wait for it to "
-                             "end (or stop it), or pick another --out") from None
+        raise RunLockedError(f"{run_dir} is in use by {holder or 'another program'}: a run folder has one "
+                             "writer; wait for it to end (or stop it), or pick another --out") from None
+    check_own_files(run_dir)  # after the lock: no run of ours changes the folder while it is looked at
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"process {os.getpid()} ({' '.join(os.path.basename(a) for a in sys.argv[:1])})\n".encode(), 0)
     return fd  # held open: closing it would release the lock
+
+
+def lock_holder(fd):
+    """The process that a held .lock names ("process 123 (train_rlhf.py)"), when that process holds the lock;
+    None for a dead run's id left in the file, or a lock taken by another program."""
+    text = os.pread(fd, 300, 0).decode("utf-8", "replace").strip()
+    named = re.match(r"process (\d+)\b", text)
+    if not named:
+        return None
+    pid = named.group(1)
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            locks = [line.split() for line in f if "->" not in line]  # "->": a waiter, not a holder
+    except OSError:  # no /proc (macOS): a live process of that id is the best evidence there is
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            pass
+        return text
+    # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5309915 0 EOF": the pid, and the inode after the device
+    inode = str(os.fstat(fd).st_ino)
+    held = any(len(f) > 5 and f[1] == "FLOCK" and f[4] == pid and f[5].rsplit(":", 1)[-1] == inode for f in locks)
+    return text if held else None
+
+
+def check_own_files(run_dir):
+    """Refuse a run folder whose own files (OWN_FILE) are links or special files: a write through them would
+    land in a file elsewhere (RunFolderError)."""
+    for entry in os.scandir(run_dir):
+        if OWN_FILE.fullmatch(entry.name) and not entry.is_file(follow_symlinks=False):
+            what = "a symbolic link" if entry.is_symlink() else "not a regular file"
+            raise RunFolderError(f"{entry.path} is {what}: a run folder's own files must be plain files, so "
+                                 "that no write lands elsewhere; replace it with a plain copy (or remove it), or "
+                                 "pick another --out")
+
+
+def is_run_folder(folder):
+    """A folder that holds a run: its config.json beside feedback.sqlite or .lock."""
+    return os.path.isfile(os.path.join(folder, "config.json")) and any(
+        os.path.lexists(os.path.join(folder, name)) for name in ("feedback.sqlite", LOCK_NAME))
+
+
+def check_output_path(path, flag, inputs=()):
+    """Refuse an output path (of flag) that is one of the input files or lies in a run folder, at any depth:
+    writing it would replace an image or a run's own file (OutputPathError). A link to such a file counts."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        target = None
+    if target is not None and stat.S_ISREG(target.st_mode):
+        for f in inputs:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.stat(f), target):
+                    raise OutputPathError(f"{flag} {path} is the input {f}: writing it would replace that file; "
+                                          "pass an output path that is none of the inputs")
+    starts = {os.path.dirname(os.path.realpath(path)), os.path.realpath(os.path.dirname(os.path.abspath(path)))}
+    if os.path.isdir(path):  # an ImageFolder export's target
+        starts.add(os.path.realpath(path))
+    for start in starts:
+        folder = start
+        while True:
+            if is_run_folder(folder):
+                raise OutputPathError(f"{flag} {path} lies in the run folder {folder}: writing there could "
+                                      "replace the run's own files; pass a path outside it")
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                break
+            folder = parent
 
 
 def update_latest_link(run_dir):
@@ -123,8 +218,10 @@ class RunFiles:
         if not self.writes:
             return
         path = self.path("metrics.jsonl")
-        with self.writing(path), open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        with self.writing(path):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # a link: ELOOP
+            with open(fd, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
         parts = [f"update {metrics['update']:4d}", f"epoch {metrics['epoch']}", f"answers {metrics['answers']}"]
         for key, fmt in METRICS_SHOWN:
             if key in metrics:

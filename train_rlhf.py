@@ -16,6 +16,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 
@@ -23,15 +24,16 @@ import torch
 
 from checkpoint import CHECKPOINT_NAME
 from data_download import DEFAULT_IMAGES, ensure_default_data
-from dataset import ImagePool
+from dataset import ImagePool, class_folders, hide_pillow_size_warning, relative_path
 from ddp import Ranks, exit_as_promised, pick_device, stopped_job_line
 from label_transfer import export_labels, read_label_source
 from models import resolve_backbone_weights
 from rlhf_run import open_run, run_headless
 from run_config import PER_INVOCATION, RUN_SHAPE, RunConfig
-from run_folder import lock_run_dir, remove_stale_temp_files, resolve_run_dir
+from run_folder import check_output_path, lock_run_dir, remove_stale_temp_files, resolve_run_dir
 from simulated_labeler import FolderLabeler
-from user_errors import UserError
+from std_streams import guard_standard_streams
+from user_errors import UserError, first_line
 
 GUI_UNDER_TORCHRUN = ("--feedback gui under torchrun: one person answers in one window: run python train_rlhf.py "
                       "without torchrun, or use --feedback folder")
@@ -51,13 +53,26 @@ def same_setting(given, saved):
     return False
 
 
+def read_saved_config(saved):
+    """The settings dict of a run's config.json; UsageError for a file that is not a JSON object."""
+    try:
+        with open(saved, encoding="utf-8") as f:
+            values = json.load(f)
+        why = "JSON, but not an object of settings"
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: not JSON, or not UTF-8
+        values, why = None, err.strerror if isinstance(err, OSError) else f"not JSON: {first_line(err)}"
+    if not isinstance(values, dict):
+        raise UsageError(f"--resume: {saved} is not a run's settings ({why}): put back the run's config.json or "
+                         "start a new --out (the answers in its feedback.sqlite are kept)")
+    return values
+
+
 def resumed_config(cfg, argv, run_dir):
     """The saved configuration of the run in run_dir, overridden by the flags given now."""
     saved = os.path.join(run_dir, "config.json")
     if not os.path.isfile(saved):
         raise UsageError(f"--resume: {run_dir} holds no run (no config.json): pass --out with a run folder")
-    with open(saved, encoding="utf-8") as f:
-        old = RunConfig.from_flat(json.load(f), saved).to_flat()
+    old = RunConfig.from_flat(read_saved_config(saved), saved).to_flat()
     given, now = RunConfig.given_flags(argv), cfg.to_flat()
     for key in RUN_SHAPE:
         if key in given and not same_setting(now[key], old[key]):
@@ -74,9 +89,10 @@ def lock_folder(run_dir):
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock_run_dir(run_dir)
-        probe = os.path.join(run_dir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
+        # a new name each time (O_EXCL): a link planted under a fixed name would be followed and its target
+        # truncated; named like checkpoint.py's temporary files, so a stray one is removed on --resume
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-test", suffix=".tmp")
+        os.close(fd)
         os.unlink(probe)
     except OSError as err:
         if created:
@@ -105,12 +121,30 @@ def prepare_run_dir(cfg, argv):
     return run_dir, cfg, created
 
 
+def check_val(ds, val):
+    """Refuse a --val folder with none of the pool's classes (val_acc would be NaN); warn about class folders
+    of it that the pool lacks (their images are not scored) and about a --val that is the pool itself."""
+    other = sorted(set(class_folders([relative_path(p, val.root) for p in val.paths])) - set(ds.class_names))
+    if all(label < 0 for label in val.labels):
+        val.close()
+        ds.close()
+        raise UsageError(f"--val {val.root} has none of the classes of {ds.root} {ds.class_names} (its class "
+                         f"folders: {other}): pass a --val folder with one subfolder per class of the pool")
+    if other:
+        warnings.warn(f"--val {val.root}: class folders {other} are not classes of {ds.root}: their images are "
+                      "not scored in val_acc", stacklevel=3)
+    if os.path.realpath(val.root) == os.path.realpath(ds.root):
+        warnings.warn(f"--val {val.root} is the --images folder: val_acc scores the images the run learns from, "
+                      "not how it does on new ones; pass a folder of other images", stacklevel=3)
+
+
 def load_pool(cfg, ranks, run_dir):
     """The image pool, the validation set and the backbone weights; warnings printed once (rank 0). Their
     content hashes and decoded images are cached in run_dir: rank 0 scans and creates the cache files first,
     then the other processes find every file's hash there and share the decoded cache."""
     if os.path.abspath(cfg.images) == os.path.abspath(DEFAULT_IMAGES):
-        ranks.on_main(lambda: ensure_default_data(download=cfg.download, interactive=sys.stdin.isatty()),
+        asks = sys.stdin is not None and sys.stdin.isatty()  # None: started with stdin closed (<&-)
+        ranks.on_main(lambda: ensure_default_data(download=cfg.download, interactive=asks),
                       (UserError,))
 
     # A new folder's files are read for their content hashes in the background, so the first question waits
@@ -122,10 +156,13 @@ def load_pool(cfg, ranks, run_dir):
         ds = ImagePool(cfg.images, cfg.image_size, cfg.classes, cache_dir=run_dir, hash_in_background=background)
         val = ImagePool(cfg.val, cfg.image_size, ds.class_names, cache_dir=run_dir,
                         cache_tag="val") if cfg.val else None
+        if val is not None:
+            check_val(ds, val)
         return ds, val
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        hide_pillow_size_warning()
         pools = ranks.on_main(read_pools, (UserError,), share=False)
         ds, val = pools if ranks.is_main else read_pools()
         backbone, origin = resolve_backbone_weights(cfg.weights)
@@ -181,6 +218,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = RunConfig.from_args(argv)
     if cfg.export:  # reads the run, takes no lock: a labeling session may hold it
+        check_output_path(cfg.export, "--export")
         print(export_labels(resolve_run_dir(cfg.out or os.path.join("runs", "latest")), cfg.export))
         return 0
     if Ranks.launched() and cfg.feedback == "gui" and not cfg.resume:
@@ -247,6 +285,7 @@ def cli():
     # A signal ends the loop through the normal path, so the checkpoint is saved and SQLite closes cleanly.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_on_signal)
+    guard_standard_streams()
     exit_as_promised(main, "every answer given so far is in the run's feedback.sqlite; continue "
                      "with --resume")
 

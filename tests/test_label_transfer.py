@@ -278,7 +278,7 @@ def test_export_targets_that_would_lose_or_mix_files_are_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     FeedbackStore(str(run / "feedback.sqlite")).check_classes(CLASSES)
-    (run / "config.json").write_text(json.dumps({"images": str(tmp_path)}))
+    (run / "config.json").write_text(json.dumps({"images": str(tmp_path / "pool")}))  # beside the targets
     for target, needle in ((str(tmp_path / "labels.txt"), "write a .csv or .jsonl"),
                            (str(tmp_path / "full"), "already holds files"), (f"{blocker}/dir/", "cannot write")):
         with pytest.raises(LabelTransferError, match=re.escape(needle)):

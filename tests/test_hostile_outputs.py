@@ -1,0 +1,132 @@
+"""Where outputs land when a careless or hostile user points them: over an input or a run's own files, through
+links planted in a run folder, onto devices and pipes, into a reader that leaves; and a closed stdin and a lock
+held by another program. Each case ends in one line and exit code 2, or in the work done; nothing is replaced."""
+import fcntl
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, assert_user_error, make_subset, metrics, run_cli
+
+TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, digits):
+    """A trained run folder (8 answers) beside its pool."""
+    root = tmp_path_factory.mktemp("outputs")
+    pool = make_subset(root / "pool", digits, 8, classes=["3", "8"])
+    proc = run_cli("train_rlhf.py", "--images", pool, "--out", root / "run", "--epochs", "1", "--max-answers", "8",
+                   *TINY)
+    assert proc.returncode == 0, proc.stderr
+    return root / "run"
+
+
+@pytest.fixture
+def image(tmp_path, digits):
+    """One image file of its own (not a link), to classify."""
+    return shutil.copy(os.path.join(digits, "3", sorted(os.listdir(os.path.join(digits, "3")))[0]), tmp_path / "a.png")
+
+
+def test_an_output_over_an_input_or_a_run_file_is_refused_and_nothing_is_touched(run, image, tmp_path):
+    photo = image.read_bytes()
+    (tmp_path / "link.json").symlink_to(image)
+    for flag, out in (("--csv", image), ("--json", image), ("--json", tmp_path / "link.json")):
+        assert_user_error(run_cli("inference.py", image, "--model", run, flag, out), f"{flag} {out}", "is the input")
+    assert image.read_bytes() == photo
+    history = (run / "metrics.jsonl").read_bytes()
+    for args in (("inference.py", image, "--model", run, "--csv", run / "metrics.jsonl"),
+                 ("train_rlhf.py", "--out", run, "--export", run / "metrics.jsonl"),
+                 ("train_rlhf.py", "--out", run, "--export", f"{run}/exported/")):
+        assert_user_error(run_cli(*args), "lies in the run folder", str(run))
+    assert (run / "metrics.jsonl").read_bytes() == history
+    assert not (run / "exported").exists()
+
+
+def test_links_planted_in_a_run_folder_are_refused_and_their_targets_untouched(run, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for name in (".lock", "metrics.jsonl", "config.json", "feedback.sqlite-wal"):
+        own, aside = run / name, tmp_path / "aside"
+        if own.exists():
+            own.rename(aside)
+        own.symlink_to(victim)
+        try:
+            proc = run_cli("train_rlhf.py", "--out", run, "--resume", "--epochs", "2")
+        finally:
+            own.unlink()
+            if aside.exists():
+                aside.rename(own)
+        assert_user_error(proc, f"{own} is a symbolic link")
+        assert victim.read_text() == "precious\n"
+    # the writability probe never follows a link planted under its old fixed name
+    out = tmp_path / "new_run"
+    out.mkdir()
+    (out / ".write-test").symlink_to(victim)
+    assert_user_error(run_cli("train_rlhf.py", "--images", tmp_path / "no_such_folder", "--out", out, *TINY),
+                      "no_such_folder")
+    assert victim.read_text() == "precious\n"
+
+
+def test_outputs_onto_devices_and_pipes_are_written_into_never_replaced(run, image, tmp_path):
+    link = tmp_path / "null.csv"
+    link.symlink_to(os.devnull)
+    proc = run_cli("inference.py", image, "--model", run, "--csv", link)
+    assert proc.returncode == 0, proc.stderr
+    assert os.readlink(link) == os.devnull and stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    proc = run_cli("inference.py", image, "--model", run, "--csv", "/dev/stdout")
+    assert proc.returncode == 0 and proc.stdout.startswith("path,predicted,"), (proc.stdout, proc.stderr)
+    fifo = tmp_path / "out.json"  # what `--json >(jq .)` hands over is a pipe like this one
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    proc = run_cli("inference.py", image, "--model", run, "--json", fifo)
+    written = reader.communicate(timeout=60)[0]
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(written)[0]["path"] == str(image) and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    unread = tmp_path / "unread.csv"
+    os.mkfifo(unread)
+    assert_user_error(run_cli("inference.py", image, "--model", run, "--csv", unread, timeout=120),
+                      "no process reads")
+
+
+def test_a_reader_that_leaves_ends_the_printing_never_the_work(run, image, tmp_path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head -1` after its line: every write to stdout fails with EPIPE
+    try:
+        def closed_stdout(script, *args):
+            return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                                  stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                  timeout=300, check=False)
+        proc = closed_stdout("inference.py", image, "--model", run, "--csv", tmp_path / "out.csv")
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert (tmp_path / "out.csv").read_text().startswith("path,predicted,")
+        proc = closed_stdout("train_rlhf.py", "--out", run, "--resume", "--epochs", "2", "--max-answers", "12")
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert metrics(run)[-1]["answers"] == 12  # trained on, and its checkpoint saved at the end
+    assert os.path.getmtime(run / "checkpoint.pt") >= os.path.getmtime(run / "metrics.jsonl")
+
+
+def test_a_closed_stdin_and_a_lock_held_by_another_program_end_in_one_line(run, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_rlhf.py"), *TINY], cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert_user_error(proc, "data/hymenoptera_data/train is missing")  # the default set, not downloaded
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = os.open(run / ".lock", os.O_RDWR)
+    try:
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"process {gone.pid} (train_rlhf.py)\n".encode(), 0)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by this test, a program that names nobody
+        proc = run_cli("train_rlhf.py", "--out", run, "--resume", "--epochs", "2")
+    finally:
+        os.close(lock)
+    assert_user_error(proc, str(run), "in use by another program")
+    assert str(gone.pid) not in proc.stderr
