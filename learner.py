@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ddp import Ranks, use_global_batchnorm, wrap_ddp
 from models import PolicyModel, RewardModel, frozen_part, set_finetune, trainable_part
+from optimum_fit import confidence, optimum_targets, optimum_update, reward_model_log_rewards
 from ppo import LoggedActions, PPOConfig, ppo_update
 
 RELIABILITY_Z = 2.0  # standard errors below the measured accuracy at which the reward model is trusted
@@ -268,6 +269,12 @@ class Learner:
         no = batch.no
         if batch.x_new.shape[0] or (no is not None and no.x.shape[0]):
             stats["rm_loss"] = self.fit_reward_model(*reward_model_rows(batch))
+        if self.ppo_cfg.policy_update == "optimum":
+            x, targets, weights, extra = self.optimum_rows(batch)
+            stats.update(extra)
+            if x.shape[0]:
+                stats.update(self.optimum_step(x, targets, weights))
+            return stats
         x, rewards, logged, extra = self.policy_rows(batch)
         stats.update(extra)
         if x.shape[0]:
@@ -310,6 +317,43 @@ class Learner:
             stats["verdict_no_images"] = int(len(no.proposed))
         return torch.cat(xs), torch.cat(rewards), logged, stats
 
+    def optimum_rows(self, batch):
+        """(inputs, target distributions pi* (N, K), weights (N,), statistics) of a --policy-update optimum step:
+        the answers, the unanswered images where the reward model is trusted (each weighted by how sure it is
+        there), and the verdicts "no" (see optimum_fit.py)."""
+        k, trust, beta = self.num_classes, self.rm_reliability(), self.ppo_cfg.optimum_beta
+        parts = [(batch.x_new, one_hot_rewards(batch.answers_new, k) / beta, torch.ones(len(batch.answers_new)))]
+        stats = {"rm_weight": trust, "rm_images": 0}
+        unanswered, no = batch.x_unanswered, batch.no
+        if unanswered is not None and unanswered.shape[0]:  # weighted by how sure it is there, not gated
+            q = self.rm_probs(unanswered)
+            parts.append((unanswered, reward_model_log_rewards(q), confidence(q)))
+            stats["rm_images"] = int(unanswered.shape[0])
+        if no is not None and no.x.shape[0]:
+            parts.append((no.x, reward_model_log_rewards(self.rm_probs(no.x), no.proposed), torch.ones(len(no.x))))
+            stats["verdict_no_images"] = int(len(no.proposed))
+        x = torch.cat([p[0] for p in parts])
+        targets = optimum_targets(self.reference_logprobs(x), torch.cat([p[1] for p in parts]), 1.0)
+        return x, targets, torch.cat([p[2] for p in parts]), stats
+
+    @torch.no_grad()
+    def reference_logprobs(self, inputs):
+        """log pi_ref of the reference policy (the run's start), eval mode, for a batch of inputs."""
+        self.reference.eval()
+        return self.ranks.map_rows(
+            lambda x: torch.log_softmax(self.reference_net(x.to(self.device)).float(), dim=-1).cpu(), inputs)
+
+    def rm_probs(self, inputs):
+        """The reward model's class probabilities q (N, K): P(the person answers that class)."""
+        return (self.predicted_rewards(inputs) + 1.0) / 2.0
+
+    def optimum_step(self, x, targets, weights):
+        """One --policy-update optimum fit of the policy to the targets; returns statistics."""
+        stats = optimum_update(self.policy_ddp, self.policy_opt, x.to(self.device), targets.to(self.device),
+                               weights.to(self.device), self.ppo_cfg, generator=self.generator, ranks=self.ranks)
+        self.version += 1
+        return stats
+
     def ppo_step(self, x, rewards, logged=None):
         """One PPO update of the policy on inputs x with reward vectors (N, K) (logged: ppo.LoggedActions, rows
         learnt from a verdict); returns statistics."""
@@ -318,6 +362,20 @@ class Learner:
                            logged=None if logged is None else logged.to(self.device))
         self.version += 1
         return stats
+
+    def has_batchnorm(self):
+        """Whether the trainable layers hold BatchNorm statistics (not with --finetune head)."""
+        return any(isinstance(m, torch.nn.BatchNorm2d) for m in self.policy_net.modules())
+
+    @torch.no_grad()
+    def recompute_batchnorm(self, batches):
+        """The BatchNorm running statistics of the policy's and the reward model's trainable layers recomputed
+        over these input batches (torch.optim.swa_utils.update_bn): in eval mode the models then see the
+        pool's statistics, not a momentum average of the last few minibatches."""
+        batches = [b.to(self.device) for b in batches]
+        for net in (self.policy_net, self.rm_net):
+            torch.optim.swa_utils.update_bn(batches, net)
+            net.eval()
 
     def state_dict(self):
         return {"policy": self.policy.state_dict(), "reward_model": self.reward_model.state_dict(),

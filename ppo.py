@@ -41,6 +41,13 @@ class PPOConfig:
     is_truncation: float = field(default=2.0, metadata={
         "help": "verdicts: the importance weight (old policy / proposing snapshot's probability of the proposed "
                  "class) is cut at this", "lo": 0.0})
+    policy_update: str = field(default="ppo", metadata={
+        "help": "how the policy learns from the rewards: clipped PPO steps (ppo, the original design's updater), or "
+                "cross-entropy to the KL-regularised optimum pi_ref * exp(r / beta) of each image (optimum)",
+        "choices": ("ppo", "optimum")})
+    optimum_beta: float = field(default=0.25, metadata={
+        "help": "--policy-update optimum: beta of the person's +1/-1 rewards (smaller: closer to their class)",
+        "lo": 0.001})
 
 
 def advantages(rewards, old_probs):
@@ -152,6 +159,18 @@ def score_minibatches(net, x, parts, mine, rewards, ranks):
     return ranks.all_reduce(out)
 
 
+def minibatches(n, cfg, generator, ranks, device):
+    """(row indices of each of cfg.num_minibatches shuffled minibatches of n rows, the block of each that this
+    process computes, on device): drawn once per update."""
+    mb_size = max(1, -(-n // max(1, cfg.num_minibatches)))
+    parts = torch.randperm(n, generator=generator).split(mb_size)
+    mine = []
+    for mb in parts:
+        start, stop = ranks.block(len(mb))
+        mine.append(mb[start:stop].to(device))
+    return parts, mine
+
+
 def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=None, ranks=None, logged=None):
     """Score the batch with the current policy (the old policy) and the reference, then run
     `update_epochs` passes over shuffled minibatches; returns the mean statistics.
@@ -165,13 +184,7 @@ def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=Non
     logged: LoggedActions, rows learnt from a verdict.
     """
     ranks = ranks or Ranks()
-    n = x.shape[0]
-    mb_size = max(1, -(-n // max(1, cfg.num_minibatches)))
-    parts = torch.randperm(n, generator=generator).split(mb_size)
-    mine = []
-    for mb in parts:
-        start, stop = ranks.block(len(mb))
-        mine.append(mb[start:stop].to(x.device))
+    parts, mine = minibatches(x.shape[0], cfg, generator, ranks, x.device)
     old_logprobs, ref_logprobs = (score_minibatches(net, x, parts, mine, rewards, ranks)
                                   for net in (policy, reference))
     actions = torch.multinomial(old_logprobs.exp().cpu(), 1, generator=generator).squeeze(1).to(x.device)

@@ -17,6 +17,7 @@ Under torchrun every process runs the same RLHFRun on the same answers; only ran
 (`store` is None elsewhere) and writes files, so the folder is the same as a one-process run's.
 """
 import os
+import random
 import time
 
 import torch
@@ -30,6 +31,8 @@ from learner import Learner, UpdateBatch, VerdictBatch, evaluate_accuracy
 from question_queue import QuestionQueue, rank_unasked
 from run_folder import RunFiles
 from training_queue import TrainingQueue
+
+BN_SAMPLE = 256  # pool images whose statistics the served models' BatchNorm layers take at an epoch end
 
 
 class NullObserver:
@@ -91,12 +94,10 @@ class RLHFRun:
             with self.lock:
                 link_stored(self, [(i, self.ds.hashes[i]) for i in fresh if self.ds.hashes[i] is not None])
 
-    def answered_count(self):
-        return len(self.ledger.labelled())
-
     def reward_model_ready(self):
-        """The reward model's rewards train the policy once it predicts new answers better than chance."""
-        return not self.cfg.no_reward_model and self.learner.rm_reliability() > 0
+        """Its rewards train the policy once it beats chance (--policy-update optimum: at once, see learner.py)."""
+        optimum = self.cfg.ppo.policy_update == "optimum"
+        return not self.cfg.no_reward_model and (optimum or self.learner.rm_reliability() > 0)
 
     # --- questions ----------------------------------------------------------------------------
     def begin_epoch(self):
@@ -275,7 +276,7 @@ class RLHFRun:
 
     def after_update(self, stats, n_labels, n_no, shown, t0):
         """Metrics (printed and in metrics.jsonl), validation, checkpoint and a new ranking."""
-        metrics = {"update": self.learner.version, "epoch": self.epoch + 1, "answers": self.answered_count(),
+        metrics = {"update": self.learner.version, "epoch": self.epoch + 1, "answers": len(self.ledger.labelled()),
                    "imported": self.ledger.imported_count(), "asked": len(self.answer_of),
                    "asked_this_run": self.asked_this_run, "human_images": n_labels, **stats,
                    "update_s": time.perf_counter() - t0}
@@ -308,11 +309,12 @@ class RLHFRun:
             if stop():
                 return False
             self.update(rm_only=not self.training.waiting())
+        recompute_batchnorm(self)
         self.episodes.append(self.training.episode(self.epoch + 1))
         self.epoch += 1
         if self.val is not None:
             self.files.write_metrics({"update": self.learner.version, "epoch": self.epoch, "epoch_end": True,
-                                      "answers": self.answered_count(), "imported": self.ledger.imported_count(),
+                                      "answers": len(self.ledger.labelled()), "imported": self.ledger.imported_count(),
                                       "val_acc": accuracy_on(self.learner, self.val, self.cfg.score_batch)})
         if self.store is not None:
             self.files.write_training_data(self.episodes, self.store.rows(), self.ds.class_names)
@@ -329,6 +331,7 @@ class RLHFRun:
     def save_if_changed(self):
         """The checkpoint, unless the last one written holds this very state (the epoch end just wrote it)."""
         if self.saved_state != (self.learner.version, self.epoch):
+            recompute_batchnorm(self)  # a session that ends mid-epoch: the model taken home
             self.save()
 
     def restore(self, ckpt):
@@ -382,6 +385,16 @@ def verdict_batch(run, nos, no_replay):
     return VerdictBatch(run.inputs([v.image for v in new]), torch.tensor([v.proposed for v in new], dtype=torch.long),
                         torch.tensor([v.behaviour for v in new], dtype=torch.float64),
                         run.inputs([v.image for v in old]), torch.tensor([v.proposed for v in old], dtype=torch.long))
+
+
+def recompute_batchnorm(run, sample=BN_SAMPLE):
+    """The models' BatchNorm statistics recomputed over a seeded sample of the pool's readable images."""
+    if not run.learner.has_batchnorm():
+        return
+    readable = [i for i in range(len(run.ds)) if i not in run.ds.unreadable]
+    pick = sorted(random.Random(f"{run.cfg.seed}:bn:{run.epoch}").sample(readable, min(sample, len(readable))))
+    size = run.cfg.score_batch
+    run.learner.recompute_batchnorm(run.inputs(pick[s:s + size]) for s in range(0, len(pick), size))
 
 
 def accuracy_on(learner, val, batch_size):
@@ -506,10 +519,11 @@ def answer_round(run, labeler, asks):
     probs = run.guess(asks)
     proposals = [run.propose(i, p) for i, p in zip(asks, probs)] if run.cfg.ask == "verdict" else None
     start, end = run.ranks.block(len(asks))
+    asked = [len(run.ledger.verdict_keys.get(i, ())) + (i in run.ledger.answers) for i in asks]  # before
     if proposals is None:
-        mine = [labeler.answer(asks[j]) for j in range(start, end)]
+        mine = [labeler.answer(asks[j], asked[j]) for j in range(start, end)]
     else:
-        mine = [labeler.verdict(asks[j], proposals[j][0]) for j in range(start, end)]
+        mine = [labeler.verdict(asks[j], proposals[j][0], asked[j]) for j in range(start, end)]
     answers = [a for block in run.ranks.gather(mine) for a in block]
     for j, (index, answer, p) in enumerate(zip(asks, answers, probs)):
         if proposals is None or answer is None:  # an answer, or a skip of either kind

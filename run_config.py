@@ -67,6 +67,9 @@ class RunConfig:
                                      "not rejected", lo=0.0, hi=1.0)
     feedback_noise: float = setting(0.0, "simulated labeler: P(wrong answer)", lo=0.0, hi=1.0, open_hi=True)
     feedback_skip: float = setting(0.0, "simulated labeler: P(skip)", lo=0.0, hi=1.0, open_hi=True)
+    noise_kind: str = setting("persistent", "simulated labeler: a wrong answer repeats when the same thing is asked "
+                              "again (persistent: an ambiguous image), or each asking draws afresh (slip)",
+                              choices=("persistent", "slip"))
     epochs: int = setting(3, "passes over the image pool (total, across resumes)", lo=1)
     batch_size: int = setting(8, "answers per PPO update", lo=1, hi=4096)
     rm_per_update: int = setting(8, "unanswered images trained with reward-model rewards in each update", lo=0,

@@ -203,7 +203,7 @@ def start(cfg, run_dir, ranks, device, label_rows=None):
     if gui:
         check_window_classes(ds)
     # built before anything is written, as it refuses a pool it cannot answer for
-    labeler = None if gui else FolderLabeler(ds, cfg.feedback_noise, cfg.feedback_skip, cfg.seed)
+    labeler = None if gui else FolderLabeler(ds, cfg.feedback_noise, cfg.feedback_skip, cfg.seed, cfg.noise_kind)
     return gui, root, labeler, open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows)
 
 

@@ -148,3 +148,17 @@ def test_verdicts_that_settle_nothing_leave_the_record_as_it_was():
     learner.predicted_rewards = lambda x: torch.tensor([[0.8, -0.6, -0.2]] * x.shape[0])
     assert learner.score_verdicts(torch.zeros(2, 1), torch.tensor([1, 2]), torch.tensor([0, 0])) == 1.0
     assert learner.rm_record == []
+
+
+def test_recomputed_batchnorm_statistics_are_those_of_the_images_given():
+    torch.manual_seed(0)
+    learner = Learner(3, None, "all", seed=0)
+    x = torch.randn(16, 3, 32, 32) * 2 + 1
+    learner.update(UpdateBatch(x[:4], torch.tensor([0, 1, 2, 0])))  # the running statistics of a few steps
+    learner.recompute_batchnorm([x[:8], x[8:]])
+    model = learner.policy.model
+    with torch.no_grad():
+        conv = model.conv1(x)
+    assert torch.allclose(model.bn1.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert torch.allclose(model.bn1.running_var, conv.var(dim=(0, 2, 3)), rtol=0.05)
+    assert not learner.policy.training and not learner.reward_model.training

@@ -1,0 +1,73 @@
+"""--policy-update optimum: the targets against hand computations, and the fit reaching them."""
+import math
+
+import pytest
+import torch
+
+from learner import Learner, UpdateBatch, VerdictBatch
+from optimum_fit import confidence, optimum_targets, optimum_update, reward_model_log_rewards
+from ppo import PPOConfig
+
+
+def test_the_optimum_is_the_reference_reweighted_by_exp_reward_over_beta():
+    ref = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    r = torch.tensor([[1.0, -1.0, -1.0]])
+    pi = optimum_targets(ref, r, beta=0.5)
+    z = 0.5 * math.exp(2) + 0.25 * math.exp(-2) * 2
+    assert pi[0].tolist() == pytest.approx([0.5 * math.exp(2) / z, 0.25 * math.exp(-2) / z, 0.25 * math.exp(-2) / z])
+    q = torch.tensor([[0.2, 0.3, 0.5]])
+    assert optimum_targets(ref, reward_model_log_rewards(q), 1.0)[0].tolist() == pytest.approx(
+        [0.1 / 0.3, 0.075 / 0.3, 0.125 / 0.3])                # pi_ref * q, normalised
+    no = optimum_targets(ref, reward_model_log_rewards(q, torch.tensor([2])), 1.0)[0]
+    assert no.tolist() == pytest.approx([0.1 / 0.175, 0.075 / 0.175, 0.0])  # the rejected class is gone
+
+
+def test_confidence_is_zero_for_a_uniform_guess_and_one_for_a_certain_one():
+    c = confidence(torch.tensor([[0.25] * 4, [1.0, 0.0, 0.0, 0.0]]))
+    assert c.tolist() == pytest.approx([0.0, 1.0], abs=1e-6)
+
+
+def test_the_fit_moves_the_policy_to_the_targets_on_a_fixed_batch():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 4)
+    x = torch.randn(12, 16)
+    targets = torch.softmax(torch.randn(12, 4) * 2, dim=-1)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    cfg = PPOConfig(update_epochs=4, max_grad_norm=100.0)
+    first = optimum_update(head, opt, x, targets, torch.ones(12), cfg)
+    for _ in range(40):
+        last = optimum_update(head, opt, x, targets, torch.ones(12), cfg)
+    assert last["kl_to_optimum"] < 0.02 < first["kl_to_optimum"]
+
+
+def test_the_learner_fits_labels_and_lowers_a_rejected_class():
+    cfg = PPOConfig(policy_update="optimum", learning_rate=1e-2)
+    learner = Learner(3, None, "head", cfg, seed=0)
+    x = torch.randn(4, 512)
+    labels = torch.tensor([0, 1, 2, 0])
+    for _ in range(5):
+        stats = learner.update(UpdateBatch(x, labels))
+    assert "kl_to_optimum" in stats and learner.version == 5
+    assert (learner.policy_probs(x).argmax(1) == labels).all()
+    y = torch.randn(1, 512)
+    before = learner.policy_probs(y)[0, 1].item()
+    no = VerdictBatch(y, torch.tensor([1]), torch.tensor([0.5]), y[:0], torch.tensor([], dtype=torch.long))
+    for _ in range(3):
+        learner.update(UpdateBatch(x[:0], labels[:0], no=no))
+    assert learner.policy_probs(y)[0, 1].item() < before
+
+
+def test_a_headless_verdict_run_with_the_optimum_update_trains_every_image_and_resumes(tmp_path, digits):
+    from conftest import make_subset, metrics, run_cli
+    pool = make_subset(tmp_path / "pool", digits, 4, classes=["1", "4", "7"])
+    flags = ["--images", pool, "--out", tmp_path / "run", "--feedback", "folder", "--image-size", "32", "--weights",
+             "none", "--batch-size", "4", "--ask", "verdict", "--policy-update", "optimum", "--max-answers", "8",
+             "--noise-kind", "slip", "--feedback-noise", "0.2"]
+    proc = run_cli("train_rlhf.py", *flags, "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = metrics(tmp_path / "run")
+    assert all("kl_to_optimum" in r for r in rows)
+    assert sum(r["rm_images"] for r in rows) >= 12 - 8  # the unanswered images learn from the reward model
+    proc = run_cli("train_rlhf.py", "--out", tmp_path / "run", "--resume", "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert len(metrics(tmp_path / "run")) > len(rows)
