@@ -13,7 +13,7 @@ from collections import namedtuple
 
 import torch
 
-from checkpoint import CheckpointError, atomic_write_bytes, is_stream, read_policy
+from checkpoint import FILE_NAME_BYTES, CheckpointError, atomic_write_bytes, is_stream, read_policy
 from csv_cells import csv_text
 from dataset import list_image_files, load_image, normalize
 from user_errors import UserError, first_line
@@ -128,13 +128,13 @@ def write_csv(rows, path):
     names = list(done[0]["probabilities"]) if done else []
     text = csv_text(["path", "predicted"] + [f"prob_{c}" for c in names],
                     [[r["path"], r["predicted"]] + [f"{r['probabilities'][c]:.6f}" for c in names] for r in done])
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8", FILE_NAME_BYTES))
 
 
 def write_json(rows, path):
     """Classified rows as a JSON list of {path, predicted, probabilities}, written atomically."""
     done = [{k: r[k] for k in ("path", "predicted", "probabilities")} for r in rows if r["error"] is None]
-    atomic_write_bytes(path, (json.dumps(done, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(done, indent=1, ensure_ascii=False) + "\n").encode("utf-8", FILE_NAME_BYTES))
 
 
 def print_table(rows, names, out=sys.stdout):

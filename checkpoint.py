@@ -20,6 +20,9 @@ import torch
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from user_errors import UserError
 
+# How text the tool writes is encoded: a file name that is not UTF-8 (os gives it as surrogates) goes back to
+# its own bytes, so a path in a CSV names the very file.
+FILE_NAME_BYTES = "surrogateescape"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 # The original script trained ants/bees at 224 px on ImageNet statistics and saved no class names.

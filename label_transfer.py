@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from answer_ledger import AnswerLedger
-from checkpoint import atomic_write_bytes
+from checkpoint import FILE_NAME_BYTES, atomic_write_bytes
 from csv_cells import csv_text, restore
 from dataset import file_sha1, scan_image_folder
 from feedback_store import IMPORTED, FeedbackStore
@@ -155,7 +155,7 @@ def write_table(rows, target):
         data = "".join(json.dumps({c: (r[c] if r[c] != "" else None) for c in COLUMNS}) + "\n" for r in rows)
     with writing(target):
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        atomic_write_bytes(target, data.encode("utf-8"))
+        atomic_write_bytes(target, data.encode("utf-8", FILE_NAME_BYTES))
 
 
 @contextlib.contextmanager

@@ -56,5 +56,7 @@ def guard_standard_streams():
                 setattr(sys, name, open(fd, mode, closefd=False))
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
+        with contextlib.suppress(AttributeError, ValueError):  # a file name that is not UTF-8 prints as its bytes
+            stream.reconfigure(errors="surrogateescape")
         if stream is not None and not isinstance(stream, PipeEndSafe):
             setattr(sys, name, PipeEndSafe(stream))

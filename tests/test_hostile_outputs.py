@@ -130,3 +130,13 @@ def test_a_closed_stdin_and_a_lock_held_by_another_program_end_in_one_line(run, 
         os.close(lock)
     assert_user_error(proc, str(run), "in use by another program")
     assert str(gone.pid) not in proc.stderr
+
+
+def test_a_file_name_that_is_not_utf8_is_classified_printed_and_written_as_its_own_bytes(run, image, tmp_path):
+    odd = os.fsencode(str(tmp_path)) + b"/caf\xe9.png"  # Latin-1, as old cameras wrote
+    os.rename(image, os.fsdecode(odd))
+    for flag, out in (("--csv", tmp_path / "out.csv"), ("--json", tmp_path / "out.json"), (None, None)):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "inference.py"), os.fsdecode(odd), "--model",
+                               str(run)] + ([flag, str(out)] if flag else []), capture_output=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert b"caf\xe9.png" in (out.read_bytes() if flag else proc.stdout)
