@@ -11,10 +11,11 @@ person gave (a class, a correction, a yes), else, when every class but one was r
 from collections import Counter
 from dataclasses import dataclass
 
+from feedback_store import IMPORTED as IMPORT  # the store's kind of a row from --import-labels
+
 SKIP = None
 IMPLIED = "implied"
 VERDICT_YES = "verdict-yes"
-IMPORT = "import"  # the store's kind of a row from --import-labels
 
 
 @dataclass(frozen=True)

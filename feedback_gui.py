@@ -49,18 +49,15 @@ def open_root():
     return display.open_root(NO_DISPLAY, TITLE)
 
 
-def session_ledger(store, names):
-    """The answers in the store as the window counts them, keyed by content hash (AnswerLedger)."""
-    return AnswerLedger.from_store(store.rows(), store.verdicts(), len(names))
-
-
 class SessionTally:
     """The person's answers as the window shows them: its own AnswerLedger (by content hash), following each
     answer given or undone, and the record of agreement with the guesses shown."""
 
     def __init__(self, store, names, asking_verdicts, hash_of):
-        self.ledger, self.asking_verdicts, self.hash_of = session_ledger(store, names), asking_verdicts, hash_of
-        self.agree = [r["predicted"] == r["answer"] for r in store.rows()
+        rows = store.rows()  # read once: the ledger and the agreement record both come from it
+        self.ledger = AnswerLedger.from_store(rows, store.verdicts(), len(names))
+        self.asking_verdicts, self.hash_of = asking_verdicts, hash_of
+        self.agree = [r["predicted"] == r["answer"] for r in rows
                       if r["answer"] is not None and r.get("kind") != IMPORT]
 
     def apply(self, q, kind, value, ref, sign):

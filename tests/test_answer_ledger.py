@@ -74,7 +74,7 @@ def test_loop_window_tally_and_export_read_the_same_labels_and_counts(tmp_path, 
     store.add_verdict(h[4], ds.paths[4], 1, 0.5, 1, "sample")  # a yes
     store.add_verdict(h[5], ds.paths[5], 2, 0.5, 0, "sample")  # a no that settles nothing
     store.add(h[6], ds.paths[6], 1, kind="label")              # answered, then undone in the window
-    window = feedback_gui.session_ledger(store, ds.class_names)
+    window = feedback_gui.SessionTally(store, ds.class_names, True, ds.hash_of).ledger
     store.remove(h[6])
     window.undo_answer(h[6])
 
