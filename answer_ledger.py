@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from feedback_store import IMPORTED as IMPORT  # the store's kind of a row from --import-labels
+from verdict_posterior import net_verdicts
 
 SKIP = None
 IMPLIED = "implied"
@@ -136,6 +137,14 @@ class AnswerLedger:
         """Classes still to propose for image: every class it was not rejected for."""
         rejected = self.rejected(image)
         return [c for c in range(self.num_classes) if c not in rejected]
+
+    def net_verdicts(self, image):
+        """Yes minus no per class of image's live verdicts: the evidence of its posterior (verdict_posterior.py)."""
+        keys = self.verdict_keys.get(image, ())
+        return net_verdicts(((self.verdicts[k].proposed, self.verdicts[k].verdict) for k in keys), self.num_classes)
+
+    def verdict_count(self, image):
+        return len(self.verdict_keys.get(image, ()))
 
     def yes_key(self, image):
         """Key of the yes that labels image, or None."""

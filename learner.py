@@ -30,6 +30,16 @@ from ddp import Ranks, use_global_batchnorm, wrap_ddp
 from models import PolicyModel, RewardModel, frozen_part, set_finetune, trainable_part
 from optimum_fit import confidence, optimum_targets, optimum_update, reward_model_log_rewards
 from ppo import LoggedActions, PPOConfig, ppo_update
+from verdict_posterior import (
+    DEFAULT_FLIP_RATE,
+    clamp_flip_rate,
+    estimate_flip_rate,
+    log_likelihood_ratio,
+    snips_accuracy,
+    unslip,
+)
+
+FLIP_SCORES = 4000  # newest (q, verdict) pairs the flip-rate estimate reads
 
 RELIABILITY_Z = 2.0  # standard errors below the measured accuracy at which the reward model is trusted
 
@@ -45,6 +55,13 @@ class RewardModelConfig:
                  "the policy", "lo": 1})
     rm_window: int = field(default=64, metadata={
         "help": "how many of the newest answers measure the reward model's reliability", "lo": 1})
+    verdict_evidence: str = field(default="posterior", metadata={
+        "help": "--ask verdict: a verdict is evidence with the person's flip rate (posterior: soft targets, a "
+                "bounded reward-model loss, a rejected class may come back) or a hard label and a rejection for "
+                "good (hard: the tool before the flip rate)", "choices": ("posterior", "hard")})
+    verdict_flip_rate: Optional[float] = field(default=None, metadata={
+        "help": "--ask verdict: the person's rate of slipped verdicts (default: estimated from the verdicts, "
+                "printed as flip_rate in the metrics)", "lo": 0.0, "hi": 0.5, "open_hi": True})
 
 
 @dataclass
@@ -56,6 +73,8 @@ class VerdictBatch:
     behaviour: torch.Tensor
     x_replay: torch.Tensor
     proposed_replay: torch.Tensor
+    evidence: Optional[torch.Tensor] = None  # (N, K) yes minus no per class of each new row's image
+
 
 
 @dataclass
@@ -70,6 +89,9 @@ class UpdateBatch:
     answers_replay: Optional[torch.Tensor] = None
     x_unanswered: Optional[torch.Tensor] = None
     no: Optional[VerdictBatch] = None
+    yes_new: Optional[torch.Tensor] = None      # (N,) bool: new answers that are a yes (evidence, not a label)
+    evidence_new: Optional[torch.Tensor] = None  # (N, K) yes minus no per class of those images
+    yes_replay: Optional[torch.Tensor] = None   # (M,) bool: replayed answers that are a yes
 
 
 def one_hot_rewards(answers, num_classes):
@@ -103,6 +125,19 @@ def reliability(record, num_classes, min_count):
     return max(0.0, min(1.0, (lower - chance) / (1.0 - chance)))
 
 
+def snips_reliability(record, num_classes, min_count, eps):
+    """How far to trust the reward model from verdicts on proposals of its top class ((yes, 1 / behaviour)
+    pairs, see verdict_posterior.snips_accuracy): its accuracy at the Wilson lower bound of the effective
+    sample, undone of slips, against chance 1 / K."""
+    if len(record) < max(1, min_count):
+        return 0.0
+    total = sum(w for _, w in record)
+    yes_rate, n_eff = snips_accuracy(record)
+    accuracy = unslip(wilson_lower_bound(yes_rate * n_eff, n_eff), eps) if total > 0 else 0.0
+    chance = 1.0 / num_classes
+    return max(0.0, min(1.0, (accuracy - chance) / (1.0 - chance)))
+
+
 def set_train_mode(model, batch_size):
     """Train mode for BatchNorm statistics, except for batches of one."""
     model.train(batch_size >= 2)
@@ -114,17 +149,26 @@ def adam(params, lr, device="cpu"):
     return torch.optim.Adam(params, lr=lr, fused=torch.device(device).type in ("cpu", "cuda"))
 
 
-def reward_model_loss(logits, classes, rejected):
-    """Per-row loss of the reward model, read as P(yes | image, class) = its softmax of that class: a label
-    or a yes is -log p(class) (cross-entropy), a no is -log(1 - p(class)) (the Bernoulli likelihood)."""
+def reward_model_loss(logits, classes, rejected, verdict=None, eps=0.0):
+    """Per-row loss of the reward model, read as P(yes | image, class) = its softmax p of that class: a label
+    or a yes is -log p(class) (cross-entropy), a no is -log(1 - p(class)) (the Bernoulli likelihood). Verdict
+    rows (yes and no) with a flip rate eps > 0 take the likelihood of a person who slips with rate eps:
+    -log((1 - eps) p + eps (1 - p)) for a yes, -log(eps p + (1 - eps)(1 - p)) for a no, bounded by -log eps."""
     logp = F.log_softmax(logits, dim=-1).gather(1, classes[:, None]).squeeze(1)
-    no = -torch.log1p(-logp.exp().clamp(max=1.0 - 1e-6))
-    return torch.where(rejected, no, -logp)
+    p = logp.exp()
+    no = -torch.log1p(-p.clamp(max=1.0 - 1e-6))
+    loss = torch.where(rejected, no, -logp)
+    if verdict is None or eps <= 0:
+        return loss
+    said = torch.where(rejected, 1.0 - p, p)
+    bounded = -torch.log((1.0 - eps) * said + eps * (1.0 - said))
+    return torch.where(verdict, bounded, loss)
 
 
-def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, generator, ranks=None, rejected=None):
+def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, generator, ranks=None, rejected=None,
+                        verdict=None, eps=0.0):
     """`steps` steps on the reward model; x, answers: every answered image to draw from (rejected: (N,) bool,
-    rows whose class the person said no to).
+    rows whose class the person said no to; verdict: rows from a yes or a no, read with flip rate eps).
 
     The first minibatch always starts with the first rows (the caller puts the newest answers there).
     With `ranks`, each process computes its block of every minibatch. Returns the mean loss.
@@ -132,6 +176,7 @@ def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, 
     ranks = ranks or Ranks()
     n = x.shape[0]
     rejected = torch.zeros(n, dtype=torch.bool) if rejected is None else rejected
+    verdict = rejected if verdict is None else verdict | rejected
     losses = []
     for step in range(steps):
         if step == 0:
@@ -141,7 +186,8 @@ def reward_model_update(reward_model, optimizer, x, answers, steps, batch_size, 
         set_train_mode(reward_model, idx.numel())
         start, stop = ranks.block(idx.numel())
         rows = idx[start:stop].to(x.device)
-        per_row = reward_model_loss(reward_model(x[rows]), answers[rows], rejected[rows.cpu()].to(x.device))
+        per_row = reward_model_loss(reward_model(x[rows]), answers[rows], rejected[rows.cpu()].to(x.device),
+                                    verdict[rows.cpu()].to(x.device), eps)
         loss = per_row.sum() / (idx.numel() / ranks.world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -184,6 +230,9 @@ class Learner:
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0  # policy updates so far: recorded with each answer
         self.rm_record = []  # (hit 1/0, answer) for each new answer the reward model predicted before fitting it
+        self.verdict_record = []  # (yes 1/0, 1 / behaviour) for each fresh verdict on its top class
+        self.flip_scores = []  # (its P(proposed), verdict) for each fresh verdict: what the flip rate is read from
+        self.estimated_flip_rate = DEFAULT_FLIP_RATE
 
     @torch.no_grad()
     def encode(self, images):
@@ -214,15 +263,31 @@ class Learner:
 
     def rm_reliability(self):
         """Weight of the reward model's rewards: its accuracy on the newest answers before it saw them,
-        against chance (see `reliability`)."""
-        return reliability(self.rm_record[-self.rm_cfg.rm_window:], self.num_classes, self.rm_cfg.rm_min_answers)
+        against chance (see `reliability`), or on the newest verdicts on its top class (`snips_reliability`)."""
+        cfg = self.rm_cfg
+        labels = reliability(self.rm_record[-cfg.rm_window:], self.num_classes, cfg.rm_min_answers)
+        if not self.verdict_record:
+            return labels
+        verdicts = snips_reliability(self.verdict_record[-cfg.rm_window:], self.num_classes, cfg.rm_min_answers,
+                                     self.flip_rate() if self.bounded_verdicts() else 0.0)
+        return max(labels, verdicts)
 
-    def fit_reward_model(self, x, answers, rejected=None):
+    def bounded_verdicts(self):
+        return self.rm_cfg.verdict_evidence == "posterior"
+
+    def flip_rate(self):
+        """The person's rate of slipped verdicts: --verdict-flip-rate, else estimated from the fresh verdicts."""
+        if self.rm_cfg.verdict_flip_rate is not None:
+            return clamp_flip_rate(self.rm_cfg.verdict_flip_rate)
+        return self.estimated_flip_rate
+
+    def fit_reward_model(self, x, answers, rejected=None, verdict=None):
         """rm_steps reward-model steps on inputs x with answers (the first rows first; rejected: rows the
-        person said no to); returns the loss."""
+        person said no to; verdict: rows from a yes or a no); returns the loss."""
+        eps = self.flip_rate() if self.bounded_verdicts() else 0.0
         return reward_model_update(self.rm_ddp, self.rm_opt, x.to(self.device), answers.to(self.device),
                                    self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator, self.ranks,
-                                   rejected)
+                                   rejected, verdict, eps)
 
     def score_reward_model(self, x_new, answers_new, fresh):
         """Record whether the reward model predicts the fresh new answers (before it is fitted on them);
@@ -233,21 +298,29 @@ class Learner:
             return None
         return self.remember(hits, answers_new[fresh].tolist())
 
-    def score_verdicts(self, x, proposed, verdicts):
+    def score_verdicts(self, x, proposed, verdicts, behaviour=None):
         """Score the reward model on fresh verdicts before it is fitted on them; returns the share of them it
         predicts (yes when its P(yes) = p(proposed) is at least 1/2), or None for none.
 
-        Its reliability, though, is its top-1 accuracy, as with labels, on the verdicts that settle it: a yes
-        is a label (a hit when its likeliest class is the proposed one), and a no to its likeliest class is a
-        miss; a no to another class leaves its answer unknown and is not recorded. A yes/no score would have
-        to beat the share of no's (nine in ten while proposals are poor) to earn any trust."""
+        Its reliability, though, is its top-1 accuracy. With --verdict-evidence posterior it is read from the
+        verdicts on proposals of its top class, weighted by 1 / behaviour (`snips_reliability`), and each
+        verdict with its p(proposed) goes to the flip-rate estimate. With hard, as labels would give it: a yes
+        is a hit when its likeliest class is the proposed one, a no to its likeliest class a miss, other no's
+        are not recorded. A yes/no score would have to beat the share of no's to earn any trust."""
         if not x.shape[0]:
             return None
         rewards = self.predicted_rewards(x)
         p = (rewards.gather(1, proposed[:, None]).squeeze(1) + 1.0) / 2.0
         said_yes, top = verdicts.bool(), rewards.argmax(1) == proposed
         settled = said_yes | top
-        if settled.any():
+        if self.bounded_verdicts() and behaviour is not None:
+            self.flip_scores = (self.flip_scores + list(zip(p.tolist(), said_yes.long().tolist())))[-FLIP_SCORES:]
+            self.estimated_flip_rate = estimate_flip_rate(self.flip_scores)
+            weights = 1.0 / behaviour.double().clamp_min(1e-6)
+            self.verdict_record = (self.verdict_record + [(int(y), float(w)) for y, w in
+                                                          zip(said_yes[top].tolist(), weights[top].tolist())]
+                                   )[-self.rm_cfg.rm_window:]
+        elif settled.any():
             self.remember((top & said_yes)[settled].long().tolist(),
                           torch.where(said_yes, proposed, -1)[settled].tolist())
         return ((p >= 0.5) == said_yes).float().mean().item()
@@ -322,7 +395,11 @@ class Learner:
         the answers, the unanswered images where the reward model is trusted (each weighted by how sure it is
         there), and the verdicts "no" (see optimum_fit.py)."""
         k, trust, beta = self.num_classes, self.rm_reliability(), self.ppo_cfg.optimum_beta
-        parts = [(batch.x_new, one_hot_rewards(batch.answers_new, k) / beta, torch.ones(len(batch.answers_new)))]
+        rewards = one_hot_rewards(batch.answers_new, k) / beta
+        if batch.yes_new is not None and batch.yes_new.any() and self.bounded_verdicts():
+            yes = batch.yes_new  # a yes is evidence on the reward model's prior: pi* = pi_ref * posterior
+            rewards[yes] = self.posterior_log_rewards(batch.x_new[yes], batch.evidence_new[yes])
+        parts = [(batch.x_new, rewards, torch.ones(len(batch.answers_new)))]
         stats = {"rm_weight": trust, "rm_images": 0}
         unanswered, no = batch.x_unanswered, batch.no
         if unanswered is not None and unanswered.shape[0]:  # weighted by how sure it is there, not gated
@@ -330,11 +407,21 @@ class Learner:
             parts.append((unanswered, reward_model_log_rewards(q), confidence(q)))
             stats["rm_images"] = int(unanswered.shape[0])
         if no is not None and no.x.shape[0]:
-            parts.append((no.x, reward_model_log_rewards(self.rm_probs(no.x), no.proposed), torch.ones(len(no.x))))
+            if self.bounded_verdicts() and no.evidence is not None:
+                r = self.posterior_log_rewards(no.x, no.evidence)
+            else:
+                r = reward_model_log_rewards(self.rm_probs(no.x), no.proposed)
+            parts.append((no.x, r, torch.ones(len(no.x))))
             stats["verdict_no_images"] = int(len(no.proposed))
         x = torch.cat([p[0] for p in parts])
         targets = optimum_targets(self.reference_logprobs(x), torch.cat([p[1] for p in parts]), 1.0)
         return x, targets, torch.cat([p[2] for p in parts]), stats
+
+    def posterior_log_rewards(self, x, evidence):
+        """r = log of each image's verdict posterior (the reward model's q times ((1 - eps) / eps) ** net),
+        up to a constant per row, which pi* does not see."""
+        llr = log_likelihood_ratio(self.flip_rate())
+        return reward_model_log_rewards(self.rm_probs(x)) + llr * evidence.float()
 
     @torch.no_grad()
     def reference_logprobs(self, inputs):
@@ -381,7 +468,9 @@ class Learner:
         return {"policy": self.policy.state_dict(), "reward_model": self.reward_model.state_dict(),
                 "policy_opt": self.policy_opt.state_dict(),
                 "reward_opt": self.rm_opt.state_dict(), "generator": self.generator.get_state(),
-                "version": self.version, "rm_record": [list(r) for r in self.rm_record]}
+                "version": self.version, "rm_record": [list(r) for r in self.rm_record],
+                "verdict_record": [list(r) for r in self.verdict_record],
+                "flip_scores": [list(r) for r in self.flip_scores]}
 
     def load_state_dict(self, state):
         self.policy.load_state_dict(state["policy"])
@@ -394,20 +483,29 @@ class Learner:
             self.rm_record = [(int(h), int(a)) for h, a in state["rm_record"]]
         else:  # format 1 kept hits only: the answers' classes are unknown (-1)
             self.rm_record = [(int(h), -1) for h in state.get("rm_fresh", [])]
+        self.verdict_record = [(int(y), float(w)) for y, w in state.get("verdict_record", [])]
+        self.flip_scores = [(float(q), int(v)) for q, v in state.get("flip_scores", [])]
+        self.estimated_flip_rate = estimate_flip_rate(self.flip_scores) if self.flip_scores else DEFAULT_FLIP_RATE
 
 
 def reward_model_rows(batch):
-    """(inputs, classes, rejected) the reward model fits in one update, newest first: the new answers, the new
-    verdicts "no", the replayed answers, the replayed verdicts "no"."""
+    """(inputs, classes, rejected, verdict) the reward model fits in one update, newest first: the new answers,
+    the new verdicts "no", the replayed answers, the replayed verdicts "no"; verdict marks a yes or a no."""
     no = batch.no
     empty_x, empty_a = batch.x_new[:0], batch.answers_new[:0]
-    parts = [(batch.x_new, batch.answers_new, False),
-             (empty_x, empty_a, True) if no is None else (no.x, no.proposed, True)]
+
+    def yes(mask, n):
+        return torch.zeros(n, dtype=torch.bool) if mask is None else mask.bool()
+
+    parts = [(batch.x_new, batch.answers_new, False, yes(batch.yes_new, len(batch.answers_new))),
+             (empty_x, empty_a, True, None) if no is None else (no.x, no.proposed, True, None)]
     if batch.x_replay is not None:
-        parts.append((batch.x_replay, batch.answers_replay, False))
-    parts.append((empty_x, empty_a, True) if no is None else (no.x_replay, no.proposed_replay, True))
-    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-            torch.cat([torch.full((len(p[1]),), p[2], dtype=torch.bool) for p in parts]))
+        parts.append((batch.x_replay, batch.answers_replay, False, yes(batch.yes_replay, len(batch.answers_replay))))
+    parts.append((empty_x, empty_a, True, None) if no is None else (no.x_replay, no.proposed_replay, True, None))
+    rejected = [torch.full((len(p[1]),), p[2], dtype=torch.bool) for p in parts]
+    verdict = [r if p[3] is None else p[3] for p, r in zip(parts, rejected)]
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat(rejected),
+            torch.cat(verdict))
 
 
 @torch.no_grad()

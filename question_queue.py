@@ -44,7 +44,7 @@ class QuestionQueue:
     def __init__(self, pool_size, seed, order):
         self.pool_size, self.seed, self.order_rule = pool_size, seed, order
         self.lock = threading.RLock()
-        self.unasked, self.slot, self.outstanding = [], {}, set()
+        self.unasked, self.slot, self.outstanding, self.confirm = [], {}, set(), set()
 
     def begin_epoch(self, epoch, answered):
         """The epoch's order, its unasked images (not in `answered`) and its seeded draws."""
@@ -54,6 +54,7 @@ class QuestionQueue:
             self.slot = {i: k for k, i in enumerate(self.unasked)}  # position in unasked: O(1) removal
             self.order_head, self.ranking, self.ranking_head = 0, None, 0
             self.outstanding = set()   # handed out to be asked, no answer yet
+            self.confirm = set()       # answered yes, asked again until its posterior is sure
             self.ask_rng = random.Random(f"{self.seed}:ask:{epoch}")
             self.rank_rng = random.Random(f"{self.seed}:rank:{epoch}")
             self.propose_rng = random.Random(f"{self.seed}:propose:{epoch}")

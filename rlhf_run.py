@@ -22,8 +22,9 @@ import time
 
 import torch
 
-from answer_ledger import SKIP, AnswerLedger
+from answer_ledger import IMPLIED, SKIP, VERDICT_YES, AnswerLedger
 from checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint
+from crossfit_trust import CrossfitHalf, crossfit_records
 from feature_cache import FeatureCache, weights_digest
 from feedback_store import FeedbackStore, StoreError
 from label_transfer import import_labels
@@ -31,8 +32,10 @@ from learner import Learner, UpdateBatch, VerdictBatch, evaluate_accuracy
 from question_queue import QuestionQueue, rank_unasked
 from run_folder import RunFiles
 from training_queue import TrainingQueue
+from verdict_posterior import posterior
 
 BN_SAMPLE = 256  # pool images whose statistics the served models' BatchNorm layers take at an epoch end
+CROSSFIT_ROWS = 512  # most answers and verdicts the epoch end's cross-fitted re-measure reads
 
 
 class NullObserver:
@@ -62,6 +65,7 @@ class RLHFRun:
             self.cache = FeatureCache(run_dir, learner.encode, key)
         self.ledger = AnswerLedger(dataset.num_classes)  # keyed by pool position
         self.shown_of = {}  # pool position -> class shown with the answer given in this process
+        self.prior_of = {}  # pool position -> the guess its last proposal was drawn from (the posterior's prior)
         self.questions = QuestionQueue(len(dataset), cfg.seed, cfg.order)
         self.lock = self.questions.lock  # the window's guesser asks while its run worker records
         self.training = TrainingQueue(cfg.seed)
@@ -119,8 +123,8 @@ class RLHFRun:
                 # (dataset.py) and never asked
                 if self.ds.readable(index):  # reads the file's hash too, when the pool had not read it yet
                     self.link_arrived()
-                    if index in self.answer_of:  # answered in an earlier session: known only now
-                        continue
+                    if index in self.answer_of and index not in self.questions.confirm:
+                        continue  # answered in an earlier session: known only now
                     self.questions.outstanding.add(index)
                     self.ds.start_reading()  # a new folder's files: read now that the first question is out
                     return index
@@ -163,9 +167,18 @@ class RLHFRun:
         return self.learner.policy_probs(self.inputs(indices))
 
     def propose(self, index, probs):
-        """(class to propose for image `index`, the probability the --propose rule gave it), never a class the
-        person rejected for it; the probability is logged with the verdict, so the update corrects for it."""
-        return self.questions.propose(probs, self.ledger.allowed(index), self.cfg.propose, self.cfg.propose_explore)
+        """(class to propose for image `index`, the probability the --propose rule gave it), drawn from the
+        posterior given its verdicts (--verdict-evidence hard: never a class the person rejected); the
+        probability is logged with the verdict, so the update corrects for it."""
+        if not self.posterior_mode():
+            return self.questions.propose(probs, self.ledger.allowed(index), self.cfg.propose,
+                                          self.cfg.propose_explore)
+        self.prior_of[index] = [float(p) for p in probs]
+        post = posterior(self.prior_of[index], self.ledger.net_verdicts(index), self.learner.flip_rate())
+        return self.questions.propose(post, list(range(len(post))), self.cfg.propose, self.cfg.propose_explore)
+
+    def posterior_mode(self):
+        return self.learner.bounded_verdicts()
 
     # --- answers ------------------------------------------------------------------------------
     def record(self, index, answer, probs, policy_version):
@@ -188,13 +201,12 @@ class RLHFRun:
             self.questions.outstanding.discard(index)
             self.questions.take(index)
             v = self.ledger.add_verdict(index, proposed, behaviour, verdict, policy_version, row)
-            if index not in self.answer_of and len(self.ledger.allowed(index)) > 1:
-                self.questions.put_back(index)
+            ask_again(self, index)
         self.asked_this_run += 1
         self.training.rewards[("verdict", v.key)] = 1.0 if verdict else -1.0
         if index in self.answer_of:
             self.visit(index)   # a yes, or the last class left after the no's: a label
-        else:
+        if not verdict and (index not in self.answer_of or self.posterior_mode()):
             self.training.queue_no(v.key)
         return v.key
 
@@ -263,10 +275,12 @@ class RLHFRun:
             vs = [ledger.verdicts[k] for k in fresh_verdicts]
             stats["rm_verdict_acc"] = self.learner.score_verdicts(
                 self.inputs([v.image for v in vs]), torch.tensor([v.proposed for v in vs]),
-                torch.tensor([v.verdict for v in vs]))
+                torch.tensor([v.verdict for v in vs]), torch.tensor([v.behaviour for v in vs]))
         batch = UpdateBatch(self.inputs(new), self.labels(new), None, self.inputs(replay), self.labels(replay))
         batch.x_unanswered = self.inputs(take) if (take and self.reward_model_ready()) else None
         batch.fresh, batch.no = torch.tensor(fresh, dtype=torch.bool), verdict_batch(self, nos, no_replay)
+        if self.posterior_mode() and ledger.verdicts:
+            add_evidence(batch, ledger, new, replay)
         stats.update(self.learner.update(batch))
         self.training.fitted(new, nos)
         return self.after_update(stats, len(new), len(nos), shown, t0)
@@ -276,16 +290,7 @@ class RLHFRun:
 
     def after_update(self, stats, n_labels, n_no, shown, t0):
         """Metrics (printed and in metrics.jsonl), validation, checkpoint and a new ranking."""
-        metrics = {"update": self.learner.version, "epoch": self.epoch + 1, "answers": len(self.ledger.labelled()),
-                   "imported": self.ledger.imported_count(), "asked": len(self.answer_of),
-                   "asked_this_run": self.asked_this_run, "human_images": n_labels, **stats,
-                   "update_s": time.perf_counter() - t0}
-        if self.cfg.ask == "verdict" or self.ledger.nos:
-            live = self.ledger.live_verdicts()
-            metrics.update(verdicts=len(live), verdict_no_updated=n_no,
-                           yes_share=sum(v.verdict for v in live) / len(live) if live else 0.0)
-        if shown:
-            metrics["mean_reward"] = sum(shown) / len(shown)  # of what the person was shown
+        metrics = update_metrics(self, stats, n_labels, n_no, shown, t0)
         if self.val is not None and self.cfg.val_every and self.learner.version % self.cfg.val_every == 0:
             metrics["val_acc"] = accuracy_on(self.learner, self.val, self.cfg.score_batch)
         self.files.write_metrics(metrics)
@@ -309,6 +314,7 @@ class RLHFRun:
             if stop():
                 return False
             self.update(rm_only=not self.training.waiting())
+        remeasure_reward_model(self)
         recompute_batchnorm(self)
         self.episodes.append(self.training.episode(self.epoch + 1))
         self.epoch += 1
@@ -347,6 +353,24 @@ class RLHFRun:
         self.begin_epoch()
 
 
+def update_metrics(run, stats, n_labels, n_no, shown, t0):
+    """The metrics of an update: counts of answers and verdicts, the learner's statistics, the mean reward."""
+    ledger = run.ledger
+    metrics = {"update": run.learner.version, "epoch": run.epoch + 1, "answers": len(ledger.labelled()),
+               "imported": ledger.imported_count(), "asked": len(ledger.label_of),
+               "asked_this_run": run.asked_this_run, "human_images": n_labels, **stats,
+               "update_s": time.perf_counter() - t0}
+    if run.cfg.ask == "verdict" or ledger.nos:
+        live = ledger.live_verdicts()
+        metrics.update(verdicts=len(live), verdict_no_updated=n_no,
+                       yes_share=sum(v.verdict for v in live) / len(live) if live else 0.0)
+        if run.posterior_mode():
+            metrics["flip_rate"] = run.learner.flip_rate()
+    if shown:
+        metrics["mean_reward"] = sum(shown) / len(shown)  # of what the person was shown
+    return metrics
+
+
 def answer_row(run, index, answer, probs, policy_version):
     """The store row of an answer: the guess shown (argmax of probs), its probability, the answer and the
     reward of the shown guess (+1 right, -1 wrong, None for a skip)."""
@@ -382,9 +406,70 @@ def verdict_batch(run, nos, no_replay):
     if not nos and not no_replay:
         return None
     new, old = [run.ledger.verdicts[k] for k in nos], [run.ledger.verdicts[k] for k in no_replay]
+    evidence = torch.tensor([run.ledger.net_verdicts(v.image) for v in new], dtype=torch.float32).reshape(
+        len(new), run.ds.num_classes)
     return VerdictBatch(run.inputs([v.image for v in new]), torch.tensor([v.proposed for v in new], dtype=torch.long),
                         torch.tensor([v.behaviour for v in new], dtype=torch.float64),
-                        run.inputs([v.image for v in old]), torch.tensor([v.proposed for v in old], dtype=torch.long))
+                        run.inputs([v.image for v in old]), torch.tensor([v.proposed for v in old], dtype=torch.long),
+                        evidence)
+
+
+def add_evidence(batch, ledger, new, replay):
+    """Mark the new and replayed answers that came from verdicts, with their images' evidence: they are learnt
+    as verdicts (a bounded reward-model loss, the posterior as the policy's target), not as labels."""
+    from_verdicts = (VERDICT_YES, IMPLIED)  # a yes, or the last class left after the no's
+    batch.yes_new = torch.tensor([ledger.kind_of.get(i) in from_verdicts for i in new], dtype=torch.bool)
+    batch.yes_replay = torch.tensor([ledger.kind_of.get(i) in from_verdicts for i in replay], dtype=torch.bool)
+    batch.evidence_new = torch.tensor([ledger.net_verdicts(i) for i in new], dtype=torch.float32).reshape(
+        len(new), ledger.num_classes)
+
+
+def ask_again(run, index):
+    """After a verdict: put image `index` back among this epoch's questions while it is not settled. Hard
+    verdicts: until a yes or the last class left. Posterior: until its posterior gives one class
+    --verdict-confidence, or it had --verdicts-per-image verdicts; an image with a yes is then asked to confirm."""
+    ledger, questions, cfg = run.ledger, run.questions, run.cfg
+    if not run.posterior_mode():
+        if index not in run.answer_of and len(ledger.allowed(index)) > 1:
+            questions.put_back(index)
+        return
+    questions.confirm.discard(index)
+    prior = run.prior_of.get(index) or [1.0] * ledger.num_classes
+    sure = max(posterior(prior, ledger.net_verdicts(index), run.learner.flip_rate())) >= cfg.verdict_confidence
+    if sure or ledger.verdict_count(index) >= cfg.verdicts_per_image:
+        return
+    if index in run.answer_of:
+        questions.confirm.add(index)
+    questions.put_back(index)
+
+
+def remeasure_reward_model(run):
+    """--ask verdict: measure the reward model again at an epoch end, by two half-data fits scoring each other's
+    half (crossfit_trust.py); the records it leaves are what its trust is read from until fresh answers come."""
+    if run.cfg.ask != "verdict" or run.cfg.no_reward_model or not run.posterior_mode():
+        return
+    ledger, rows = run.ledger, []
+    for image, label in ledger.label_of.items():
+        if label is not SKIP and ledger.kind_of[image] not in (VERDICT_YES, IMPLIED):
+            rows.append((image, label, False, False, 1.0))
+    rows += [(v.image, v.proposed, not v.verdict, True, v.behaviour) for v in ledger.live_verdicts()]
+    rng = random.Random(f"{run.cfg.seed}:crossfit:{run.epoch}")
+    if len(rows) > CROSSFIT_ROWS:
+        rows = rng.sample(rows, CROSSFIT_ROWS)
+    images = sorted({r[0] for r in rows})
+    rng.shuffle(images)
+    first = set(images[: len(images) // 2])  # an image's verdicts stay in one half: no half sees the other's
+    halves = [[r for r in rows if (r[0] in first) == side] for side in (True, False)]
+    records = crossfit_records(run.learner, [crossfit_half(run, h) for h in halves], seed=run.cfg.seed + run.epoch)
+    if records is not None:
+        run.learner.rm_record, run.learner.verdict_record = records[0] or run.learner.rm_record, records[1]
+
+
+def crossfit_half(run, rows):
+    return CrossfitHalf(run.inputs([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.long),
+                        torch.tensor([r[2] for r in rows], dtype=torch.bool),
+                        torch.tensor([r[3] for r in rows], dtype=torch.bool),
+                        torch.tensor([r[4] for r in rows], dtype=torch.float64))
 
 
 def recompute_batchnorm(run, sample=BN_SAMPLE):

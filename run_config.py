@@ -61,10 +61,15 @@ class RunConfig:
     ask: str = setting("label", "what the person gives: the true class (label), or yes/no to the class the model "
                        "proposes (verdict)", choices=("label", "verdict"))
     propose: str = setting("sample", "--ask verdict: which class to propose: a draw from the policy (sample) or "
-                           "its likeliest (greedy), never a class already rejected for the image",
+                           "its likeliest (greedy), of the posterior given the image's verdicts (with "
+                           "--verdict-evidence hard: never a class already rejected for the image)",
                            choices=("sample", "greedy"))
     propose_explore: float = setting(0.1, "--ask verdict: share of proposals drawn uniformly from the classes "
                                      "not rejected", lo=0.0, hi=1.0)
+    verdict_confidence: float = setting(0.95, "--ask verdict: an image is asked again until its posterior (the "
+                                        "policy's guess times the verdicts' evidence) gives one class this "
+                                        "much (0: a yes settles it, as before)", lo=0.0, hi=1.0)
+    verdicts_per_image: int = setting(4, "--ask verdict: most verdicts asked about one image in an epoch", lo=1)
     feedback_noise: float = setting(0.0, "simulated labeler: P(wrong answer)", lo=0.0, hi=1.0, open_hi=True)
     feedback_skip: float = setting(0.0, "simulated labeler: P(skip)", lo=0.0, hi=1.0, open_hi=True)
     noise_kind: str = setting("persistent", "simulated labeler: a wrong answer repeats when the same thing is asked "

@@ -61,7 +61,7 @@ def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
                            weights=args.weights, seed=seed, max_answers=budget, feedback_noise=noise,
                            checkpoint_every=0, val_every=0, out=out, batch_size=BATCH, **cfg)
         run = open_run(config, out, ds, None, backbone, origin, args.device, Ranks())
-        run_headless(run, FolderLabeler(ds, noise, 0.0, seed))
+        run_headless(run, FolderLabeler(ds, noise, 0.0, seed, noise_kind=config.noise_kind))
         given = run.ledger.given()
         run.store.close()
         return val_accuracy(run.learner.policy, val), given, val_accuracy(run.learner.reward_model, val)

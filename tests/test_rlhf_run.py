@@ -99,8 +99,9 @@ def test_the_reward_model_measures_itself_on_answers_before_it_is_fitted_on_them
     assert len(run.learner.rm_record) == 4
 
 
-def test_a_rejected_class_is_never_proposed_again_and_the_last_one_left_is_a_label(tmp_path, digits):
-    run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", propose_explore=0.5, order="sequential")
+def test_hard_verdicts_never_propose_a_rejected_class_again_and_the_last_one_left_is_a_label(tmp_path, digits):
+    run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", propose_explore=0.5, order="sequential",
+                   rm=RewardModelConfig(verdict_evidence="hard"))
     index = run.next_question()
     flat = torch.tensor([1 / 3] * 3)
     proposed, behaviour = run.propose(index, flat)
