@@ -1,29 +1,47 @@
-"""The batch engine of inference.py: a policy from any checkpoint, files decoded in DataLoader workers and
-classified in batches, and the writers of the results (CSV, JSON, a table).
+"""The batch engine of inference.py: a policy from any checkpoint on torch or ONNX Runtime, files decoded in
+DataLoader workers and classified in batches, and the writers of the results (CSV, JSON, a table).
 
     clf = load_classifier("runs/demo")               # or the original script's rlhf_models.pth
+    clf, backend = load_served("runs/demo")          # ONNX Runtime on the CPU where it can, else torch
     rows = classify_files(clf, list_inputs(["photos/"]))
 """
 import functools
 import json
 import os
+import platform
 import sys
 import tempfile
+import time
 from collections import namedtuple
 
 import torch
 
-from checkpoint import FILE_NAME_BYTES, CheckpointError, atomic_write_bytes, is_stream, read_policy
+import onnx_engine
+from checkpoint import (
+    CHECKPOINT_NAME,
+    FILE_NAME_BYTES,
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    is_stream,
+    read_policy,
+)
 from csv_cells import csv_text
 from dataset import list_image_files, load_image, normalize
 from user_errors import UserError, first_line
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # without them a CPU emulates bf16, slower than fp32
+PRECISION_FILE = "precision.json"  # in onnx_engine.cache_dir(): the measured --precision auto, per machine
+PRECISION_BATCH, PRECISION_ROUNDS = 8, 3
 
 
 class InferenceError(UserError):
     """Bad input to inference.py: a model, image or output path it cannot use; the message names the fix."""
 
 
-# A policy in eval mode with what reading images needs; step is None for the original script's files.
+# A policy with what reading images needs: net is a torch module in eval mode or an onnx_engine.OnnxNet; step is
+# None for the original script's files.
 Classifier = namedtuple("Classifier", "net class_names image_size mean std name step")
 
 
@@ -43,15 +61,125 @@ def load_classifier(spec=None):
     return Classifier(net, policy.class_names, policy.image_size, policy.mean, policy.std, policy.name, policy.step)
 
 
-def pick_precision(choice):
-    """--precision auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32."""
-    if choice != "auto":  # without those instructions bf16 is emulated, slower than fp32
+def checkpoint_file(spec=None):
+    """The checkpoint file that read_policy would read for spec, or None where it would fail (it says why)."""
+    path = spec or os.path.join("runs", "latest")
+    if os.path.isdir(path) or os.path.basename(path) == "latest":
+        if not os.path.lexists(path):
+            return None
+        from run_folder import resolve_run_dir
+        try:
+            path = os.path.join(resolve_run_dir(path), CHECKPOINT_NAME)
+        except (OSError, ValueError):
+            return None
+    return path if os.path.isfile(path) else None
+
+
+def load_served(spec=None, backend="auto", device="cpu"):
+    """(Classifier, engine name) for inference.py's --backend: auto is ONNX Runtime on the CPU (torch, after one
+    warning line, where it is missing or the export fails) and torch on CUDA."""
+    if backend == "torch" or (backend == "auto" and device != "cpu"):
+        return load_classifier(spec), "torch"
+    if device != "cpu":
+        raise InferenceError("--backend onnxruntime runs on the CPU: pass --device cpu, or --backend torch for CUDA")
+    clf = None
+    try:
+        path = checkpoint_file(spec)
+        found = onnx_engine.load_export(path) if path else None
+        if found:
+            return _from_export(*found, path), "onnxruntime"
+        clf = load_classifier(spec)  # a bad checkpoint says so here, as on the torch path
+        named_by = "folder" if clf.name == os.path.basename(os.path.dirname(os.path.abspath(path))) else "file"
+        meta = {"class_names": clf.class_names, "image_size": clf.image_size, "mean": list(clf.mean),
+                "std": list(clf.std), "step": clf.step, "named_by": named_by}
+        return _from_export(*onnx_engine.export_policy(clf.net, meta, path), path), "onnxruntime"
+    except onnx_engine.OnnxUnavailable as err:
+        if backend == "onnxruntime":
+            raise InferenceError(f"--backend onnxruntime: {err}; or pass --backend torch") from None
+        print(f"warning: {err}; classifying with torch instead", file=sys.stderr)
+        return clf or load_classifier(spec), "torch"
+
+
+def load_for_flags(spec=None, backend="auto", precision="auto", device="cpu"):
+    """(Classifier, engine name, precision) for inference.py's --model, --backend and --precision. ONNX Runtime
+    runs fp32, so an explicit --precision bf16 has auto pick torch."""
+    if precision == "bf16" and backend == "onnxruntime":
+        raise InferenceError("--precision bf16 needs --backend torch (ONNX Runtime runs fp32): drop one of them")
+    clf, engine = load_served(spec, "torch" if precision == "bf16" else backend, device)
+    return clf, engine, pick_precision(precision, clf, device) if engine == "torch" else "fp32"
+
+
+def _from_export(net, meta, path):
+    name = os.path.basename(os.path.dirname(os.path.abspath(path)) if meta["named_by"] == "folder" else path)
+    return Classifier(net, meta["class_names"], meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]), name,
+                      meta["step"])
+
+
+def pick_precision(choice, clf=None, device="cpu"):
+    """--precision auto: bf16 where it measured faster than fp32 on this machine (clf's model, measured once and
+    kept in the cache folder), else fp32."""
+    if choice != "auto":
         return choice
+    flags = cpu_info()[1]
+    if clf is None or (device == "cpu" and not any(f in flags for f in BF16_FLAGS)):
+        return "fp32"  # emulated bf16 is never the faster one
+    path, key = os.path.join(onnx_engine.cache_dir(), PRECISION_FILE), precision_key(clf.image_size, device)
+    known = _read_json(path)
+    if isinstance(known.get(key), dict) and known[key].get("choice") in ("fp32", "bf16"):
+        return known[key]["choice"]
+    seconds = measure_precision(clf, device)
+    choice = "bf16" if seconds["bf16"] < seconds["fp32"] else "fp32"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_json(path, {**known, key: {"choice": choice, "seconds": seconds}})
+    except OSError:
+        pass  # measured again next time: a slower start, never a wrong answer
+    return choice
+
+
+def _read_json(path):
+    """A JSON object from a file; {} for a missing, unreadable or damaged one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def precision_key(image_size, device="cpu"):
+    """What a precision measurement holds for: the processor, torch's version and the model's input size."""
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_info()[0]
+    return f"{where} | torch {torch.__version__} | {image_size} px"
+
+
+def measure_precision(clf, device="cpu"):
+    """Seconds of a forward pass of clf's network on a small batch, fp32 and bf16: the best of a few rounds."""
+    net = clf.net.to(device)
+    x = torch.zeros(PRECISION_BATCH, 3, clf.image_size, clf.image_size).to(device, memory_format=torch.channels_last)
+    times = {"fp32": [], "bf16": []}
+    with torch.inference_mode():
+        for round_ in range(PRECISION_ROUNDS + 1):  # round 0 warms up (oneDNN builds its kernels on first use)
+            for precision, seconds in times.items():
+                with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=precision == "bf16"):
+                    t0 = time.perf_counter()
+                    net(x).float().cpu()  # the copy waits for a GPU to finish
+                    if round_:
+                        seconds.append(time.perf_counter() - t0)
+    return {precision: min(seconds) for precision, seconds in times.items()}
+
+
+def cpu_info():
+    """(model name, set of flags) of the first processor in /proc/cpuinfo."""
+    fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return "bf16" if any(flag in f.read() for flag in ("avx512_bf16", "amx_bf16")) else "fp32"
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return "fp32"
+        pass
+    return fields.get("model name") or platform.processor() or platform.machine(), set(fields.get("flags", "").split())
 
 
 def load_batch(paths, image_size):
@@ -72,15 +200,10 @@ def classify_files(clf, files, batch_size=32, workers=2, precision="fp32", devic
     batches = -(-len(files) // batch_size)
     loader = torch.utils.data.DataLoader(files, batch_size, num_workers=min(workers, batches) if batches > 1 else 0,
                                          collate_fn=functools.partial(load_batch, image_size=clf.image_size))
-    net, rows = clf.net.to(device), []
+    forward, rows = _engine(clf, device), []
     with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=precision == "bf16"):
         for start, (images, errors) in zip(range(0, len(files), batch_size), loader):
-            probs = []
-            if images is not None:
-                # Channels-last while still uint8 (a quarter of the bytes to move); normalize keeps the layout.
-                x = normalize(images.contiguous(memory_format=torch.channels_last), clf.mean, clf.std).to(device)
-                probs = torch.softmax(net(x).float(), dim=1).tolist()
-            probs = iter(probs)
+            probs = iter(forward(images) if images is not None else [])
             for path, err in zip(files[start:start + batch_size], errors):
                 p = None if err else dict(zip(clf.class_names, next(probs)))
                 rows.append({"path": path, "error": err, "predicted": max(p, key=p.get) if p else None,
@@ -88,6 +211,19 @@ def classify_files(clf, files, batch_size=32, workers=2, precision="fp32", devic
             if progress is not None:
                 progress.update(len(errors))
     return rows
+
+
+def _engine(clf, device):
+    """uint8 image batch -> probability lists, on the classifier's engine (ONNX Runtime or torch)."""
+    if isinstance(clf.net, onnx_engine.OnnxNet):
+        return lambda images: clf.net.probabilities(images.numpy()).tolist()
+    net = clf.net.to(device)
+
+    def forward(images):
+        # Channels-last while still uint8 (a quarter of the bytes to move); normalize keeps the layout.
+        x = normalize(images.contiguous(memory_format=torch.channels_last), clf.mean, clf.std).to(device)
+        return torch.softmax(net(x).float(), dim=1).tolist()
+    return forward
 
 
 def list_inputs(paths):

@@ -6,7 +6,7 @@ import threading
 import traceback
 
 import display
-from batch_classifier import classify_files, load_classifier, pick_precision
+from batch_classifier import classify_files, load_for_flags
 from dataset import IMAGE_EXTENSIONS, list_image_files
 from user_errors import first_line
 
@@ -18,7 +18,7 @@ NO_DISPLAY = ("cannot open the window ({why}): classify from the command line: p
 class Window:
     """One image at a time: picture fitted to the window, predicted class, a bar per class."""
 
-    def __init__(self, tk, root, clf, precision):
+    def __init__(self, tk, root, clf, precision, engine="torch"):
         from tkinter import filedialog
         self.root, self.clf, self.precision, self.dialog = root, clf, precision, filedialog
         self.files, self.pos, self.seq, self.view, self.photo, self.message = [], 0, 0, None, None, ""
@@ -30,7 +30,7 @@ class Window:
         tk.Button(top, text="Open image… (Ctrl-O)", command=self.pick).pack(side="left")
         tk.Button(top, text="Open folder…", command=lambda: self.pick(folder=True)).pack(side="left", padx=4)
         step = "original script" if clf.step is None else f"step {clf.step}"
-        tk.Label(top, text=f"model {clf.name} · {step} · {clf.image_size} px · {precision}").pack(side="right")
+        tk.Label(top, text=f"model {clf.name} · {step} · {clf.image_size} px · {engine} {precision}").pack(side="right")
         self.status = tk.Label(root, anchor="w", text="Open an image or a folder (← → browse a folder)")
         self.status.pack(side="bottom", fill="x", padx=6, pady=2)
         side.pack(side="right", fill="y", padx=8, pady=8)
@@ -127,12 +127,12 @@ class Window:
         self.canvas.create_image(w // 2, h // 2, image=self.photo)
 
 
-def run_window(model, open_path, precision):
+def run_window(model, open_path, precision, backend="auto"):
     """The window; returns when it is closed."""
     root = display.open_root(NO_DISPLAY)  # before the model loads, so that a missing display fails at once
     import tkinter as tk  # here, not at the top: the command line must run where Tk is missing
-    clf = load_classifier(model)
-    window = Window(tk, root, clf, pick_precision(precision))
+    clf, engine, precision = load_for_flags(model, backend, precision)
+    window = Window(tk, root, clf, precision, engine)
     root.deiconify()
     if open_path:
         root.after(100, window.open, open_path)

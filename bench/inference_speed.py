@@ -2,6 +2,8 @@
 
     python bench/inference_speed.py                         # ants/bees train folder, random-init model, 224 px
     python bench/inference_speed.py --images DIR --repeats 5 --model runs/latest
+    python bench/inference_speed.py --whole-process         # whole processes: --backend torch vs onnxruntime
+    python bench/inference_speed.py --whole-process --no-baseline   # the two backends alone (a busy machine)
 
 The baseline is the original design: for every image, build the torchvision transform, decode the whole
 file, and run the model on a batch of one in fp32. inference.classify_files is timed end to end (listing
@@ -26,10 +28,13 @@ import torchvision.transforms as T
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import onnx_engine
 from batch_classifier import Classifier, classify_files, list_inputs, load_classifier, pick_precision
+from bench_cli import machine
 from dataset import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize
 from models import PolicyModel, fold_batchnorm
 
+BASELINE = "baseline: one image at a time, fp32"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "hymenoptera_data", "train")
@@ -68,8 +73,9 @@ def loop_app(args):
 
 
 def whole_process(args):
-    """`python inference.py DIR --csv` with its default flags (and --workers 1) against the one-at-a-time loop
-    as a process of its own, over --copies hard-linked copies of the folder; medians of --repeats rounds."""
+    """`python inference.py DIR --csv` with --backend torch and onnxruntime (the default on a CPU) against the
+    one-at-a-time loop as a process of its own, over --copies hard-linked copies of the folder; medians of
+    --repeats rounds, after one untimed round (it makes the ONNX export and measures --precision auto)."""
     import subprocess
     import tempfile
     with tempfile.TemporaryDirectory(prefix="inference-speed-") as work:
@@ -89,22 +95,38 @@ def whole_process(args):
         n = len(list_inputs([folder]))
         cli = [sys.executable, os.path.join(ROOT, "inference.py"), folder, "--model", model, "--csv",
                os.path.join(work, "out.csv")]
-        cmds = {"one image at a time (process)": [sys.executable, os.path.abspath(__file__), "--loop-app",
-                                                  "--images", folder, "--model", model],
-                "inference.py, default flags": cli, "inference.py --workers 1": cli + ["--workers", "1"]}
-        times = {name: [] for name in cmds}
-        for r in range(args.repeats):
+        cmds = {} if args.no_baseline else {"one image at a time (process)": [
+            sys.executable, os.path.abspath(__file__), "--loop-app", "--images", folder, "--model", model]}
+        cmds.update({f"inference.py --backend {b}": cli + ["--backend", b] for b in ("torch", "onnxruntime")})
+        times, said = {name: [] for name in cmds}, {}
+        for r in range(-1, args.repeats):  # round -1 is untimed
             for name, cmd in cmds.items():
                 t0 = time.perf_counter()
-                subprocess.run(cmd, check=True, capture_output=True, stdin=subprocess.DEVNULL)
-                times[name].append(time.perf_counter() - t0)
-            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
-    base = statistics.median(times["one image at a time (process)"])
-    print(f"\n| whole process ({n} images, 224 px, {os.cpu_count()} CPUs) | wall (median) | images/s | "
-          "speed-up |\n|---|---:|---:|---:|")
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                if r >= 0:
+                    times[name].append(time.perf_counter() - t0)
+                said[name] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+            if r >= 0:
+                print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+    base = statistics.median(times[list(cmds)[0]])
+    print(f"\n| whole process ({n} images, 224 px, {machine()}) | wall (median) | images/s | "
+          f"speed-up vs {list(cmds)[0]} |\n|---|---:|---:|---:|")
     for name, t in times.items():
         med = statistics.median(t)
         print(f"| {name} | {med:.1f} s | {n / med:.1f} | {base / med:.2f}x |")
+    for name in cmds:
+        if name.startswith("inference.py"):
+            print(f"{name}: {said[name]}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}, onnxruntime "
+          f"{onnxruntime_version()}")
+
+
+def onnxruntime_version():
+    try:
+        import onnxruntime
+    except ImportError:
+        return "not installed"
+    return onnxruntime.__version__
 
 
 def main():
@@ -117,6 +139,8 @@ def main():
     p.add_argument("--whole-process", action="store_true", help="time whole processes instead: inference.py "
                    "with its default flags against the one-at-a-time loop run as a process")
     p.add_argument("--copies", type=int, default=3, help="--whole-process: hard-linked copies of the folder")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the one-at-a-time loop (slow on a busy "
+                   "machine)")
     p.add_argument("--loop-app", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.loop_app:
@@ -129,26 +153,34 @@ def main():
     base_net = copy.deepcopy(clf.net).to(memory_format=torch.contiguous_format)
     n = len(files)
     print(f"{n} images from {args.images}, {clf.image_size} px, model {clf.name}, {torch.get_num_threads()} "
-          f"torch threads, {os.cpu_count()} CPUs, --precision auto picks {pick_precision('auto')}, "
+          f"torch threads, {machine()}, --precision auto picks {pick_precision('auto', clf)}, "
           f"torch {torch.__version__}", flush=True)
 
     def baseline(some):
         return [baseline_classify(base_net, f, clf.image_size, clf.class_names) for f in some]
 
-    def batched(some, precision):
-        return [r["predicted"] for r in classify_files(clf, some, args.batch_size, args.workers, precision)]
+    ort = onnx_classifier(clf)
+
+    def batched(some, precision, c=clf):
+        return [r["predicted"] for r in classify_files(c, some, args.batch_size, args.workers, precision)]
 
     def bare(precision):
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
             return clf.net(x)
 
     x = torch.randn(args.batch_size, 3, clf.image_size, clf.image_size).to(memory_format=torch.channels_last)
-    runs = {"baseline: one image at a time, fp32": (lambda: baseline(files), lambda: baseline(files[:8])),
-            **{f"classify_files, batch {args.batch_size}, {args.workers} workers, {prec}":
-               (lambda prec=prec: batched(files, prec), lambda prec=prec: batched(files[:2 * args.batch_size], prec))
-               for prec in ("fp32", "bf16")},
-            **{f"bare forward pass only, batch {args.batch_size}, {prec}, channels-last":
-               (lambda prec=prec: bare(prec),) * 2 for prec in ("fp32", "bf16")}}
+    x_np = x.contiguous().numpy()
+    runs = {} if args.no_baseline else {BASELINE: (lambda: baseline(files), lambda: baseline(files[:8]))}
+    for prec in ("fp32", "bf16"):
+        runs[f"classify_files, batch {args.batch_size}, {args.workers} workers, torch {prec}"] = (
+            lambda prec=prec: batched(files, prec), lambda prec=prec: batched(files[:2 * args.batch_size], prec))
+    runs[f"classify_files, batch {args.batch_size}, {args.workers} workers, onnxruntime fp32"] = (
+        lambda: batched(files, "fp32", ort), lambda: batched(files[:2 * args.batch_size], "fp32", ort))
+    for prec in ("fp32", "bf16"):
+        runs[f"bare forward pass only, batch {args.batch_size}, torch {prec}, channels-last"] = (
+            lambda prec=prec: bare(prec),) * 2
+    runs[f"bare forward pass only, batch {args.batch_size}, onnxruntime fp32"] = (
+        lambda: ort.net.session.run(None, {ort.net.input: x_np}),) * 2
     for _, warm_up in runs.values():
         warm_up()
     # Round-robin rather than one variant after the other: load from other processes on a shared machine
@@ -162,27 +194,34 @@ def main():
             times[name].append(time.perf_counter() - t0)
         print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(
             f"{(args.batch_size if 'bare' in k else n) / v[-1]:.1f}" for k, v in times.items()), flush=True)
-    report(runs, times, preds, clf, n, args, load_before)
+    report(times, preds, clf, n, args, load_before)
 
 
-def report(runs, times, preds, clf, n, args, load_before):
+def onnx_classifier(clf):
+    """The same classifier on ONNX Runtime, exported in memory."""
+    meta = {"image_size": clf.image_size, "mean": list(clf.mean), "std": list(clf.std)}
+    return clf._replace(net=onnx_engine.export_policy(clf.net, meta)[0])
+
+
+def report(times, preds, clf, n, args, load_before):
     """The markdown table of medians and speed-ups, and how far the paths agree."""
     median = {name: statistics.median(t) for name, t in times.items()}
-    base_s = median["baseline: one image at a time, fp32"]
-    fp32, bf16, base_pred = (preds[k] for k in list(runs)[1:3] + list(runs)[:1])
+    base_s = median.get(BASELINE)
+    fp32 = next(v for k, v in preds.items() if k.startswith("classify_files") and k.endswith("torch fp32"))
 
     print(f"\n| path ({n} images, {clf.image_size} px) | images/s | speed-up vs baseline |")
     print("|---|---:|---:|")
     for name, seconds in median.items():
         bare_pass = name.startswith("bare")
         print(f"| {name} | {(args.batch_size if bare_pass else n) / seconds:.1f} | "
-              f"{'-' if bare_pass else f'{base_s / seconds:.2f}x'} |")
-    agree = sum(a == b for a, b in zip(fp32, bf16)) / n
-    agree_base = sum(a == b for a, b in zip(fp32, base_pred)) / n
-    print(f"\nmedian of {args.repeats} rounds; bf16 agrees with fp32 on {agree:.1%} of images; batched fp32 agrees "
-          f"with the baseline on {agree_base:.1%}; fp32 predictions per class: "
+              f"{'-' if bare_pass or base_s is None else f'{base_s / seconds:.2f}x'} |")
+    agree = {other: f"{sum(a == b for a, b in zip(fp32, preds[other])) / n:.1%}" for other in preds
+             if other not in (BASELINE,) and not other.startswith("bare") and preds[other] is not fp32}
+    if base_s is not None:
+        agree[BASELINE] = f"{sum(a == b for a, b in zip(fp32, preds[BASELINE])) / n:.1%}"
+    print(f"\nmedian of {args.repeats} rounds; torch fp32 batched agrees with: {agree}; fp32 predictions per class: "
           f"{ {c: fp32.count(c) for c in clf.class_names} }; load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after")
+          f"{os.getloadavg()[0]:.1f} after; onnxruntime {onnxruntime_version()}")
 
 
 if __name__ == "__main__":

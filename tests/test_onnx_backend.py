@@ -1,0 +1,181 @@
+"""inference.py --backend onnxruntime: the same probabilities as torch, the export cached per checkpoint content,
+the fallback to torch, and --precision auto read from the per-machine measurement.
+
+    python -m pytest -q tests/test_onnx_backend.py
+"""
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, assert_user_error, run_cli
+
+sys.path.insert(0, ROOT)
+
+import batch_classifier
+import onnx_engine
+from dataset import load_image, normalize
+from models import PolicyModel
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+def save_checkpoint(path, seed):
+    """A tiny-input checkpoint of a random-init policy, as train_rlhf.py writes one."""
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format_version": 1, "policy": PolicyModel(2).state_dict(), "class_names": ["ants", "bees"],
+                "image_size": 32, "normalization": {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.2, 0.22]},
+                "step": seed}, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """Each test's own per-machine cache, never the user's home."""
+    monkeypatch.setenv(onnx_engine.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def pictures(photos):
+    """Six photo-like pictures of both classes, of several sizes and shapes."""
+    return [os.path.join(photos, cls, f"{cls[:-1]}_{i:03d}.jpg") for cls in ("ants", "bees") for i in range(3)]
+
+
+def exports(folder):
+    return sorted(n for n in os.listdir(folder) if n.endswith(".onnx"))
+
+
+def probabilities(clf, files):
+    return np.array([list(r["probabilities"].values()) for r in batch_classifier.classify_files(clf, files, 4, 0)])
+
+
+def test_onnxruntime_gives_torch_fp32_probabilities(tmp_path, pictures):
+    model = save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0)
+    on_torch = batch_classifier.load_classifier(str(model))
+    on_ort, engine = batch_classifier.load_served(str(model), "onnxruntime")
+    assert engine == "onnxruntime" and isinstance(on_ort.net, onnx_engine.OnnxNet)
+    assert on_ort._replace(net=None) == on_torch._replace(net=None)  # classes, size, normalisation, name, step
+    np.testing.assert_allclose(probabilities(on_ort, pictures), probabilities(on_torch, pictures), rtol=0, atol=1e-4)
+    # the numpy normalisation is the torch one, to the bit
+    images = torch.stack([load_image(f, 32) for f in pictures])
+    assert np.array_equal(onnx_engine.normalize(images.numpy(), on_ort.mean, on_ort.std),
+                          normalize(images, on_ort.mean, on_ort.std).numpy())
+    # ONNX Runtime runs fp32 whatever --precision auto would pick for torch
+    assert batch_classifier.load_for_flags(str(model), "auto", "auto")[1:] == ("onnxruntime", "fp32")
+
+
+def test_export_is_kept_beside_the_checkpoint_and_made_again_when_it_changes(tmp_path, pictures, monkeypatch):
+    model = save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0)
+    first = probabilities(batch_classifier.load_served(str(tmp_path / "run"))[0], pictures)
+    made = exports(tmp_path / "run")
+    assert len(made) == 1 and made[0].startswith("checkpoint.pt.")
+
+    def no_export(*args):
+        raise AssertionError("exported again although the export is cached")
+    with monkeypatch.context() as m:
+        m.setattr(onnx_engine, "export_policy", no_export)
+        m.setattr(batch_classifier, "load_classifier", no_export)  # nor is the checkpoint read by torch
+        clf, engine = batch_classifier.load_served(str(tmp_path / "run"))
+    assert engine == "onnxruntime" and (clf.name, clf.step) == ("run", 0)
+    assert np.array_equal(probabilities(clf, pictures), first)
+
+    save_checkpoint(model, 1)  # training wrote a newer checkpoint over it
+    clf, engine = batch_classifier.load_served(str(model))
+    newer = exports(tmp_path / "run")
+    assert engine == "onnxruntime" and clf.step == 1
+    assert len(newer) == 1 and newer != made  # a new export, the old one gone
+    assert not np.allclose(probabilities(clf, pictures), first, atol=1e-4)
+
+
+def test_unwritable_checkpoint_folder_puts_the_export_in_the_cache(tmp_path, cache):
+    model = save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0)
+    beside, in_cache = onnx_engine.export_places(str(model), onnx_engine.checkpoint_digest(str(model)))
+    os.mkdir(beside)  # its place taken by a folder: the write fails as in a read-only folder (the tests run as root)
+    clf, engine = batch_classifier.load_served(str(model))
+    assert engine == "onnxruntime" and os.path.isfile(in_cache) and in_cache.startswith(str(cache))
+    with open(in_cache, "rb") as f:
+        kept = f.read()
+    assert batch_classifier.load_served(str(model))[1] == "onnxruntime"
+    with open(in_cache, "rb") as f:
+        assert f.read() == kept  # read from the cache, not exported again
+
+
+def test_cli_backends_agree_and_without_onnxruntime_auto_warns_and_onnxruntime_fails(tmp_path, photos, cache):
+    model = save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0)
+    batch_classifier.load_served(str(model))  # the export, made here once (the CLI would make the same)
+    stub = tmp_path / "stub" / "onnxruntime"  # an onnxruntime that cannot be imported, as where it is missing
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('No module named onnxruntime', name='onnxruntime')\n")
+    missing = {onnx_engine.CACHE_ENV: str(cache), "PYTHONPATH": str(tmp_path / "stub")}
+    classes = {}
+    for engine, env in (("torch", missing), ("onnxruntime", {onnx_engine.CACHE_ENV: str(cache)})):
+        out = tmp_path / f"{engine}.csv"
+        res = run_cli("inference.py", photos, "--model", model, "--precision", "fp32", "--csv", out,
+                      "--workers", "0", cwd=tmp_path, env=env)
+        assert res.returncode == 0, res.stderr
+        assert f"images/s, {engine} fp32, model run" in res.stdout
+        with open(out, newline="") as f:
+            classes[engine] = [row[:2] for row in csv.reader(f)]
+        if engine == "torch":  # --backend auto without ONNX Runtime: one warning line, then torch
+            assert res.stderr.splitlines() == ["warning: ONNX Runtime is not installed (onnxruntime): pip install "
+                                               "onnxruntime onnx (requirements.txt); classifying with torch instead"]
+    assert len(classes["torch"]) > 100 and classes["torch"] == classes["onnxruntime"]
+    res = run_cli("inference.py", photos, "--model", model, "--backend", "onnxruntime", cwd=tmp_path, env=missing)
+    assert_user_error(res, "--backend onnxruntime", "pip install onnxruntime", "--backend torch")
+
+
+def test_failed_export_auto_warns_and_uses_torch_onnxruntime_fails(tmp_path, monkeypatch, capsys):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported operator\nsecond line")
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    clf, engine = batch_classifier.load_served(model, "auto")
+    assert engine == "torch" and isinstance(clf.net, torch.nn.Module)
+    assert capsys.readouterr().err == ("warning: the ONNX export failed (RuntimeError: Unsupported operator); "
+                                       "classifying with torch instead\n")
+    with pytest.raises(batch_classifier.InferenceError, match="export failed .*; or pass --backend torch"):
+        batch_classifier.load_served(model, "onnxruntime")
+    assert not exports(tmp_path / "run")
+
+
+def test_bad_flag_combinations_name_the_fix(tmp_path):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    with pytest.raises(batch_classifier.InferenceError, match="--precision bf16 needs --backend torch"):
+        batch_classifier.load_for_flags(model, "onnxruntime", "bf16")
+    with pytest.raises(batch_classifier.InferenceError, match="runs on the CPU: pass --device cpu"):
+        batch_classifier.load_for_flags(model, "onnxruntime", "fp32", "cuda")
+    # bf16 asked for: auto leaves ONNX Runtime (fp32 only) for torch
+    assert batch_classifier.load_for_flags(model, "auto", "bf16")[1:] == ("torch", "bf16")
+
+
+@pytest.mark.parametrize("measured", ["fp32", "bf16"])
+def test_precision_auto_follows_the_cached_measurement(tmp_path, cache, measured):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    cache.mkdir()
+    (cache / batch_classifier.PRECISION_FILE).write_text(json.dumps(
+        {batch_classifier.precision_key(32): {"choice": measured}, "another machine | torch 0 | 32 px": {}}))
+    if not any(f in batch_classifier.cpu_info()[1] for f in batch_classifier.BF16_FLAGS):
+        measured = "fp32"  # without bf16 instructions nothing is measured: emulated bf16 is never faster
+    assert batch_classifier.load_for_flags(model, "torch", "auto")[1:] == ("torch", measured)
+
+
+def test_precision_auto_measures_once_and_keeps_the_result(tmp_path, cache, monkeypatch):
+    clf = batch_classifier.load_classifier(str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0)))
+    seconds = batch_classifier.measure_precision(clf)  # the real measurement runs and times both
+    assert set(seconds) == {"fp32", "bf16"} and all(s > 0 for s in seconds.values())
+    monkeypatch.setattr(batch_classifier, "cpu_info", lambda: ("Test CPU", {"avx512_bf16"}))
+    calls = []
+    monkeypatch.setattr(batch_classifier, "measure_precision",
+                        lambda clf, device: calls.append(device) or {"fp32": 2.0, "bf16": 1.0})
+    assert batch_classifier.pick_precision("auto", clf) == "bf16"
+    assert batch_classifier.pick_precision("auto", clf) == "bf16" and calls == ["cpu"]  # measured once
+    kept = json.loads((cache / batch_classifier.PRECISION_FILE).read_text())
+    assert list(kept) == [f"Test CPU | torch {torch.__version__} | 32 px"] and kept[list(kept)[0]]["choice"] == "bf16"
