@@ -40,9 +40,63 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
+# What _atomic_write adds to a name for its temporary file: "." before it, mkstemp's 8 characters and ".tmp"
+TEMP_NAME_EXTRA = 13
+# Limits where the system cannot say (a folder on a file system that does not answer pathconf)
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def length_limits(path):
+    """(longest name, longest path) in bytes where path would be made: the file system's own limits."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX") - 1  # -1: the final NUL
+    except (OSError, ValueError):
+        return NAME_MAX, PATH_MAX - 1
+
+
+def path_length_problem(path, room=TEMP_NAME_EXTRA):
+    """What makes path impossible to create on this system, with the fix, or None: a name (of the file or of a
+    folder on the way) longer than the file system allows, or a whole path longer than the system takes once the
+    tool adds room bytes below it (its temporary names). The OS says only "File name too long" for both, and
+    no writable folder helps with either."""
+    name_max, path_max = length_limits(path)
+    given, full = os.fsencode(path), os.fsencode(os.path.abspath(path))
+    # the components as given count too: the kernel reads each one, even one that a later ".." cancels
+    last = full.rstrip(b"/").rsplit(b"/", 1)[-1]
+    for part in given.split(b"/") + full.split(b"/"):
+        if len(part) > name_max:
+            which = "its name" if part == last else f"the folder name {shortened(os.fsdecode(part))}"
+            return (f"{which} is {len(part)} bytes and a file or folder name is at most {name_max} bytes here: "
+                    "pass a shorter name")
+    if max(len(given), len(full)) + room > path_max:
+        return (f"the path is {len(full)} bytes and a path is at most {path_max - room} bytes here: pass a shorter "
+                "path (fewer or shorter folders)")
+    return None
+
+
+def shortened(text, keep=40):
+    """text as one line to show in a message: its start and end when it is long, a line break written as \\n or
+    \\r, any byte that is not UTF-8 as \\xNN."""
+    text = os.fsencode(text).decode("utf-8", "backslashreplace").replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= 2 * keep else f"{text[:keep]}...{text[-keep // 2:]}"
+
+
+def temp_prefix(name, name_max=NAME_MAX):
+    """The prefix of a temporary file for name: "." + name, cut so that the temporary name stays within
+    name_max bytes (a name near the limit is valid, and its temporary file must be too)."""
+    limit = name_max - TEMP_NAME_EXTRA
+    while len(os.fsencode(name)) > limit:
+        name = name[:-1]
+    return "." + name
+
+
 def _atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    name_max = length_limits(path)[0]
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=temp_prefix(os.path.basename(path), name_max), suffix=".tmp")
     try:
         umask = os.umask(0)
         os.umask(umask)

@@ -26,8 +26,12 @@ def restore(cell):
 
 def csv_text(header, rows):
     """A header line and one line per row, every cell neutralised."""
+    return "".join(csv_line([neutralise(c) for c in row]) for row in [header, *rows])
+
+
+def csv_line(cells):
+    """One CSV line, ended by LF. The writer quotes a cell that holds a character of its line terminator: with LF
+    alone, a file name holding a bare CR would go out unquoted, and every reader would end the row there."""
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow([neutralise(c) for c in header])
-    writer.writerows([[neutralise(c) for c in row] for row in rows])
-    return text.getvalue()
+    csv.writer(text, lineterminator="\r\n").writerow(cells)
+    return text.getvalue()[:-2] + "\n"

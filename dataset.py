@@ -162,6 +162,7 @@ def _walk_images(root, real):
     real_dirs, real_files, links_in = real
     found, skipped, outside = [], [], []
     real_root = os.path.realpath(root)
+    inside = _prefix(real_root)
     seen_dirs, seen_files = {real_root}, set()
     through_link = {}
     unreadable = []
@@ -186,7 +187,7 @@ def _walk_images(root, real):
         dirs[:] = keep
         prefix, real_prefix = _prefix(folder), _prefix(real_folder)
         # a linked folder that lies elsewhere brings files no one chose one by one (a link to / brings the disk)
-        elsewhere = linked and not real_prefix.startswith(_prefix(real_root))
+        elsewhere = linked and not real_prefix.startswith(inside)
         for name in sorted(files):
             path = prefix + name
             if name.startswith("."):  # .DS_Store, editor and download leftovers say nothing
@@ -202,14 +203,28 @@ def _walk_images(root, real):
             else:
                 seen_files.add(real_file)
                 found.append(path)
-                if elsewhere:
-                    outside.append(path)
+                # a link to one file elsewhere leaves the folder as surely as a link to a folder does
+                # (a broken link is no image of the pool: the pool leaves it out when it finds the file gone)
+                if elsewhere or (is_link and not real_file.startswith(inside) and os.path.exists(real_file)):
+                    outside.append((path, "folders" if elsewhere else "files"))
     skipped.extend((err.filename, CANNOT_OPEN) for err in unreadable)
     if outside:
-        warnings.warn(f"{len(outside)} image file{'s' if len(outside) > 1 else ''} in {root} came through links to "
-                      f"folders outside it (such as {relative_path(outside[0], root)}): they are used as if they "
-                      "lay where the links are; remove the links that should not be followed", stacklevel=3)
+        warnings.warn(links_outside_line(root, outside), stacklevel=3)
     return found, skipped
+
+
+def links_outside_line(root, outside):
+    # The one line that says how many images came through links leading out of root, and through which kind:
+    # ((path, "folders" or "files"), ...).
+    kinds = " and ".join(k for k in ("folders", "files") if any(kind == k for _, kind in outside))
+    return (f"{len(outside)} image file{'s' if len(outside) > 1 else ''} in {printable(root)} came through links to "
+            f"{kinds} outside it (such as {printable(relative_path(outside[0][0], root))}): they are used as if they "
+            "lay where the links are; remove the links that should not be followed")
+
+
+def printable(name):
+    """A file name as text any stream takes: a byte that is not UTF-8 written as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _regular_or_missing(real_path):
@@ -231,7 +246,10 @@ def upright_rgb(img):
     if img.mode == "F" or img.mode.startswith("I"):
         img = eight_bit(img)
     rgb = img.convert("RGB")
-    ImageOps.exif_transpose(rgb, in_place=True)  # the orientation tag travels in the converted image's info
+    try:
+        ImageOps.exif_transpose(rgb, in_place=True)  # the orientation tag travels in the converted image's info
+    except Exception:  # a damaged EXIF block (Pillow raises SyntaxError, struct.error, ...) says nothing of the
+        pass  # pixels: the picture is used as stored, never refused as unreadable
     return rgb
 
 

@@ -82,7 +82,7 @@ def main(argv=None):
                              "pass image files or folders that hold them")
     flag, out = ("--csv", args.csv) if args.csv else ("--json", args.json)
     if out:
-        check_output_path(out, flag, files)
+        check_output_path(out, flag, files + ([args.model] if args.model and os.path.isfile(args.model) else []))
         check_writable(out, flag)
     clf, engine, precision = load_for_flags(args.model, args.backend, args.precision, pick_device(args.device))
     ranks = Ranks.from_environment(pick_device(args.device))

@@ -27,9 +27,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from answer_ledger import AnswerLedger
-from checkpoint import FILE_NAME_BYTES, atomic_write_bytes
+from checkpoint import (
+    FILE_NAME_BYTES,
+    atomic_write_bytes,
+    length_limits,
+    path_length_problem,
+    shortened,
+    temp_prefix,
+)
 from csv_cells import csv_text, restore
-from dataset import file_sha1, scan_image_folder
+from dataset import NOT_A_FILE, file_sha1, open_regular, scan_image_folder
 from feedback_store import IMPORTED, FeedbackStore
 from user_errors import UserError
 
@@ -178,8 +185,10 @@ def write_image_folder(labels, target):
     done = Counter(images=0, links=0, copies=0, gifs=0)
     with writing(target):
         os.makedirs(os.path.dirname(folder), exist_ok=True)
-        building = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{os.path.basename(folder)}.",
-                                    suffix=".tmp")
+        # cut like a file's temporary name, one byte more for the "." after it: a long valid name must work
+        building = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=temp_prefix(os.path.basename(folder),
+                                                                                      length_limits(folder)[0] - 1)
+                                    + ".", suffix=".tmp")
         try:
             taken = set()
             for r in labels:
@@ -201,7 +210,10 @@ def image_folder_name(root, row, taken):
     name = os.path.basename(row["source"])
     if (cls, name) in taken:
         stem, ext = os.path.splitext(name)
-        name = f"{stem}_{row['sha1'][:10]}{ext}"
+        tag = f"_{row['sha1'][:10]}{ext}"
+        while len(os.fsencode(stem + tag)) > length_limits(root)[0]:  # a name near the limit has no room for it
+            stem = stem[:-1]
+        name = stem + tag
     taken.add((cls, name))
     return os.path.join(root, cls, name)
 
@@ -253,6 +265,9 @@ class ImportReport:
 
 def read_label_source(path):
     """The rows of a label file (.csv, .jsonl) or ImageFolder; LabelTransferError when it cannot be read."""
+    too_long = path_length_problem(path, room=0)
+    if too_long:  # no file can have that name: "no such file" would send the person looking for one
+        raise LabelTransferError(f"--import-labels {shortened(path)}: {too_long}")
     if os.path.isdir(path):
         return read_label_folder(path)
     if not os.path.exists(path):
@@ -260,9 +275,13 @@ def read_label_source(path):
     if not path.lower().endswith(TABLE_SUFFIXES):
         raise LabelTransferError(f"--import-labels {path}: not a .csv, .jsonl or folder: {LABEL_FILE_HELP}")
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
-            text = f.read()
+        # open_regular: a FIFO named .csv would block the open forever, and a signal would not end the wait
+        with open_regular(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
+            text = f.read()  # -sig: a spreadsheet's byte-order mark
     except OSError as err:
+        if err.strerror == NOT_A_FILE:
+            raise LabelTransferError(f"--import-labels {path}: not a regular file (a pipe or a device): "
+                                     f"{LABEL_FILE_HELP}") from None
         raise LabelTransferError(f"--import-labels {path}: cannot read it ({err.strerror or err}): check its "
                                  f"permissions, or {LABEL_FILE_HELP}") from None
     except UnicodeDecodeError:

@@ -24,7 +24,9 @@ from checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
     load_checkpoint,
+    path_length_problem,
     save_checkpoint,
+    shortened,
 )
 from hash_cache import HASH_CACHE_NAME
 from user_errors import UserError
@@ -35,11 +37,12 @@ REFERENCE_NAME = "reference.pt"
 # never links, so that a write there cannot land in a file elsewhere.
 OWN_FILE = re.compile("|".join(map(re.escape, (LOCK_NAME, "config.json", CHECKPOINT_NAME, REFERENCE_NAME,
                                                "metrics.jsonl", "training_data.json")))
-                      + r"|(feedback\.sqlite|" + re.escape(HASH_CACHE_NAME) + r")(-wal|-shm|-journal)?|decoded-.+\.u8")
+                      + r"|(feedback\.sqlite|" + re.escape(HASH_CACHE_NAME) + r")(-wal|-shm|-journal)?|decoded-.+\.u8"
+                      + r"|" + re.escape(CHECKPOINT_NAME) + r"\.[0-9a-f]+\.onnx")
 # what each metrics line prints beside update, epoch and answers
 METRICS_SHOWN = (("mean_reward", "reward {:+.2f}"), ("agreement", "agree {:.2f}"), ("approx_kl", "kl {:.4f}"),
-                 ("rm_acc", "rm_acc {:.2f}"), ("rm_weight", "rm_w {:.2f}"), ("val_acc", "val_acc {:.3f}"),
-                 ("update_s", "{:.2f}s"))
+                 ("rm_acc", "rm_acc {:.2f}"), ("rm_weight", "rm_w {:.2f}"), ("flip_rate", "flip {:.3f}"),
+                 ("val_acc", "val_acc {:.3f}"), ("update_s", "{:.2f}s"))
 
 
 class RunLockedError(UserError):
@@ -60,10 +63,8 @@ def lock_run_dir(run_dir):
     run. Raises RunLockedError (naming the process that holds it) and RunFolderError (check_own_files)."""
     try:
         fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    except OSError as err:
-        if err.errno != errno.ELOOP:
-            raise
-        check_own_files(run_dir)  # names the link
+    except OSError:
+        check_own_files(run_dir)  # names a .lock that is a link, a folder or a pipe, which no folder fix helps
         raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -124,7 +125,11 @@ def is_run_folder(folder):
 
 def check_output_path(path, flag, inputs=()):
     """Refuse an output path (of flag) that is one of the input files or lies in a run folder, at any depth:
-    writing it would replace an image or a run's own file (OutputPathError). A link to such a file counts."""
+    writing it would replace an image or a run's own file (OutputPathError). A link to such a file counts. A path
+    too long for any folder to help is OutputPathError too, naming the limit."""
+    too_long = path_length_problem(path)
+    if too_long:
+        raise OutputPathError(f"{flag} {shortened(path)}: {too_long}")
     try:
         target = os.stat(path)
     except OSError:

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from checkpoint import CHECKPOINT_NAME
+from checkpoint import CHECKPOINT_NAME, path_length_problem, shortened
 from data_download import DEFAULT_IMAGES, ensure_default_data
 from dataset import ImagePool, class_folders, hide_pillow_size_warning, relative_path
 from ddp import Ranks, exit_as_promised, pick_device, stopped_job_line
@@ -85,6 +85,9 @@ def resumed_config(cfg, argv, run_dir):
 def lock_folder(run_dir):
     """Create run_dir if needed, lock it for this process and check it is writable; returns whether this
     call created it (a failed start then removes it)."""
+    too_long = path_length_problem(run_dir, room=64)  # room for the run's own files and temporary names
+    if too_long:  # no folder would help: say so, not "pass a writable --out"
+        raise UsageError(f"--out {shortened(run_dir)}: {too_long}")
     created = not os.path.isdir(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)

@@ -1,6 +1,7 @@
 """The image pool: deterministic scan, class folders, bad files skipped with one warning."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,19 @@ from PIL import Image
 
 from conftest import ROOT, make_subset
 from dataset import DatasetError, ImagePool
+
+
+def copied_subset(dest, source, per_class):
+    """make_subset with copies for its links: a pool of plain files, about which the scan says nothing (a pool of
+    links to files elsewhere is told in one warning of its own)."""
+    root = make_subset(dest, source, per_class)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            target = os.path.realpath(path)
+            os.unlink(path)
+            shutil.copy(target, path)
+    return root
 
 
 def test_scan_is_recursive_sorted_and_labels_follow_class_folders(tmp_path, photos):
@@ -53,7 +67,7 @@ def test_the_shared_photo_set_scans_to_its_244_photos_and_its_gif(shared_data):
 
 
 def test_text_saved_as_jpg_and_truncated_jpeg_are_never_asked_and_warned_once(tmp_path, photos):
-    root = make_subset(tmp_path / "p", photos, 3)
+    root = copied_subset(tmp_path / "p", photos, 3)
     (tmp_path / "p" / "ants" / "notes.jpg").write_text("this is not a picture")
     good = [f for f in sorted(os.listdir(os.path.join(photos, "bees"))) if f.endswith(".jpg")][5]
     with open(os.path.join(photos, "bees", good), "rb") as f:
@@ -236,7 +250,7 @@ def png_that_passes_the_header_check_but_does_not_decode(path):
 
 
 def test_an_image_found_undecodable_is_named_again_on_resume(tmp_path, photos):
-    root = make_subset(tmp_path / "p", photos, 3)
+    root = copied_subset(tmp_path / "p", photos, 3)
     png_that_passes_the_header_check_but_does_not_decode(tmp_path / "p" / "ants" / "zz.png")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -349,7 +363,7 @@ def test_reading_stopped_at_quit_keeps_what_it_read_and_the_next_start_reads_the
 def test_a_file_found_not_an_image_after_the_start_is_warned_once_and_never_asked(tmp_path, photos, monkeypatch,
                                                                                  asked_first):
     # found by the background reading, or asked before the reading reaches it (its header checked then)
-    root = make_subset(tmp_path / "p", photos, 3)
+    root = copied_subset(tmp_path / "p", photos, 3)
     (tmp_path / "p" / "bees" / "notes.jpg").write_text("this is not a picture")
     opened, _ = gate_background_reading(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:

@@ -1,6 +1,7 @@
 """Hostile input, round three (issue 26): pictures stored sideways or in 16-bit, hidden folders, pipes and
 links into the system's folders, odd file names, damaged caches and run files. One test per family."""
 import os
+import shutil
 import sqlite3
 import warnings
 
@@ -23,6 +24,18 @@ def recorded(make):
         hide_pillow_size_warning()
         result = make()
     return result, [str(w.message) for w in caught]
+
+
+def copied_subset(dest, source, per_class, classes):
+    """make_subset with copies for its links: a pool of plain files, about which the scan says nothing."""
+    root = make_subset(dest, source, per_class, classes=classes)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            target = os.path.realpath(path)
+            os.unlink(path)
+            shutil.copy(target, path)
+    return root
 
 
 def half_white(path, orientation=None, size=(80, 40)):
@@ -48,6 +61,24 @@ def test_a_phone_photo_stored_sideways_is_learned_and_shown_upright(tmp_path):
     # a picture that needs no turning decodes to the same pixels with the tag or without EXIF at all
     plain, upright = half_white(tmp_path / "plain.jpg"), half_white(tmp_path / "one.jpg", orientation=1)
     assert torch.equal(load_image(plain, 32), load_image(upright, 32))
+    # PNG and WebP carry EXIF too, and are turned the same way
+    for suffix in (".png", ".webp"):
+        x = load_image(half_white(tmp_path / f"phone{suffix}", orientation=6), 32).float()
+        assert x[:, :16].mean() > 200 and x[:, 16:].mean() < 50, suffix
+
+
+def test_a_photo_whose_exif_block_is_damaged_is_used_as_stored(tmp_path):
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    pixels[:, :40] = 255
+    for cls in ("a", "b"):
+        (tmp_path / "pool" / cls).mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / "pool" / cls / "x.jpg", quality=95,
+                                     exif=b"Exif\x00\x00" + b"\xff" * 40)  # no TIFF header inside
+    x = load_image(str(tmp_path / "pool" / "a" / "x.jpg"), 32).float()
+    assert x[:, :, :16].mean() > 200 and x[:, :, 16:].mean() < 50  # as stored: white on the left
+    ds, messages = recorded(lambda: ImagePool(str(tmp_path / "pool"), image_size=16))
+    ds.read_hashes(list(ds.to_read))
+    assert all(ds.readable(i) for i in range(len(ds))) and ds.unreadable == set() and messages == []
 
 
 def test_16_bit_and_float_pictures_keep_their_shades(tmp_path):
@@ -106,6 +137,37 @@ def test_pipes_and_links_into_system_folders_are_never_opened_and_outside_links_
     assert sum(m.startswith("skipped") for m in messages) == 1
 
 
+def test_links_to_single_files_outside_the_folder_are_counted_in_the_one_line(tmp_path):
+    root, elsewhere = tmp_path / "pool", tmp_path / "elsewhere"
+    for folder in (root / "a", root / "b", elsewhere / "more"):
+        folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("L", (8, 8), 30 * i).save(elsewhere / f"{i}.png")
+        Image.new("L", (8, 8), 30 * i + 5).save(elsewhere / "more" / f"{i}.png")
+    Image.new("L", (8, 8), 250).save(root / "a" / "here.png")
+    for i in range(4):  # one file at a time, out of the folder: a private photo can come in this way
+        os.symlink(elsewhere / f"{i}.png", root / "b" / f"{i}.png")
+    os.symlink(root / "a" / "here.png", root / "b" / "again.png")  # within the folder: leaves nothing
+    os.symlink(elsewhere / "gone.png", root / "b" / "broken.png")  # leads nowhere: no image of the pool
+    ds, messages = recorded(lambda: ImagePool(str(root), image_size=16))
+    links = [m for m in messages if "came through links" in m]
+    assert links == [links[0]] and "\n" not in links[0]
+    assert links[0].startswith(f"4 image files in {root} came through links to files outside it (such as b/0.png)")
+    os.symlink(elsewhere / "more", root / "c")  # and a folder: both kinds, still one line
+    _, messages = recorded(lambda: ImagePool(str(root), image_size=16))
+    assert [m[:m.index(" (")] for m in messages if "came through links" in m] == [
+        f"8 image files in {root} came through links to folders and files outside it"]
+
+
+def test_a_pool_made_of_links_says_so_once_in_a_whole_run(tmp_path, digits):
+    pool = make_subset(tmp_path / "pool", digits, 4, classes=["3", "8"])  # every image a link to digits/
+    proc = run_cli("train_rlhf.py", "--images", pool, "--out", tmp_path / "run", "--epochs", "1",
+                   "--max-answers", "4", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("came through links") == 1
+    assert f"warning: 8 image files in {pool} came through links to files outside it" in proc.stderr
+
+
 def test_a_file_name_that_is_not_utf8_is_pooled_cached_and_stored(tmp_path, digits):
     root = make_subset(tmp_path / "pool", digits, 2, classes=["3", "8"])
     source = os.path.join(digits, "3", sorted(os.listdir(os.path.join(digits, "3")))[5])
@@ -129,7 +191,7 @@ def test_a_file_name_that_is_not_utf8_is_pooled_cached_and_stored(tmp_path, digi
 
 @pytest.mark.parametrize("damage", ["junk", "truncated"])
 def test_a_damaged_hash_cache_is_moved_aside_rebuilt_and_the_session_goes_on(tmp_path, digits, damage):
-    root = make_subset(tmp_path / "pool", digits, 4, classes=["3", "8"])
+    root = copied_subset(tmp_path / "pool", digits, 4, classes=["3", "8"])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     ImagePool(root, image_size=16, cache_dir=str(run_dir)).close()
@@ -156,7 +218,7 @@ def test_a_config_that_is_not_a_json_object_is_one_line_on_resume(tmp_path, text
 
 
 def test_a_val_folder_without_the_pools_classes_is_one_line_and_the_pool_itself_is_warned(tmp_path, digits):
-    pool = make_subset(tmp_path / "pool", digits, 4, classes=["3", "8"])
+    pool = copied_subset(tmp_path / "pool", digits, 4, classes=["3", "8"])
     val = make_subset(tmp_path / "val", digits, 2, classes=["1", "7"])
     out = tmp_path / "run"
     proc = run_cli("train_rlhf.py", "--images", pool, "--val", val, "--out", out, "--epochs", "1", *TINY)
@@ -192,7 +254,7 @@ def test_another_runs_checkpoint_and_a_newer_store_are_refused_untouched(tmp_pat
 
 
 def test_a_very_large_picture_is_warned_once_naming_it(tmp_path, digits, monkeypatch):
-    root = make_subset(tmp_path / "pool", digits, 2, classes=["3", "8"])
+    root = copied_subset(tmp_path / "pool", digits, 2, classes=["3", "8"])
     Image.new("RGB", (40, 40), (90, 90, 90)).save(tmp_path / "pool" / "3" / "large.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)  # 1600 pixels: warned, under twice it: decoded
     ds, at_start = recorded(lambda: ImagePool(root, image_size=16))

@@ -20,7 +20,8 @@ TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--ba
 # Class folders and file names that Excel and LibreOffice would run as formulas, and a quote that restoring
 # must not eat.
 HOSTILE_CLASSES = ['=HYPERLINK("e.x","y")', "-8"]
-HOSTILE_NAMES = ["=cmd|' -C calc'!A0.png", "@a.png", "+b.png", "-c.png", "'d.png", "\te.png"]
+HOSTILE_NAMES = ["=cmd|' -C calc'!A0.png", "@a.png", "+b.png", "-c.png", "'d.png", "\te.png",
+                 "f\rg.png", "h\ni.png"]  # a bare CR ended a CSV row early
 
 
 def hostile_pool(dest, digits):
@@ -75,6 +76,15 @@ def test_every_csv_the_tool_writes_is_safe_in_a_spreadsheet_and_an_export_round_
     assert proc.returncode == 0, proc.stderr
     assert f"{len(exported)} labels added" in proc.stdout, proc.stdout
     assert answers(fresh, "import") == answers(run, "label")
+
+
+def test_a_label_file_that_is_a_pipe_is_refused_without_waiting(tmp_path, digits):
+    pool = make_subset(tmp_path / "pool", digits, 2, classes=["3", "8"])
+    os.mkfifo(tmp_path / "labels.csv")  # no writer: opening it to read would wait forever, deaf to SIGTERM
+    proc = run_cli("train_rlhf.py", "--images", pool, "--import-labels", tmp_path / "labels.csv",
+                   "--out", tmp_path / "run", *TINY, timeout=120)
+    assert_user_error(proc, f"--import-labels {tmp_path / 'labels.csv'}: not a regular file")
+    assert not (tmp_path / "run").exists()
 
 
 def fake_pool(root, names):

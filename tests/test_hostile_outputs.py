@@ -64,6 +64,17 @@ def test_links_planted_in_a_run_folder_are_refused_and_their_targets_untouched(r
                 aside.rename(own)
         assert_user_error(proc, f"{own} is a symbolic link")
         assert victim.read_text() == "precious\n"
+    # a run's own file that is a folder or a pipe is named as such: no writable --out would help
+    for name, plant in ((".lock", os.mkdir), ("metrics.jsonl", os.mkfifo)):
+        own, aside = run / name, tmp_path / "aside"
+        own.rename(aside)
+        plant(own)
+        try:
+            proc = run_cli("train_rlhf.py", "--out", run, "--resume", "--epochs", "2", timeout=120)
+        finally:
+            own.rmdir() if own.is_dir() else own.unlink()
+            aside.rename(own)
+        assert_user_error(proc, f"{own} is not a regular file")
     # the writability probe never follows a link planted under its old fixed name
     out = tmp_path / "new_run"
     out.mkdir()
@@ -140,3 +151,43 @@ def test_a_file_name_that_is_not_utf8_is_classified_printed_and_written_as_its_o
                                str(run)] + ([flag, str(out)] if flag else []), capture_output=True, check=False)
         assert proc.returncode == 0, proc.stderr
         assert b"caf\xe9.png" in (out.read_bytes() if flag else proc.stdout)
+
+
+def test_a_name_or_path_no_folder_can_hold_says_what_is_too_long_and_a_long_valid_name_works(run, image, tmp_path):
+    too_long, deep = "a" * 300 + ".csv", "/".join(["b" * 200] * 21) + "/out.csv"  # 304 bytes; 4,228 in all
+    for flag, out, needles in (("--csv", too_long, ("its name is 304 bytes", "at most 255 bytes here")),
+                               ("--json", "é" * 130 + ".json", ("its name is 265 bytes",)),
+                               ("--csv", "x/" + "a" * 300 + "/out.csv", ("the folder name aaa", "300 bytes")),
+                               ("--csv", deep, ("a path is at most", "pass a shorter path"))):
+        proc = run_cli("inference.py", image, "--model", run, flag, out, cwd=tmp_path)
+        assert_user_error(proc, flag, *needles, "pass a shorter")
+        assert "writable" not in proc.stderr  # no folder would help
+    for out in (too_long, "a" * 300 + "/"):
+        assert_user_error(run_cli("train_rlhf.py", "--out", run, "--export", out, cwd=tmp_path),
+                          "--export", "is 300 bytes" if out.endswith("/") else "is 304 bytes", "pass a shorter name")
+    assert_user_error(run_cli("train_rlhf.py", "--images", run.parent / "pool", "--import-labels", too_long,
+                              "--out", tmp_path / "new", *TINY, cwd=tmp_path),
+                      "--import-labels", "its name is 304 bytes", "pass a shorter name")
+    assert_user_error(run_cli("train_rlhf.py", "--images", run.parent / "pool", "--out", tmp_path / ("r" * 300),
+                              *TINY, cwd=tmp_path), "--out", "is 300 bytes", "pass a shorter name")
+    assert sorted(os.listdir(tmp_path)) == ["a.png"]
+    # 250 bytes is a valid name: written, though the temporary file beside it needs a shorter one
+    near = "c" * 250
+    assert run_cli("inference.py", image, "--model", run, "--csv", near + ".csv", cwd=tmp_path).returncode == 0
+    for out in (near[:-2] + ".jsonl", near + "/"):
+        proc = run_cli("train_rlhf.py", "--out", run, "--export", out, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / (near + ".csv")).read_text().startswith("path,predicted,prob_3,prob_8\n")
+    rows = [json.loads(line) for line in (tmp_path / (near[:-2] + ".jsonl")).read_text().splitlines()]
+    assert len(rows) >= 8 and {r["class"] for r in rows} == {"3", "8"}  # other tests may have added answers
+    assert sorted(os.listdir(tmp_path / near)) == ["3", "8"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.png", near + ".csv", near[:-2] + ".jsonl", near])
+
+
+def test_an_output_onto_the_model_file_given_is_refused_and_the_model_kept(run, image, tmp_path):
+    model = shutil.copy(run / "checkpoint.pt", tmp_path / "standalone.pt")
+    saved = open(model, "rb").read()
+    for flag in ("--csv", "--json"):
+        assert_user_error(run_cli("inference.py", image, "--model", model, flag, model), f"{flag} {model}",
+                          "is the input")
+    assert open(model, "rb").read() == saved
