@@ -41,9 +41,10 @@ class PPOConfig:
     is_truncation: float = field(default=2.0, metadata={
         "help": "verdicts: the importance weight (old policy / proposing snapshot's probability of the proposed "
                  "class) is cut at this", "lo": 0.0})
-    policy_update: str = field(default="ppo", metadata={
-        "help": "how the policy learns from the rewards: clipped PPO steps (ppo, the original design's updater), or "
-                "cross-entropy to the KL-regularised optimum pi_ref * exp(r / beta) of each image (optimum)",
+    policy_update: str = field(default="optimum", metadata={
+        "help": "how the policy learns from the rewards: cross-entropy to the KL-regularised optimum "
+                "pi_ref * exp(r / beta) of each image (optimum, default), or clipped PPO steps (ppo, the original "
+                "design's updater)",
         "choices": ("ppo", "optimum")})
     optimum_beta: float = field(default=0.25, metadata={
         "help": "--policy-update optimum: beta of the person's +1/-1 rewards (smaller: closer to their class)",

@@ -171,13 +171,12 @@ class RLHFRun:
         posterior given its verdicts (--verdict-evidence hard: never a class the person rejected); the
         probability is logged with the verdict, so the update corrects for it."""
         if not self.posterior_mode():
-            return self.questions.propose(probs, self.ledger.allowed(index), self.cfg.propose,
-                                          self.cfg.propose_explore)
+            return self.questions.propose(probs, self.ledger.allowed(index), self.cfg.propose, self.cfg.propose_explore)
         self.prior_of[index] = [float(p) for p in probs]
         post = posterior(self.prior_of[index], self.ledger.net_verdicts(index), self.learner.flip_rate())
         return self.questions.propose(post, list(range(len(post))), self.cfg.propose, self.cfg.propose_explore)
 
-    def posterior_mode(self):
+    def posterior_mode(self):  # --verdict-evidence posterior
         return self.learner.bounded_verdicts()
 
     # --- answers ------------------------------------------------------------------------------
@@ -243,13 +242,7 @@ class RLHFRun:
 
     def refit_reward_model(self):
         """A few reward-model steps on the answers it was fitted on, after one of them was undone."""
-        fitted = sorted(i for i in self.training.rm_fitted if self.answer_of.get(i, SKIP) is not SKIP)
-        if not fitted:
-            return
-        pick = self.training.rng.sample(fitted, min(len(fitted), self.learner.rm_cfg.rm_batch_size))
-        self.observer.update_started(None)
-        self.learner.fit_reward_model(self.inputs(pick), self.labels(pick))
-        self.observer.update_done(None)
+        refit_reward_model(self)
 
     # --- updates ------------------------------------------------------------------------------
     def update_due(self):
@@ -351,6 +344,17 @@ class RLHFRun:
         if "rm_fitted" in ckpt:  # format 1 checkpoints were written after every update: all answers fitted
             self.training.restore_fitted(ckpt["rm_fitted"], ckpt["no_fitted"], self.ds.hashes, self.ledger)
         self.begin_epoch()
+
+
+def refit_reward_model(run):
+    """RLHFRun.refit_reward_model: a minibatch of the answers the reward model was fitted on, learnt again."""
+    fitted = sorted(i for i in run.training.rm_fitted if run.answer_of.get(i, SKIP) is not SKIP)
+    if not fitted:
+        return
+    pick = run.training.rng.sample(fitted, min(len(fitted), run.learner.rm_cfg.rm_batch_size))
+    run.observer.update_started(None)
+    run.learner.fit_reward_model(run.inputs(pick), run.labels(pick))
+    run.observer.update_done(None)
 
 
 def update_metrics(run, stats, n_labels, n_no, shown, t0):

@@ -21,7 +21,7 @@ TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--ba
 def test_headless_run_leaves_its_files_and_resume_asks_nothing_twice(tmp_path, small_pool):
     out = tmp_path / "runs" / "demo"
     proc = run_cli("train_rlhf.py", "--images", small_pool, "--val", small_pool, "--out", out,
-                   "--epochs", "2", "--max-answers", "12", "--rm-min-answers", "8", *TINY)
+                   "--epochs", "2", "--max-answers", "12", "--rm-min-answers", "8", "--policy-update", "ppo", *TINY)
     assert proc.returncode == 0, proc.stderr
     for name in ("config.json", "feedback.sqlite", "checkpoint.pt", "reference.pt", "metrics.jsonl",
                  "training_data.json"):

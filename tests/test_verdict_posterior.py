@@ -193,7 +193,8 @@ def test_a_checkpoint_from_before_the_flip_rate_resumes_with_the_default_and_emp
     state = learner.state_dict()
     resumed = Learner(3, None, "head", seed=0)
     resumed.load_state_dict(state)
-    assert resumed.verdict_record == [(1, 2.0)] and resumed.flip_rate() == pytest.approx(estimate_flip_rate(learner.flip_scores))
+    assert resumed.verdict_record == [(1, 2.0)]
+    assert resumed.flip_rate() == pytest.approx(estimate_flip_rate(learner.flip_scores))
     old = {k: v for k, v in state.items() if k not in ("verdict_record", "flip_scores")}
     before = Learner(3, None, "head", seed=0)
     before.load_state_dict(old)
