@@ -133,8 +133,9 @@ class WorkerStatus:
     def training_text(self, batch_size):
         """The last update's figures and what training does now."""
         m, need, running = self.metrics, batch_size - self.waiting, self.running
+        kl = (m or {}).get("approx_kl", (m or {}).get("kl_to_optimum", float("nan")))  # PPO's step, or the fit's
         last = (f"update {m['update']}: reward {m.get('mean_reward', float('nan')):+.2f} · "
-                f"KL {m.get('approx_kl', float('nan')):.4f} · {m.get('update_s', 0):.1f}s" if m else "no update yet")
+                f"KL {kl:.4f} · {m.get('update_s', 0):.1f}s" if m else "no update yet")
         now = ("training stopped (see above)" if self.failed else "done" if self.finished
                else f"training update {running.number}…" if running and running.number
                else "refitting the reward model without the undone answer…" if running

@@ -272,12 +272,12 @@ def test_after_the_last_question_training_finishes_the_epochs_and_the_window_say
 
 def test_a_training_crash_reaches_the_window_and_keeps_every_answer(display, tmp_path, pool):
     out = tmp_path / "run"
-    # A fault injected where no flag can reach: the PPO loss raises, as a bug in training would.
+    # A fault injected where no flag can reach: the policy's update raises, as a bug in training would.
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(
-        "import ppo\n\ndef broken(*args, **kwargs):\n    raise ValueError('injected fault in the PPO loss')\n\n"
-        "ppo.ppo_loss = broken\n")
+        "import optimum_fit, ppo\n\ndef broken(*args, **kwargs):\n    raise ValueError('injected fault')\n\n"
+        "ppo.ppo_loss = broken\noptimum_fit.optimum_update = broken\n")
     s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY,
                 env={"PYTHONPATH": os.pathsep.join([str(inject), ROOT])})
     s.keys("0", "0", "1", "1")

@@ -61,9 +61,9 @@ def test_reliability_is_zero_at_chance_and_grows_with_proven_accuracy():
     assert reliability(list(zip([1, 0, 0] * 10, [0, 1, 2] * 10)), 3, 16) == 0.0  # a third right among 3
 
 
-def test_a_reward_model_no_better_than_chance_does_not_train_the_policy_and_the_record_is_saved():
-    torch.manual_seed(0)
-    learner = Learner(2, None, "all", PPOConfig(), RewardModelConfig(rm_min_answers=8), seed=0)
+def test_a_reward_model_no_better_than_chance_does_not_train_the_ppo_policy_and_the_record_is_saved():
+    torch.manual_seed(0)  # PPO's gate (the optimum update weighs the reward model per image instead)
+    learner = Learner(2, None, "all", PPOConfig(policy_update="ppo"), RewardModelConfig(rm_min_answers=8), seed=0)
     x, answers = torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4)
     learner.rm_record = [(1, 0), (0, 1)] * 8
     stale = UpdateBatch(x, answers, fresh=torch.zeros(8, dtype=torch.bool), x_unanswered=x[:4])
