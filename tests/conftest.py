@@ -2,6 +2,7 @@
 made of symlinks, and a CLI runner."""
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -56,6 +57,19 @@ def make_subset(dest, source, per_class, classes=None, offset=0):
         for name in names[offset:offset + per_class]:
             os.symlink(os.path.join(source, cls, name), os.path.join(dest, cls, name))
     return str(dest)
+
+
+def copied_subset(dest, source, per_class, classes=None):
+    """make_subset with copies for its links: a pool of plain files, about which the scan says nothing (a pool of
+    links to files elsewhere is told in one warning of its own)."""
+    root = make_subset(dest, source, per_class, classes=classes)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            target = os.path.realpath(path)
+            os.unlink(path)
+            shutil.copy(target, path)
+    return root
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """The image pool: deterministic scan, class folders, bad files skipped with one warning."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,21 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_subset
+from conftest import ROOT, copied_subset, make_subset
 from dataset import DatasetError, ImagePool
-
-
-def copied_subset(dest, source, per_class):
-    """make_subset with copies for its links: a pool of plain files, about which the scan says nothing (a pool of
-    links to files elsewhere is told in one warning of its own)."""
-    root = make_subset(dest, source, per_class)
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            target = os.path.realpath(path)
-            os.unlink(path)
-            shutil.copy(target, path)
-    return root
 
 
 def test_scan_is_recursive_sorted_and_labels_follow_class_folders(tmp_path, photos):

@@ -1,7 +1,6 @@
 """Hostile input, round three (issue 26): pictures stored sideways or in 16-bit, hidden folders, pipes and
 links into the system's folders, odd file names, damaged caches and run files. One test per family."""
 import os
-import shutil
 import sqlite3
 import warnings
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_user_error, make_subset, run_cli
+from conftest import assert_user_error, copied_subset, make_subset, run_cli
 from dataset import NOT_A_FILE, ImagePool, hide_pillow_size_warning, load_image, scan_image_folder
 from display import load_picture
 
@@ -24,18 +23,6 @@ def recorded(make):
         hide_pillow_size_warning()
         result = make()
     return result, [str(w.message) for w in caught]
-
-
-def copied_subset(dest, source, per_class, classes):
-    """make_subset with copies for its links: a pool of plain files, about which the scan says nothing."""
-    root = make_subset(dest, source, per_class, classes=classes)
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            target = os.path.realpath(path)
-            os.unlink(path)
-            shutil.copy(target, path)
-    return root
 
 
 def half_white(path, orientation=None, size=(80, 40)):
