@@ -410,12 +410,10 @@ def verdict_batch(run, nos, no_replay):
     if not nos and not no_replay:
         return None
     new, old = [run.ledger.verdicts[k] for k in nos], [run.ledger.verdicts[k] for k in no_replay]
-    evidence = torch.tensor([run.ledger.net_verdicts(v.image) for v in new], dtype=torch.float32).reshape(
-        len(new), run.ds.num_classes)
     return VerdictBatch(run.inputs([v.image for v in new]), torch.tensor([v.proposed for v in new], dtype=torch.long),
                         torch.tensor([v.behaviour for v in new], dtype=torch.float64),
                         run.inputs([v.image for v in old]), torch.tensor([v.proposed for v in old], dtype=torch.long),
-                        evidence)
+                        evidence_of(run.ledger, [v.image for v in new]))
 
 
 def add_evidence(batch, ledger, new, replay):
@@ -424,8 +422,13 @@ def add_evidence(batch, ledger, new, replay):
     from_verdicts = (VERDICT_YES, IMPLIED)  # a yes, or the last class left after the no's
     batch.yes_new = torch.tensor([ledger.kind_of.get(i) in from_verdicts for i in new], dtype=torch.bool)
     batch.yes_replay = torch.tensor([ledger.kind_of.get(i) in from_verdicts for i in replay], dtype=torch.bool)
-    batch.evidence_new = torch.tensor([ledger.net_verdicts(i) for i in new], dtype=torch.float32).reshape(
-        len(new), ledger.num_classes)
+    batch.evidence_new = evidence_of(ledger, new)
+
+
+def evidence_of(ledger, images):
+    """(N, K) yes minus no per class of each image's verdicts (N may be 0)."""
+    return torch.tensor([ledger.net_verdicts(i) for i in images], dtype=torch.float32).reshape(
+        len(images), ledger.num_classes)
 
 
 def ask_again(run, index):
