@@ -5,8 +5,8 @@ label they imply. Torch-free, so the loop, the labeling window's class tally and
     ledger.label_of[sha1], ledger.rejected(sha1), ledger.counts()
 
 An image's label follows from its events, recomputed whenever one is added or undone: the latest label the
-person gave (a class, a correction, a yes), else, when every class but one was rejected, the one left
-(`implied`). Undo removes the event and recomputes, so nothing is reversed by hand.
+person gave (a class, a correction, a yes, a changed answer to a recheck), else, when every class but one was
+rejected, the one left (`implied`). Undo removes the event and recomputes, so nothing is reversed by hand.
 """
 from collections import Counter
 from dataclasses import dataclass
@@ -17,6 +17,8 @@ from verdict_posterior import net_verdicts
 SKIP = None
 IMPLIED = "implied"
 VERDICT_YES = "verdict-yes"
+RECHECK = "recheck"      # an answer changed when the image was asked again (--recheck)
+CONFIRMED = "confirmed"  # asked again, the same answer (or a skip): the earlier one stands
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,14 @@ class AnswerLedger:
         self.kind_of = {}          # image -> how its label came: label, correction, skip, import, verdict-yes, implied
         self.kinds = Counter(self.kind_of.values())  # kept with kind_of, so the counts below cost nothing
         self.nos = 0               # live verdicts "no"
+        self.rechecks = {}         # image -> (Answer, store row) of each recheck's answer, oldest first
+        self.recheck_total = 0     # live rechecks: each was a question asked
         self.seq = 0
 
     @classmethod
-    def from_store(cls, answers, verdicts, num_classes):
-        """The ledger of a store's rows (FeedbackStore.rows() and .verdicts()), keyed by content hash; rows of
-        classes the run does not have are left out."""
+    def from_store(cls, answers, verdicts, num_classes, rechecks=()):
+        """The ledger of a store's rows (FeedbackStore.rows(), .verdicts() and .rechecks()), keyed by content
+        hash; rows of classes the run does not have are left out."""
         ledger = cls(num_classes)
         for a in answers:
             if a["answer"] is SKIP or 0 <= a["answer"] < num_classes:
@@ -70,6 +74,9 @@ class AnswerLedger:
             if 0 <= v["proposed"] < num_classes:
                 ledger.add_verdict(v["sha1"], v["proposed"], v["behaviour_prob"], v["verdict"],
                                    v["policy_version"], row=v["id"])
+        for r in rechecks:
+            if r["sha1"] in ledger.answers and (r["answer"] is SKIP or 0 <= r["answer"] < num_classes):
+                ledger.add_recheck(r["sha1"], r["answer"], r["id"])
         return ledger
 
     # --- events -------------------------------------------------------------------------------
@@ -104,6 +111,25 @@ class AnswerLedger:
         self._settle(v.image)
         return v
 
+    def add_recheck(self, image, answer, row=None):
+        """The answer (a class, or SKIP) to a recheck of image: it changes the label when it differs from it
+        (the earlier answer stays on record, the latest wins); the same class or a skip confirms it."""
+        self.seq += 1
+        kind = RECHECK if answer is not SKIP and answer != self.label_of.get(image) else CONFIRMED
+        self.rechecks.setdefault(image, []).append((Answer(image, answer, kind, self.seq), row))
+        self.recheck_total += 1
+        self._settle(image)
+        return kind
+
+    def undo_recheck(self, image):
+        """Take back the latest recheck answer of image; returns its store row."""
+        _, row = self.rechecks[image].pop()
+        if not self.rechecks[image]:
+            del self.rechecks[image]
+        self.recheck_total -= 1
+        self._settle(image)
+        return row
+
     def verdict_by_row(self, row):
         """The live verdict with store id `row`."""
         return next(v for v in self.verdicts if v is not None and v.row == row)
@@ -112,6 +138,9 @@ class AnswerLedger:
     def _settle(self, image):
         # The one place the rule lives: the latest label given wins; else the last class left is the label.
         answer = self.answers.get(image)
+        changed = [a for a, _ in self.rechecks.get(image, ()) if a.kind == RECHECK]
+        if changed and answer is not None:
+            answer = changed[-1]
         yes = [self.verdicts[k] for k in self.verdict_keys.get(image, ()) if self.verdicts[k].verdict]
         label = kind = None
         if yes and (answer is None or yes[-1].seq > answer.seq):
@@ -165,9 +194,9 @@ class AnswerLedger:
         return [v for v in self.verdicts if v is not None]
 
     def given(self):
-        """What --max-answers counts: answers and skips the person gave and every verdict (an implied label
-        adds nothing, and an imported one was never asked)."""
-        return len(self.label_of) - self.kinds[IMPLIED] - self.kinds[IMPORT] + self.nos
+        """What --max-answers counts: answers and skips the person gave, every verdict and every recheck (an
+        implied label adds nothing, and an imported one was never asked)."""
+        return len(self.label_of) - self.kinds[IMPLIED] - self.kinds[IMPORT] + self.nos + self.recheck_total
 
     def imported_count(self):
         return self.kinds[IMPORT]

@@ -39,9 +39,8 @@ def fresh_reward_model(learner, seed):
     return trainable_part(model, learner.finetune), adam(params, learner.rm_cfg.rm_learning_rate, learner.device)
 
 
-def fit_and_score(learner, train, test, passes, seed):
-    """Fit a fresh reward model on `train`; (label hits (hit, answer), verdict record (yes, 1 / behaviour)) on
-    `test`: its top class against each label, and each verdict on a proposal of its top class."""
+def fit_half(learner, train, passes, seed):
+    """A fresh reward model fitted on `train` for `passes` passes (at least rm_steps steps), in eval mode."""
     net, opt = fresh_reward_model(learner, seed)
     cfg = learner.rm_cfg
     steps = max(cfg.rm_steps, math.ceil(passes * len(train.classes) / cfg.rm_batch_size))
@@ -49,8 +48,21 @@ def fit_and_score(learner, train, test, passes, seed):
     reward_model_update(net, opt, train.x.to(learner.device), train.classes.to(learner.device), steps,
                         cfg.rm_batch_size, torch.Generator().manual_seed(seed), None, train.rejected, train.verdict,
                         eps)
+    return net.eval()
+
+
+def predict(net, x, batch_size=64):
+    """Class probabilities of a fitted half on inputs x, in batches."""
     with torch.no_grad():
-        net.eval()
+        return torch.cat([net(x[s:s + batch_size]).softmax(1).cpu() for s in range(0, len(x), batch_size)]
+                         or [torch.zeros(0)])
+
+
+def fit_and_score(learner, train, test, passes, seed):
+    """Fit a fresh reward model on `train`; (label hits (hit, answer), verdict record (yes, 1 / behaviour)) on
+    `test`: its top class against each label, and each verdict on a proposal of its top class."""
+    net = fit_half(learner, train, passes, seed)
+    with torch.no_grad():
         top = net(test.x.to(learner.device)).argmax(1).cpu()
     on_top = top == test.classes
     labels = [(int(h), int(c)) for h, c in zip(on_top[~test.verdict].tolist(), test.classes[~test.verdict].tolist())]
@@ -59,6 +71,17 @@ def fit_and_score(learner, train, test, passes, seed):
     weights = (1.0 / test.behaviour.double().clamp_min(1e-6))[pick]
     verdicts = [(int(y), float(w)) for y, w in zip(said_yes[pick].tolist(), weights.tolist())]
     return labels, verdicts
+
+
+def crossfit_probs(learner, halves, passes=3, seed=0):
+    """Out-of-fold class probabilities: (probabilities of half a's rows from a fit on b, of b's from a fit on
+    a), or None when a half is too small to fit. What the rows say is known to neither fit that scores them."""
+    a, b = halves
+    if min(len(a.classes), len(b.classes)) < MIN_HALF:
+        return None
+    on_a = predict(fit_half(learner, b, passes, seed + 1), a.x.to(learner.device))
+    on_b = predict(fit_half(learner, a, passes, seed), b.x.to(learner.device))
+    return on_a, on_b
 
 
 def crossfit_records(learner, halves, passes=3, seed=0):

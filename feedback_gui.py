@@ -24,7 +24,8 @@ from PIL import ImageTk
 
 import display
 import window_messages as msg
-from answer_ledger import IMPORT, SKIP, AnswerLedger
+from answer_ledger import IMPORT, RECHECK, SKIP, AnswerLedger
+from answer_rechecks import recheck_row
 from display import fit
 from feedback_store import StoreError
 from labeling_workers import Guesser, RunWorker
@@ -55,14 +56,18 @@ class SessionTally:
 
     def __init__(self, store, names, asking_verdicts, hash_of):
         rows = store.rows()  # read once: the ledger and the agreement record both come from it
-        self.ledger = AnswerLedger.from_store(rows, store.verdicts(), len(names))
+        self.ledger = AnswerLedger.from_store(rows, store.verdicts(), len(names), store.rechecks())
         self.asking_verdicts, self.hash_of = asking_verdicts, hash_of
         self.agree = [r["predicted"] == r["answer"] for r in rows
                       if r["answer"] is not None and r.get("kind") != IMPORT]
 
     def apply(self, q, kind, value, ref, sign):
-        """An answer (kind label) or verdict about question q, given (+1) or undone (-1); ref: its store id."""
+        """An answer (kind label or recheck) or verdict about question q, given (+1) or undone (-1); ref: its
+        store id."""
         sha1 = self.hash_of(q.index)
+        if kind == "recheck":
+            self.ledger.add_recheck(sha1, value, ref) if sign > 0 else self.ledger.undo_recheck(sha1)
+            return
         if kind == "verdict":
             if sign > 0:
                 self.ledger.add_verdict(sha1, q.proposed, q.behaviour, value, q.version, ref)
@@ -85,7 +90,7 @@ class SessionTally:
 
     def answered(self):
         """The person's labels and corrections (not skips, imports or verdicts)."""
-        return self.ledger.kinds["label"] + self.ledger.kinds["correction"]
+        return self.ledger.kinds["label"] + self.ledger.kinds["correction"] + self.ledger.kinds[RECHECK]
 
     def line(self, where):
         """The status line's first line: answers, skips, imports, verdicts, `where` in the epoch, agreement."""
@@ -141,7 +146,18 @@ class WorkerStatus:
                else "refitting the reward model without the undone answer…" if running
                else "training on the answers" if self.no_more
                else f"next update after {need} more answers" if need > 0 else "update due")
-        return f"{last}   ·   {now}"
+        return f"{last}   ·   {now}" + autolabel_text(m or {})
+
+
+def autolabel_text(m):
+    """The status line's estimate of what `--autolabel` could label now (label mode, after a cross-fit)."""
+    if "autolabel_unanswered" not in m:
+        return ""
+    pct = f"{m['autolabel_max_error']:.0%}"
+    if "autolabel_covered" in m:
+        return (f"\nthe model could label {m['autolabel_covered']:,} of the {m['autolabel_unanswered']:,} unanswered "
+                f"at ≤ {pct} error (--export FILE --autolabel {m['autolabel_max_error']})")
+    return f"\nauto-labels at ≤ {pct} error need about {m['autolabel_more_answers']:,} more answers"
 
 
 class ImageView:
@@ -305,6 +321,9 @@ class LabelingWindow:
             self.say(q.problem)
         else:
             self.view.show(q)
+        if q.earlier is not None:
+            self.say(f"you said {self.names[q.earlier]}: look again? Press {q.earlier} to keep it, or the right "
+                     "class's key")
         title = f"{TITLE}  {q.pos}/{len(self.rlhf.ds)}  {os.path.basename(q.path)}"
         self.root.title(title)
         self.file.configure(text=os.path.relpath(q.path, self.rlhf.ds.root))
@@ -313,7 +332,8 @@ class LabelingWindow:
         if self.events:  # after_idle runs after Tk's own redraws: "shown" is logged once the image is drawn
             counts = list(self.tally.counts())
             self.root.after_idle(lambda: self.log("shown", seq=q.seq, path=q.path, title=title, key_t=key_t,
-                                                  proposed=q.proposed, counts=counts, box=self.view.box))
+                                                  proposed=q.proposed, counts=counts, box=self.view.box,
+                                                  earlier=q.earlier))
 
     def after_show(self):
         self.status_line()
@@ -350,6 +370,11 @@ class LabelingWindow:
         q = self.current
         if q is None or self.closing:
             return
+        if q.earlier is not None:  # an answer asked again: the earlier row stays, this one is added
+            row = {**recheck_row(self.rlhf, q.index, answer, q.version), "earlier": q.earlier, "epoch": q.epoch}
+            self.commit(q, "recheck", answer, lambda: self.store.add_recheck(**row),
+                        lambda ref: msg.Answered(q, answer), t)
+            return
         row = {**answer_row(self.rlhf, q.index, answer, q.probs, q.version), "epoch": q.epoch}
         self.commit(q, "label", answer, lambda: self.store.add(**row), lambda added: msg.Answered(q, answer), t)
 
@@ -369,7 +394,7 @@ class LabelingWindow:
         except StoreError as err:  # nothing written: the image stays, the answer is tried again (a new key wins)
             self.unsaved = (q.seq, kind, value)
             self.say(f"not saved yet, trying again every {RETRY_MS // 1000} s: {err}", "retry")
-            again = self.answer if kind == "label" else self.verdict
+            again = self.verdict if kind == "verdict" else self.answer
             self.root.after(RETRY_MS, lambda: self.current is q and self.unsaved == (q.seq, kind, value)
                             and again(value, t))
             return
@@ -392,6 +417,8 @@ class LabelingWindow:
         try:
             if kind == "verdict":
                 self.store.remove_verdict(ref)
+            elif kind == "recheck":
+                self.store.remove_recheck(ref)
             elif ref:
                 self.store.remove(self.rlhf.ds.hash_of(q.index))
         except StoreError as err:  # the answer stays given; u can be pressed again
@@ -404,6 +431,11 @@ class LabelingWindow:
             self.ready.appendleft(self.current)
         self.current = q
         given = ("yes" if value else "no") if kind == "verdict" else "skip" if value is SKIP else self.names[value]
+        if kind == "recheck":
+            self.say(f"undone: your second look at {os.path.basename(q.path)} ({given}); the earlier answer "
+                     "stands until you answer it again")
+            self.show()
+            return
         self.say(f"undone: {os.path.basename(q.path)} ({given}) is removed and will train nothing; answer it again")
         self.show()
 

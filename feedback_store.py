@@ -15,9 +15,9 @@ from urllib.request import pathname2url
 
 from user_errors import UserError
 
-SCHEMA_VERSION = 2  # 2: answers.kind
+SCHEMA_VERSION = 3  # 2: answers.kind; 3: the rechecks table
 IMPORTED = "import"  # answers.kind of a row from --import-labels
-TABLES = {"meta", "answers", "verdicts", "sqlite_sequence"}
+TABLES = {"meta", "answers", "verdicts", "rechecks", "sqlite_sequence"}
 
 
 class StoreError(UserError):
@@ -75,6 +75,16 @@ class FeedbackStore:
                         behaviour_prob REAL NOT NULL,
                         verdict INTEGER NOT NULL,
                         rule TEXT,
+                        policy_version INTEGER,
+                        epoch INTEGER,
+                        created REAL NOT NULL
+                    );
+                    CREATE TABLE IF NOT EXISTS rechecks (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        sha1 TEXT NOT NULL,
+                        path TEXT NOT NULL,
+                        earlier INTEGER,
+                        answer INTEGER,
                         policy_version INTEGER,
                         epoch INTEGER,
                         created REAL NOT NULL
@@ -249,6 +259,21 @@ class FeedbackStore:
     def verdicts(self):
         """Every verdict as a dict, oldest first."""
         return self._table("verdicts")
+
+    def add_recheck(self, sha1, path, earlier, answer, policy_version=None, epoch=None):
+        """Commit the answer (None: a skip) to a recheck of an image answered `earlier`; the earlier answer's
+        row stays, the latest wins. Returns the row id (for undo). Raises StoreBusyError like add."""
+        return self._write((
+            "INSERT INTO rechecks (sha1, path, earlier, answer, policy_version, epoch, created) VALUES (?,?,?,?,?,?,?)",
+            (sha1, path_text(path), earlier, answer, policy_version, epoch, time.time()))).lastrowid
+
+    def remove_recheck(self, row_id):
+        """Delete a recheck's answer (undo); returns True when there was one."""
+        return self._write(("DELETE FROM rechecks WHERE id=?", (row_id,))).rowcount == 1
+
+    def rechecks(self):
+        """Every recheck's answer as a dict, oldest first."""
+        return self._table("rechecks")
 
     def _table(self, name):
         with self._errors():

@@ -2,14 +2,17 @@
 count as answered when a run starts.
 
     python train_rlhf.py --out RUN --export labels.csv        # or labels.jsonl; --export DIR/ for an ImageFolder
+    python train_rlhf.py --out RUN --export labels.csv --autolabel 0.02   # and auto rows (autolabel.py)
     python train_rlhf.py --images DIR --import-labels labels.csv   # or a .jsonl, or an ImageFolder DIR
 
 An export row is one label: the image's path (relative to the run's image folder), its content hash, the
 class, how it was given (`label`, `correction` in --ask verdict, `verdict-yes`, `implied` when every other
 class was rejected, `imported`), the policy version shown and the time. Each verdict "no" is a row too,
 of kind `verdict-no`, with no class and the rejected class in `rejected`: it is not a label, but it is
-what complementary-label learners read. Skips and undone answers are no rows. Export opens the run's
-store read-only and takes no lock, so it works while a labeling session holds the run.
+what complementary-label learners read. Skips and undone answers are no rows. With --autolabel, rows of kind
+`auto` follow, with the served model's `probability` (a column only then; empty in the other rows); an import
+reads them as labels. Export opens the run's store read-only and takes no lock, so it works while a labeling
+session holds the run.
 
 An import matches rows to the pool by content hash (by path when a row has no hash), so renamed or moved
 images still match; rows for images or classes the run does not have are counted, never fatal.
@@ -26,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from answer_ledger import AnswerLedger
+from answer_ledger import RECHECK, AnswerLedger
 from checkpoint import (
     FILE_NAME_BYTES,
     atomic_write_bytes,
@@ -41,8 +44,10 @@ from feedback_store import IMPORTED, FeedbackStore
 from user_errors import UserError
 
 COLUMNS = ("path", "sha1", "class", "kind", "rejected", "policy_version", "time")
+AUTO_COLUMNS = (*COLUMNS, "probability")  # with --autolabel: the served model's probability of an auto row
 LABEL_KEYS = ("class", "sha1", "path", "kind")  # what an import reads of a row, in LabelRow's order
 VERDICT_NO = "verdict-no"
+AUTO = "auto"  # autolabel.py's rows: the served model's label where its bound allows one
 TABLE_SUFFIXES = (".csv", ".jsonl")
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder reads back (a GIF is not among them)
 IMAGE_FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -55,25 +60,50 @@ class LabelTransferError(UserError):
 
 
 # --- export -------------------------------------------------------------------------------------
-def export_labels(run_dir, target):
-    """Write the labels of the run in run_dir to target (.csv, .jsonl, or a folder as an ImageFolder);
-    returns the one line that says what was written. The run is read, never changed."""
+def export_labels(run_dir, target, max_error=None):
+    """Write the labels of the run in run_dir to target (.csv, .jsonl, or a folder as an ImageFolder), with auto
+    rows at max_error (--autolabel) when given; returns the one line that says what was written. The run is
+    read, never changed."""
     to_folder = is_folder_target(target)
     if to_folder:
         refuse_export_into(run_images(run_dir), target)
     rows = run_label_rows(run_dir)
-    labels = [r for r in rows if r["class"]]
+    auto = None
+    if max_error is not None:
+        from autolabel import auto_labels  # torch: only an export that asks for auto rows pays for it
+        auto = auto_labels(run_dir, max_error)
+        rows += relative_rows(auto.rows, run_images(run_dir))
+    labels = [r for r in rows if r["class"] and r["kind"] != AUTO]
     if to_folder:
-        present = [r for r in labels if os.path.isfile(r["source"])]  # the tally counts what is written
-        done, missing = write_image_folder(present, target), len(labels) - len(present)
-        return (f"exported {done['images']} labelled images of {run_dir} to {target} as an ImageFolder "
-                f"({class_tally(present)}; {done['links']} hard links, {done['copies']} copies)"
-                + (f"; {missing} labelled images no longer at their stored path, left out" if missing else "")
-                + (f"; {done['gifs']} GIFs, which torchvision's ImageFolder does not read" if done["gifs"] else ""))
-    write_table(rows, target)
-    nos = len(rows) - len(labels)
+        return folder_export_line(run_dir, target, [r for r in rows if r["class"]], auto)
+    write_table(rows, target, AUTO_COLUMNS if auto else COLUMNS)
+    nos = sum(1 for r in rows if not r["class"])
+    added = f" and {auto.head()}" if auto and auto.calibration.threshold is not None else ""
     return (f"exported {len(labels)} labels ({class_tally(labels)})" + (f" and {nos} verdict-no rows" if nos else "")
-            + f" of {run_dir} to {target}")
+            + f"{added} of {run_dir} to {target}" + (f": {auto.tail()}" if auto else ""))
+
+
+def folder_export_line(run_dir, target, written, auto):
+    """Write the ImageFolder (labels, then auto labels) and return its line."""
+    present = [r for r in written if os.path.isfile(r["source"])]  # the tally counts what is written
+    done, missing = write_image_folder(present, target), len(written) - len(present)
+    autos = [r for r in present if r["kind"] == AUTO]
+    people = [r for r in present if r["kind"] != AUTO]
+    return (f"exported {len(people)} labelled images" + (f" and {len(autos)} auto-labelled" if auto and autos else "")
+            + f" of {run_dir} to {target} as an ImageFolder ({class_tally(people)}"
+            + (f"; auto: {class_tally(autos)}" if autos else "")
+            + f"; {done['links']} hard links, {done['copies']} copies)"
+            + (f"; {missing} labelled images no longer at their stored path, left out" if missing else "")
+            + (f"; {done['gifs']} GIFs, which torchvision's ImageFolder does not read" if done["gifs"] else "")
+            + (f"; {auto.head()}: {auto.tail()}" if auto and auto.calibration.threshold is not None
+               else f"; {auto.tail()}" if auto else ""))
+
+
+def relative_rows(rows, images):
+    """Rows with their `path` relative to the run's image folder, as the person's rows have it."""
+    for r in rows:
+        r["path"] = os.path.relpath(r["source"], images).replace(os.sep, "/")
+    return rows
 
 
 def class_tally(labels):
@@ -121,31 +151,34 @@ def run_label_rows(run_dir):
     images = run_images(run_dir)
     store = FeedbackStore(os.path.join(run_dir, "feedback.sqlite"), read_only=True)
     try:
-        names, answers, verdicts = store.class_names() or [], store.rows(), store.verdicts()
+        names, answers, verdicts, rechecks = store.class_names() or [], store.rows(), store.verdicts(), store.rechecks()
     finally:
         store.close()
-    rows = store_label_rows(answers, verdicts, names)
-    for r in rows:
-        r["path"] = os.path.relpath(r["source"], images).replace(os.sep, "/")
+    rows = relative_rows(store_label_rows(answers, verdicts, names, rechecks), images)
     return sorted(rows, key=lambda r: r["created"])
 
 
-def store_label_rows(answers, verdicts, names):
+def store_label_rows(answers, verdicts, names, rechecks=()):
     """Export rows of the store's answers and verdicts, as the AnswerLedger reads them: a row per label, per
-    verdict "no", and per image labelled by rejecting every other class."""
+    verdict "no", and per image labelled by rejecting every other class; an answer changed when it was asked
+    again (--recheck) is the row of its latest answer, of kind `recheck`."""
     def row(stored, kind, cls, rejected=""):
         return {"source": stored["path"], "sha1": stored["sha1"], "class": cls, "kind": kind, "rejected": rejected,
-                "policy_version": stored["policy_version"], "created": stored["created"],
+                "policy_version": stored["policy_version"], "created": stored["created"], "probability": "",
                 "time": datetime.fromtimestamp(stored["created"], timezone.utc).isoformat(timespec="seconds")}
 
     known = range(len(names))
-    out = [row(a, "imported" if a.get("kind") == IMPORTED else a.get("kind") or "label", names[a["answer"]])
+    ledger = AnswerLedger.from_store(answers, verdicts, len(names), rechecks)
+    latest = {r["sha1"]: r for r in rechecks}  # oldest first: the last one per image stays
+    out = [row(latest[a["sha1"]], RECHECK, names[ledger.label_of[a["sha1"]]])
+           if ledger.kind_of.get(a["sha1"]) == RECHECK
+           else row(a, "imported" if a.get("kind") == IMPORTED else a.get("kind") or "label", names[a["answer"]])
            for a in answers if a["answer"] in known]
     for v in verdicts:
         if v["proposed"] in known:
             out.append(row(v, "verdict-yes", names[v["proposed"]]) if v["verdict"]
                        else row(v, VERDICT_NO, "", names[v["proposed"]]))
-    ledger, by_id = AnswerLedger.from_store(answers, verdicts, len(names)), {v["id"]: v for v in verdicts}
+    by_id = {v["id"]: v for v in verdicts}
     for sha1 in ledger.verdict_keys:
         if ledger.is_implied(sha1):  # dated by the last "no", which made it
             last = by_id[ledger.verdicts[ledger.no_keys(sha1)[-1]].row]
@@ -153,13 +186,13 @@ def store_label_rows(answers, verdicts, names):
     return out
 
 
-def write_table(rows, target):
+def write_table(rows, target, columns=COLUMNS):
     """rows as CSV (a header line, then one line per row; cells neutralised for spreadsheets) or JSON lines,
     written atomically."""
     if target.lower().endswith(".csv"):
-        data = csv_text(COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
+        data = csv_text(columns, [[r[c] for c in columns] for r in rows])
     else:
-        data = "".join(json.dumps({c: (r[c] if r[c] != "" else None) for c in COLUMNS}) + "\n" for r in rows)
+        data = "".join(json.dumps({c: (r[c] if r[c] != "" else None) for c in columns}) + "\n" for r in rows)
     with writing(target):
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         atomic_write_bytes(target, data.encode("utf-8", FILE_NAME_BYTES))

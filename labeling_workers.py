@@ -43,6 +43,7 @@ class Question:
     problem: str = ""
     proposed: int = -1       # --ask verdict: the class put to the person, and the probability the rule gave it
     behaviour: float = 1.0
+    earlier: object = None   # --recheck: the class the person gave before, when the image is asked again
 
 
 def failure(what, err):
@@ -104,8 +105,10 @@ class Guesser(threading.Thread):
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             problem = f"cannot show {os.path.basename(path)} ({err})"
         proposed, behaviour = self.rlhf.propose(index, probs) if self.rlhf.cfg.ask == "verdict" else (-1, 1.0)
-        return Question(seq, index, self.epoch, self.asked_before + seq + 1, self.total - seq, path, probs.numpy(),
-                        version, picture, fitted, box, problem, proposed, behaviour)
+        earlier = self.rlhf.answer_of.get(index) if index in self.rlhf.rechecks.handed else None
+        left = max(0, self.total - seq)  # rechecks are questions beyond the unasked images counted at the start
+        return Question(seq, index, self.epoch, self.asked_before + seq + 1, left, path, probs.numpy(), version,
+                        picture, fitted, box, problem, proposed, behaviour, earlier)
 
 
 class RunWorker(threading.Thread, NullObserver):

@@ -292,7 +292,9 @@ class Learner:
     def score_reward_model(self, x_new, answers_new, fresh):
         """Record whether the reward model predicts the fresh new answers (before it is fitted on them);
         returns their accuracy, or None when none is fresh."""
-        rm_pred = self.predicted_rewards(x_new).argmax(dim=1)
+        rewards = self.predicted_rewards(x_new)
+        self.new_answer_probs = ((rewards.float().cpu() + 1.0) / 2.0)  # read by --recheck: scored before the fit
+        rm_pred = rewards.argmax(dim=1)
         hits = (rm_pred == answers_new.to(rm_pred.device))[fresh.to(rm_pred.device)].tolist()
         if not hits:
             return None

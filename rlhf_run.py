@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from answer_ledger import IMPLIED, SKIP, VERDICT_YES, AnswerLedger
+from answer_ledger import IMPLIED, RECHECK, SKIP, VERDICT_YES, AnswerLedger
+from answer_rechecks import Rechecks, recheck_row
 from checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint
 from crossfit_trust import CrossfitHalf, crossfit_records
 from feature_cache import FeatureCache, weights_digest
@@ -69,9 +70,10 @@ class RLHFRun:
         self.questions = QuestionQueue(len(dataset), cfg.seed, cfg.order)
         self.lock = self.questions.lock  # the window's guesser asks while its run worker records
         self.training = TrainingQueue(cfg.seed)
+        self.rechecks = Rechecks(cfg.recheck if cfg.ask == "label" else 0.0, cfg.seed,
+                                 estimate=cfg.ask == "label" and cfg.feedback == "gui")
         # every process reads the store before rank 0 can write it: the broadcast waits for all of them
-        self.stored = StoredRows(*self.ranks.broadcast(
-            (store.answers(), store.imported(), store.verdicts()) if store is not None else ({}, set(), [])))
+        self.stored = StoredRows(*self.ranks.broadcast(StoredRows.read(store)))
         self.linked = 0  # how many of dataset.arrived have been linked
         link_stored(self, [(i, h) for i, h in enumerate(dataset.hashes) if h is not None])
         self.begin_epoch()
@@ -116,6 +118,8 @@ class RLHFRun:
         """Hand out the image to ask next, or None when this epoch asks no more."""
         self.link_arrived()
         with self.lock:
+            if self.can_ask() and (index := self.rechecks.hand_out(self)) is not None:
+                return index  # an answer asked again (--recheck)
             while self.can_ask():
                 index = self.questions.pick(self.cfg.explore)
                 self.questions.take(index)
@@ -182,6 +186,8 @@ class RLHFRun:
     # --- answers ------------------------------------------------------------------------------
     def record(self, index, answer, probs, policy_version):
         """The person's answer (class index or SKIP) about image `index`, shown with guess `probs`."""
+        if self.rechecks.answered(index):
+            return record_recheck(self, index, answer)
         row = answer_row(self, index, answer, probs, policy_version)
         with self.lock:
             self.questions.outstanding.discard(index)
@@ -222,6 +228,8 @@ class RLHFRun:
     def undo(self, index):
         """Take back the answer about image `index`: it leaves the queues and the epoch's rewards, and is
         handed out again. True when the reward model had been fitted on it (then call refit_reward_model)."""
+        if index in self.ledger.rechecks:
+            return undo_recheck(self, index)
         with self.lock:
             gone = self.ledger.undo_answer(index)
             self.questions.outstanding.add(index)
@@ -263,18 +271,14 @@ class RLHFRun:
         shown = [1.0 if self.shown_of[i] == self.answer_of[i] else -1.0
                  for i, f in zip(new, fresh) if f and i in self.shown_of]
         shown += [1.0 if ledger.verdicts[k].verdict else -1.0 for k in fresh_verdicts]
-        stats = {}
-        if fresh_verdicts:
-            vs = [ledger.verdicts[k] for k in fresh_verdicts]
-            stats["rm_verdict_acc"] = self.learner.score_verdicts(
-                self.inputs([v.image for v in vs]), torch.tensor([v.proposed for v in vs]),
-                torch.tensor([v.verdict for v in vs]), torch.tensor([v.behaviour for v in vs]))
+        stats = score_fresh_verdicts(self, fresh_verdicts)
         batch = UpdateBatch(self.inputs(new), self.labels(new), None, self.inputs(replay), self.labels(replay))
         batch.x_unanswered = self.inputs(take) if (take and self.reward_model_ready()) else None
         batch.fresh, batch.no = torch.tensor(fresh, dtype=torch.bool), verdict_batch(self, nos, no_replay)
         if self.posterior_mode() and ledger.verdicts:
             add_evidence(batch, ledger, new, replay)
         stats.update(self.learner.update(batch))
+        self.rechecks.note_fresh(new, fresh, batch.answers_new, self.learner)
         self.training.fitted(new, nos)
         return self.after_update(stats, len(new), len(nos), shown, t0)
 
@@ -286,6 +290,7 @@ class RLHFRun:
         metrics = update_metrics(self, stats, n_labels, n_no, shown, t0)
         if self.val is not None and self.cfg.val_every and self.learner.version % self.cfg.val_every == 0:
             metrics["val_acc"] = accuracy_on(self.learner, self.val, self.cfg.score_batch)
+        metrics.update(self.rechecks.plan(self))
         self.files.write_metrics(metrics)
         every = self.cfg.checkpoint_every and self.learner.version % self.cfg.checkpoint_every == 0
         if every or time.monotonic() - self.saved_at >= self.cfg.checkpoint_seconds:
@@ -346,6 +351,40 @@ class RLHFRun:
         self.begin_epoch()
 
 
+def score_fresh_verdicts(run, keys):
+    """{"rm_verdict_acc": the reward model's score on the fresh verdicts (ledger keys)}, before it learns them."""
+    if not keys:
+        return {}
+    vs = [run.ledger.verdicts[k] for k in keys]
+    return {"rm_verdict_acc": run.learner.score_verdicts(
+        run.inputs([v.image for v in vs]), torch.tensor([v.proposed for v in vs]),
+        torch.tensor([v.verdict for v in vs]), torch.tensor([v.behaviour for v in vs]))}
+
+
+def record_recheck(run, index, answer):
+    """RLHFRun.record of an image asked again: a changed answer replaces the label and is learnt again."""
+    with run.lock:
+        run.questions.outstanding.discard(index)
+        kind = run.ledger.add_recheck(index, answer)
+    run.asked_this_run += 1
+    if kind == RECHECK:
+        run.training.forget(index, unanswered=False)
+        run.training.rm_fitted.discard(index)
+        run.visit(index)
+
+
+def undo_recheck(run, index):
+    """RLHFRun.undo of a recheck's answer: the earlier answer stands again, and the image is asked again."""
+    with run.lock:
+        run.ledger.undo_recheck(index)
+        run.rechecks.undone(run, index)
+    run.asked_this_run -= 1
+    run.training.forget(index, unanswered=False)
+    run.training.rm_fitted.discard(index)  # learnt again with the class it has now
+    run.visit(index)
+    return False
+
+
 def refit_reward_model(run):
     """RLHFRun.refit_reward_model: a minibatch of the answers the reward model was fitted on, learnt again."""
     fitted = sorted(i for i in run.training.rm_fitted if run.answer_of.get(i, SKIP) is not SKIP)
@@ -364,6 +403,8 @@ def update_metrics(run, stats, n_labels, n_no, shown, t0):
                "imported": ledger.imported_count(), "asked": len(ledger.label_of),
                "asked_this_run": run.asked_this_run, "human_images": n_labels, **stats,
                "update_s": time.perf_counter() - t0}
+    if run.rechecks.fraction:
+        metrics.update(rechecks=ledger.recheck_total, recheck_changed=ledger.kinds[RECHECK])
     if run.cfg.ask == "verdict" or ledger.nos:
         live = ledger.live_verdicts()
         metrics.update(verdicts=len(live), verdict_no_updated=n_no,
@@ -514,11 +555,20 @@ class StoredRows:
     """What the store holds, by content hash, linked to pool positions as their hashes become known (a new
     folder's are read in the background, see dataset.py)."""
 
-    def __init__(self, answers, imported, verdicts):
+    def __init__(self, answers, imported, verdicts, rechecks=()):
         self.answers, self.imported = answers, imported  # {sha1: class or SKIP}, hashes of imported labels
-        self.verdicts = {}
+        self.verdicts, self.rechecks = {}, {}
         for row in verdicts:
             self.verdicts.setdefault(row["sha1"], []).append(row)
+        for row in rechecks:
+            self.rechecks.setdefault(row["sha1"], []).append(row)
+
+    @staticmethod
+    def read(store):
+        """What StoredRows is made of, read from the store (or nothing, on a process that holds none)."""
+        if store is None:
+            return {}, set(), [], []
+        return store.answers(), store.imported(), store.verdicts(), store.rechecks()
 
     def __bool__(self):
         return bool(self.answers or self.verdicts)
@@ -532,6 +582,9 @@ class StoredRows:
                 continue
             if h in self.answers:
                 ledger.add_answer(i, self.answers[h], "import" if h in self.imported else "label")
+                for row in self.rechecks.pop(h, ()):
+                    if row["answer"] is SKIP or 0 <= row["answer"] < ledger.num_classes:
+                        ledger.add_recheck(i, row["answer"], row["id"])
                 answered.append(i)
             rows += [(row, i) for row in self.verdicts.pop(h, ())]
         added = []
@@ -578,7 +631,9 @@ def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows=
 
 def give_answer(run, index, answer, probs):
     """A simulated person's answer: committed to the store (on the process that holds it), then recorded."""
-    if run.store is not None:
+    if run.store is not None and index in run.rechecks.handed:
+        run.store.add_recheck(**recheck_row(run, index, answer, run.learner.version))
+    elif run.store is not None:
         run.store.add(**answer_row(run, index, answer, probs, run.learner.version))
     run.record(index, answer, probs, run.learner.version)
 
@@ -611,7 +666,9 @@ def answer_round(run, labeler, asks):
     probs = run.guess(asks)
     proposals = [run.propose(i, p) for i, p in zip(asks, probs)] if run.cfg.ask == "verdict" else None
     start, end = run.ranks.block(len(asks))
-    asked = [len(run.ledger.verdict_keys.get(i, ())) + (i in run.ledger.answers) for i in asks]  # before
+    ledger = run.ledger
+    asked = [len(ledger.verdict_keys.get(i, ())) + (i in ledger.answers) + len(ledger.rechecks.get(i, ()))
+             for i in asks]  # before
     if proposals is None:
         mine = [labeler.answer(asks[j], asked[j]) for j in range(start, end)]
     else:

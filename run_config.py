@@ -52,6 +52,11 @@ class RunConfig:
                                  ".jsonl file, or to a folder (a path ending in / or an existing folder) "
                                  "as an ImageFolder, and exit; the run is read, never changed, also while "
                                  "it is being labeled")
+    autolabel: float | None = setting(None, "with --export: also label each unanswered image the served model is "
+                                      "sure enough of (rows of kind auto, with its probability), at a "
+                                      "confidence threshold chosen so that, with 95%% confidence, at most this "
+                                      "share of the auto rows is wrong (e.g. 0.02)", lo=0.0, hi=1.0,
+                                      open_hi=True)
     import_labels: str | None = setting(None, "labels that count as answered when the run starts (new or "
                                         "--resume): a .csv or .jsonl written by --export, or a folder with "
                                         "one subfolder per class; matched by content hash, so renamed or "
@@ -70,6 +75,9 @@ class RunConfig:
                                         "policy's guess times the verdicts' evidence) gives one class this "
                                         "much (0: a yes settles it, as before)", lo=0.0, hi=1.0)
     verdicts_per_image: int = setting(4, "--ask verdict: most verdicts asked about one image in an epoch", lo=1)
+    recheck: float = setting(0.02, "--ask label: after each update, ask again about the answers the models "
+                             "disagree with most (scored by reward models fitted without them), at most this "
+                             "share of the questions asked so far (0: never)", lo=0.0, hi=1.0)
     feedback_noise: float = setting(0.0, "simulated labeler: P(wrong answer)", lo=0.0, hi=1.0, open_hi=True)
     feedback_skip: float = setting(0.0, "simulated labeler: P(skip)", lo=0.0, hi=1.0, open_hi=True)
     noise_kind: str = setting("persistent", "simulated labeler: a wrong answer repeats when the same thing is asked "
@@ -150,6 +158,9 @@ class RunConfig:
         if self.blind and self.ask == "verdict":
             raise ConfigError("--blind has no meaning with --ask verdict: the window shows the class it proposes "
                               "(drop --blind, or use --ask label)")
+        if self.autolabel is not None and not self.export:
+            raise ConfigError("--autolabel goes with --export: it adds rows of kind auto to the exported labels "
+                              "(add --export labels.csv, or drop --autolabel)")
         if self.export and self.import_labels:
             raise ConfigError("--export and --import-labels: one at a time (export writes a run's labels out "
                               "and exits; --import-labels reads labels into a run as it starts)")

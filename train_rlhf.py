@@ -4,6 +4,7 @@
     python train_rlhf.py --images DIR --feedback folder --epochs 3 --out runs/demo   # simulated labeler
     python train_rlhf.py --out runs/demo --resume          # continue; nothing already answered is asked again
     python train_rlhf.py --out runs/demo --export labels.csv   # the run's labels (.jsonl, or DIR/ as an ImageFolder)
+    python train_rlhf.py --out runs/demo --export labels.csv --autolabel 0.02   # and auto labels, at most 2% wrong
     python train_rlhf.py --images DIR --import-labels labels.csv   # labels given elsewhere count as answered
     torchrun --nproc_per_node=2 train_rlhf.py --feedback folder ...   # the headless loop on 2 processes
 
@@ -222,7 +223,7 @@ def main(argv=None):
     cfg = RunConfig.from_args(argv)
     if cfg.export:  # reads the run, takes no lock: a labeling session may hold it
         check_output_path(cfg.export, "--export")
-        print(export_labels(resolve_run_dir(cfg.out or os.path.join("runs", "latest")), cfg.export))
+        print(export_labels(resolve_run_dir(cfg.out or os.path.join("runs", "latest")), cfg.export, cfg.autolabel))
         return 0
     if Ranks.launched() and cfg.feedback == "gui" and not cfg.resume:
         raise UsageError(GUI_UNDER_TORCHRUN)  # before anything is written
