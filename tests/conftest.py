@@ -105,3 +105,17 @@ def metrics(run_dir):
     """A run's metrics.jsonl, one dict per line."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def user_error_line(script, *args):
+    """The `error:` line that an entry script (train_rlhf.py, inference.py) prints for args, from its main()
+    run in this process: for the many bad inputs of one kind, beside a subprocess run of the same kind that
+    checks the exit code and that the line is the only one. Only for errors raised before a run folder is
+    locked (a lock taken in this process would stay held for the rest of the session)."""
+    import importlib
+
+    from user_errors import UserError, first_line
+    main = importlib.import_module(os.path.splitext(script)[0]).main
+    with pytest.raises(UserError) as err:
+        main([str(a) for a in args])
+    return "error: " + first_line(err.value)

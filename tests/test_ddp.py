@@ -15,7 +15,7 @@ from conftest import ROOT, assert_user_error, make_subset, metrics, run_cli, sto
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
 ENV.pop("DISPLAY", None)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4",
+TINY = ["--feedback", "folder", "--image-size", "16", "--weights", "none", "--batch-size", "4",
         "--rm-min-answers", "4"]
 
 
@@ -64,14 +64,14 @@ def test_inference_csv_from_two_processes_is_the_single_process_csv(tmp_path, ph
 
 
 def test_two_process_headless_run_leaves_a_run_that_one_process_resumes(tmp_path, digits):
-    pool = make_subset(tmp_path / "pool", digits, 16, classes=["0", "1"])
+    pool = make_subset(tmp_path / "pool", digits, 8, classes=["0", "1"])
     out = tmp_path / "run"
     proc = torchrun("train_rlhf.py", "--images", pool, "--val", pool, "--out", out, "--epochs", "2",
-                    "--max-answers", "24", "--seed", "3", *TINY)
+                    "--max-answers", "12", "--seed", "3", *TINY, "--batch-size", "6")
     assert proc.returncode == 0, proc.stderr
     assert "2 processes" in proc.stdout
     rows = store_rows(out)
-    assert len(rows) == 24 and len({r[0] for r in rows}) == 24  # each answer stored once, by rank 0
+    assert len(rows) == 12 and len({r[0] for r in rows}) == 12  # each answer stored once, by rank 0
     lines = metrics(out)
     assert [m["epoch"] for m in lines if m.get("epoch_end")] == [1, 2]
     # the reward model was fitted and scored on both processes (its weight is the same one process computes)
@@ -90,16 +90,16 @@ def test_two_process_headless_run_leaves_a_run_that_one_process_resumes(tmp_path
                                               *decoded]
                                              + [n for n in os.listdir(out) if n.startswith("feedback.sqlite-")])
 
-    proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "3", "--max-answers", "28")
+    proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "3", "--max-answers", "14")
     assert proc.returncode == 0, proc.stderr
     after = store_rows(out)
-    assert after[:24] == rows and len(after) == 28
+    assert after[:12] == rows and len(after) == 14
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
 
-    proc = torchrun("train_rlhf.py", "--out", out, "--resume", "--epochs", "4", "--max-answers", "30")
+    proc = torchrun("train_rlhf.py", "--out", out, "--resume", "--epochs", "4", "--max-answers", "16")
     assert proc.returncode == 0, proc.stderr  # and back to 2 processes
     final = store_rows(out)
-    assert final[:28] == after and len(final) == 30 and len({r[0] for r in final}) == 30
+    assert final[:14] == after and len(final) == 16 and len({r[0] for r in final}) == 16
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 4
 
 
@@ -121,7 +121,7 @@ def _rank_pid(parent, rank):
 
 
 def test_killed_process_stops_the_job_and_the_store_keeps_every_answer(tmp_path, digits):
-    pool = make_subset(tmp_path / "pool", digits, 16, classes=["0", "1"])
+    pool = make_subset(tmp_path / "pool", digits, 8, classes=["0", "1"])
     out = tmp_path / "run"
     launcher = subprocess.Popen([*TORCHRUN, os.path.join(ROOT, "train_rlhf.py"), "--images", pool, "--out", out,
                                  "--epochs", "20", *TINY], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
@@ -150,7 +150,7 @@ def test_killed_process_stops_the_job_and_the_store_keeps_every_answer(tmp_path,
     proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "1")
     assert proc.returncode == 0, proc.stderr
     after = store_rows(out)
-    assert after[:len(rows)] == rows and len({r[0] for r in after}) == len(after) == 32
+    assert after[:len(rows)] == rows and len({r[0] for r in after}) == len(after) == 16
 
 
 def test_labeling_window_and_inference_window_under_torchrun_are_refused(tmp_path):

@@ -215,7 +215,7 @@ def test_closing_the_window_during_an_update_loses_nothing(display, tmp_path, po
     out = tmp_path / "run"
     # Bigger images and more PPO passes, so the update is still running when the window closes.
     s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--image-size", "64",
-                "--update-epochs", "12")
+                "--update-epochs", "6")
     s.keys("1", "0", "1", "1")
     s.wait_for("update_started")
     s.keys("0", "s")  # the window keeps answering while the update runs
@@ -234,7 +234,7 @@ def test_closing_the_window_during_an_update_loses_nothing(display, tmp_path, po
 def test_sigterm_keeps_the_answers_and_resume_reopens_at_the_first_unanswered_image(display, tmp_path, pool):
     out = tmp_path / "run"
     # The epoch's seeded order (--order uncertain would reopen at the least sure unanswered image).
-    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--order", "random")
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--order", "random", "--image-size", "16")
     s.keys("0", "1", "0")
     waiting = s.events("shown")[-1]
     s.proc.send_signal(signal.SIGTERM)
@@ -253,10 +253,11 @@ def test_sigterm_keeps_the_answers_and_resume_reopens_at_the_first_unanswered_im
     assert answers(out) == {paths[0]: 0, paths[1]: 1, paths[2]: 0, first["path"]: 1}
 
 
-def test_after_the_last_question_training_finishes_the_epochs_and_the_window_says_so(display, tmp_path, pool):
+def test_after_the_last_question_training_finishes_the_epochs_and_the_window_says_so(display, tmp_path, photos):
     out = tmp_path / "run"
+    pool = make_subset(tmp_path / "small", photos, 4)  # 8 images: 2 left unanswered for the reward model
     s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--epochs", "2", "--max-answers", "6",
-                "--rm-min-answers", "4")
+                "--rm-min-answers", "4", "--image-size", "16", "--update-epochs", "1")
     s.keys("0", "1", "1", "s", "0")
     s.xdotool("key", "1")  # the last question: no image follows it
     s.wait_for("done")
@@ -354,7 +355,9 @@ def wait_for_status(session, predicate):
 def test_lopsided_answers_are_counted_beside_the_bars_and_warned_about_in_the_status_line(display, tmp_path, photos):
     out = tmp_path / "run"
     pool = make_subset(tmp_path / "pool", photos, 12)
-    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--order", "random")
+    # no update is due within the 20 answers: the counts and the warning need none
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--order", "random", "--batch-size", "32",
+                "--image-size", "16")
     s.keys(*["0"] * 16, *["1"] * 3)
     assert s.events("shown")[-1]["counts"] == [16, 3]
     line = wait_for_status(s, lambda text: text.startswith("19 answered"))
@@ -431,3 +434,43 @@ def test_imported_labels_are_never_shown_and_count_apart_from_the_persons_answer
     assert "--import-labels" in stdout and "5 labels added" in stdout
     assert not {e["path"] for e in s.events("shown")} & set(imported)
     assert len(answers(out)) == 7
+
+
+def recheck_rows(run_dir):
+    with sqlite3.connect(os.path.join(run_dir, "feedback.sqlite")) as db:
+        return db.execute("SELECT path, earlier, answer FROM rechecks ORDER BY id").fetchall()
+
+
+def test_a_recheck_asks_again_a_changed_answer_and_its_undo_are_stored_row_by_row_and_resume_skips_it(
+        display, tmp_path, pool):
+    out = tmp_path / "run"
+    # every answer may be asked again: the first update's doubts come back after the questions prepared ahead
+    s = Session(display, tmp_path, "--images", pool, "--out", out, *TINY, "--recheck", "1", "--order", "sequential")
+    s.keys("0", "0", "0", "0")
+    s.wait_for("metrics")             # the first update's doubts are queued once it ends
+    while s.events("shown")[-1]["earlier"] is None:
+        s.keys("0")
+    first = s.events("shown")[-1]
+    assert first["earlier"] == 0 and first["path"] in answers(out)
+    shot = s.screenshot("labeling_window_recheck.png")
+    s.keys("1")                       # changed: bee
+    assert recheck_rows(out) == [(first["path"], 0, 1)]
+    s.keys("u")                       # taken back: the recheck is asked again, its row gone
+    again = s.events("shown")[-1]
+    assert (again["path"], again["earlier"]) == (first["path"], 0) and recheck_rows(out) == []
+    s.keys("0")                       # confirmed this time
+    s.keys("q")
+    rc, _, stderr = s.finish()
+    assert rc == 0, stderr
+    assert recheck_rows(out) == [(first["path"], 0, 0)]
+    assert answers(out)[first["path"]] == 0  # the first answer's row stays as it was
+    assert ImageStat.Stat(Image.open(shot).convert("L")).stddev[0] > 10, "blank screenshot"
+
+    resumed = Session(display, tmp_path, "--out", out, "--resume")
+    for _ in range(4):
+        assert resumed.events("shown")[-1]["path"] != first["path"]  # asked again once: never a third time
+        resumed.keys("1")
+    resumed.keys("q")
+    rc, _, stderr = resumed.finish()
+    assert rc == 0, stderr
+    assert recheck_rows(out)[0] == (first["path"], 0, 0)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, assert_user_error, make_subset, metrics, run_cli, store_rows
 
-TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4"]
+TINY = ["--feedback", "folder", "--image-size", "16", "--weights", "none", "--batch-size", "4"]
 
 
 @pytest.fixture
@@ -22,7 +22,8 @@ def pool(tmp_path, digits):
 
 def first_run(tmp_path, pool, **kw):
     out = tmp_path / "run"
-    proc = run_cli("train_rlhf.py", "--images", pool, "--out", out, "--epochs", "1", "--max-answers", "8", *TINY, **kw)
+    proc = run_cli("train_rlhf.py", "--images", pool, "--out", out, "--epochs", "1", "--max-answers", "8", *TINY,
+                   "--update-epochs", "1", **kw)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -36,6 +37,8 @@ def test_a_second_writer_of_a_run_folder_is_refused_and_a_killed_ones_lock_is_ta
         while not (out / "config.json").exists() and time.time() < deadline and first.poll() is None:
             time.sleep(0.1)
         assert first.poll() is None, "the first run ended before the second could meet it"
+        # paused, not ended: it holds the folder as before, and leaves the cores to the runs that meet it
+        first.send_signal(signal.SIGSTOP)
         for args in (["--resume"], ["--images", pool, *TINY]):
             proc = run_cli("train_rlhf.py", "--out", out, *args)
             assert_user_error(proc, str(out), f"in use by process {first.pid}")
@@ -43,7 +46,7 @@ def test_a_second_writer_of_a_run_folder_is_refused_and_a_killed_ones_lock_is_ta
     finally:
         first.kill()
         first.wait()
-    proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "1", "--max-answers", "12")
+    proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "1", "--max-answers", "4")
     assert proc.returncode == 0, proc.stderr  # the dead process's lock went with it
     assert store_rows(out)[:len(rows)] == rows
 

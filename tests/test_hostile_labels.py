@@ -10,13 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 
+import inference
+import train_rlhf
 from conftest import assert_user_error, make_subset, run_cli
 from csv_cells import FORMULA_STARTS, neutralise, restore
 from dataset import file_sha1
 from feedback_store import FeedbackStore
 from label_transfer import LabelTransferError, export_labels, plan_import, read_label_source
 
-TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4"]
+TINY = ["--feedback", "folder", "--image-size", "16", "--weights", "none", "--batch-size", "4"]
 # Class folders and file names that Excel and LibreOffice would run as formulas, and a quote that restoring
 # must not eat.
 HOSTILE_CLASSES = ['=HYPERLINK("e.x","y")', "-8"]
@@ -56,9 +58,9 @@ def test_every_csv_the_tool_writes_is_safe_in_a_spreadsheet_and_an_export_round_
     run = tmp_path / "run"
     proc = run_cli("train_rlhf.py", "--images", pool, "--out", run, "--epochs", "1", "--max-answers", "8", *TINY)
     assert proc.returncode == 0, proc.stderr
-    assert run_cli("train_rlhf.py", "--out", run, "--export", tmp_path / "labels.csv").returncode == 0
-    proc = run_cli("inference.py", "--model", run, "--csv", tmp_path / "classified.csv", pool)
-    assert proc.returncode == 0, proc.stderr
+    # the export and the classification as their CLIs run them, in this process
+    assert train_rlhf.main(["--out", str(run), "--export", str(tmp_path / "labels.csv")]) == 0
+    assert inference.main(["--model", str(run), "--csv", str(tmp_path / "classified.csv"), pool]) == 0
     for written in ("labels.csv", "classified.csv"):
         assert not [c for c in cells(tmp_path / written) if c.startswith(FORMULA_STARTS)], written
     with open(tmp_path / "classified.csv", encoding="utf-8", newline="") as f:

@@ -4,6 +4,7 @@ held by another program. Each case ends in one line and exit code 2, or in the w
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -11,9 +12,12 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_user_error, make_subset, metrics, run_cli
+import inference
+import train_rlhf
+from conftest import ROOT, assert_user_error, make_subset, metrics, run_cli, user_error_line
+from run_folder import RunFolderError, check_own_files, lock_run_dir
 
-TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4"]
+TINY = ["--feedback", "folder", "--image-size", "16", "--weights", "none", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +40,19 @@ def image(tmp_path, digits):
 def test_an_output_over_an_input_or_a_run_file_is_refused_and_nothing_is_touched(run, image, tmp_path):
     photo = image.read_bytes()
     (tmp_path / "link.json").symlink_to(image)
-    for flag, out in (("--csv", image), ("--json", image), ("--json", tmp_path / "link.json")):
-        assert_user_error(run_cli("inference.py", image, "--model", run, flag, out), f"{flag} {out}", "is the input")
+    # the first of each kind as a user runs it (exit code 2, one line), the others from main() in this process
+    assert_user_error(run_cli("inference.py", image, "--model", run, "--csv", image), f"--csv {image}", "is the input")
+    for flag, out in (("--json", image), ("--json", tmp_path / "link.json")):
+        line = user_error_line("inference.py", image, "--model", run, flag, out)
+        assert f"{flag} {out}" in line and "is the input" in line, line
     assert image.read_bytes() == photo
     history = (run / "metrics.jsonl").read_bytes()
+    assert_user_error(run_cli("train_rlhf.py", "--out", run, "--export", run / "metrics.jsonl"),
+                      "lies in the run folder", str(run))
     for args in (("inference.py", image, "--model", run, "--csv", run / "metrics.jsonl"),
-                 ("train_rlhf.py", "--out", run, "--export", run / "metrics.jsonl"),
                  ("train_rlhf.py", "--out", run, "--export", f"{run}/exported/")):
-        assert_user_error(run_cli(*args), "lies in the run folder", str(run))
+        line = user_error_line(*args)
+        assert "lies in the run folder" in line and str(run) in line, line
     assert (run / "metrics.jsonl").read_bytes() == history
     assert not (run / "exported").exists()
 
@@ -51,30 +60,32 @@ def test_an_output_over_an_input_or_a_run_file_is_refused_and_nothing_is_touched
 def test_links_planted_in_a_run_folder_are_refused_and_their_targets_untouched(run, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
-    for name in (".lock", "metrics.jsonl", "config.json", "feedback.sqlite-wal"):
+    # each of a run's own files that is a link, or a folder or a pipe (named as such: no writable --out would
+    # help), is refused: as the user meets it (exit code 2, one line) for a .lock that cannot be opened and for
+    # a file found once the folder is locked; the other names by the check that --resume makes after locking
+    for name, plant, what, as_user in ((".lock", "link", "a symbolic link", True),
+                                       ("metrics.jsonl", "link", "a symbolic link", False),
+                                       ("config.json", "link", "a symbolic link", False),
+                                       ("feedback.sqlite-wal", "link", "a symbolic link", False),
+                                       (".lock", os.mkdir, "not a regular file", False),
+                                       ("metrics.jsonl", os.mkfifo, "not a regular file", True)):
         own, aside = run / name, tmp_path / "aside"
         if own.exists():
             own.rename(aside)
-        own.symlink_to(victim)
+        own.symlink_to(victim) if plant == "link" else plant(own)
         try:
-            proc = run_cli("train_rlhf.py", "--out", run, "--resume", "--epochs", "2")
+            if as_user:
+                assert_user_error(run_cli("train_rlhf.py", "--out", run, "--resume", "--epochs", "2", timeout=120),
+                                  f"{own} is {what}")
+            else:
+                with pytest.raises(RunFolderError, match=re.escape(f"{own} is {what}")):
+                    # what the .lock's open meets (nothing locked), or the check made after locking
+                    lock_run_dir(run) if name == ".lock" else check_own_files(run)
         finally:
-            own.unlink()
+            own.rmdir() if own.is_dir() and not own.is_symlink() else own.unlink()
             if aside.exists():
                 aside.rename(own)
-        assert_user_error(proc, f"{own} is a symbolic link")
         assert victim.read_text() == "precious\n"
-    # a run's own file that is a folder or a pipe is named as such: no writable --out would help
-    for name, plant in ((".lock", os.mkdir), ("metrics.jsonl", os.mkfifo)):
-        own, aside = run / name, tmp_path / "aside"
-        own.rename(aside)
-        plant(own)
-        try:
-            proc = run_cli("train_rlhf.py", "--out", run, "--resume", "--epochs", "2", timeout=120)
-        finally:
-            own.rmdir() if own.is_dir() else own.unlink()
-            aside.rename(own)
-        assert_user_error(proc, f"{own} is not a regular file")
     # the writability probe never follows a link planted under its old fixed name
     out = tmp_path / "new_run"
     out.mkdir()
@@ -153,30 +164,41 @@ def test_a_file_name_that_is_not_utf8_is_classified_printed_and_written_as_its_o
         assert b"caf\xe9.png" in (out.read_bytes() if flag else proc.stdout)
 
 
-def test_a_name_or_path_no_folder_can_hold_says_what_is_too_long_and_a_long_valid_name_works(run, image, tmp_path):
+def test_a_name_or_path_no_folder_can_hold_says_what_is_too_long_and_a_long_valid_name_works(run, image, tmp_path,
+                                                                                               monkeypatch):
+    # each CLI once as a user runs it (exit code 2, one line); the other cases from its main() in this process
+    monkeypatch.chdir(tmp_path)
     too_long, deep = "a" * 300 + ".csv", "/".join(["b" * 200] * 21) + "/out.csv"  # 304 bytes; 4,228 in all
     for flag, out, needles in (("--csv", too_long, ("its name is 304 bytes", "at most 255 bytes here")),
                                ("--json", "é" * 130 + ".json", ("its name is 265 bytes",)),
                                ("--csv", "x/" + "a" * 300 + "/out.csv", ("the folder name aaa", "300 bytes")),
                                ("--csv", deep, ("a path is at most", "pass a shorter path"))):
-        proc = run_cli("inference.py", image, "--model", run, flag, out, cwd=tmp_path)
-        assert_user_error(proc, flag, *needles, "pass a shorter")
-        assert "writable" not in proc.stderr  # no folder would help
+        if out == too_long:
+            proc = run_cli("inference.py", image, "--model", run, flag, out, cwd=tmp_path)
+            assert_user_error(proc, flag, *needles, "pass a shorter")
+            line = [line for line in proc.stderr.splitlines() if line.startswith("error:")][0]
+        else:
+            line = user_error_line("inference.py", image, "--model", run, flag, out)
+            assert all(n in line for n in (flag, *needles, "pass a shorter")), line
+        assert "writable" not in line  # no folder would help
     for out in (too_long, "a" * 300 + "/"):
-        assert_user_error(run_cli("train_rlhf.py", "--out", run, "--export", out, cwd=tmp_path),
-                          "--export", "is 300 bytes" if out.endswith("/") else "is 304 bytes", "pass a shorter name")
-    assert_user_error(run_cli("train_rlhf.py", "--images", run.parent / "pool", "--import-labels", too_long,
-                              "--out", tmp_path / "new", *TINY, cwd=tmp_path),
-                      "--import-labels", "its name is 304 bytes", "pass a shorter name")
-    assert_user_error(run_cli("train_rlhf.py", "--images", run.parent / "pool", "--out", tmp_path / ("r" * 300),
-                              *TINY, cwd=tmp_path), "--out", "is 300 bytes", "pass a shorter name")
+        needles = ("--export", "is 300 bytes" if out.endswith("/") else "is 304 bytes", "pass a shorter name")
+        if out == too_long:
+            assert_user_error(run_cli("train_rlhf.py", "--out", run, "--export", out, cwd=tmp_path), *needles)
+        else:
+            line = user_error_line("train_rlhf.py", "--out", run, "--export", out)
+            assert all(n in line for n in needles), line
+    line = user_error_line("train_rlhf.py", "--images", run.parent / "pool", "--import-labels", too_long,
+                           "--out", tmp_path / "new", *TINY)
+    assert all(n in line for n in ("--import-labels", "its name is 304 bytes", "pass a shorter name")), line
+    line = user_error_line("train_rlhf.py", "--images", run.parent / "pool", "--out", tmp_path / ("r" * 300), *TINY)
+    assert all(n in line for n in ("--out", "is 300 bytes", "pass a shorter name")), line
     assert sorted(os.listdir(tmp_path)) == ["a.png"]
     # 250 bytes is a valid name: written, though the temporary file beside it needs a shorter one
     near = "c" * 250
-    assert run_cli("inference.py", image, "--model", run, "--csv", near + ".csv", cwd=tmp_path).returncode == 0
+    assert inference.main([str(image), "--model", str(run), "--csv", near + ".csv"]) == 0
     for out in (near[:-2] + ".jsonl", near + "/"):
-        proc = run_cli("train_rlhf.py", "--out", run, "--export", out, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
+        assert train_rlhf.main(["--out", str(run), "--export", out]) == 0
     assert (tmp_path / (near + ".csv")).read_text().startswith("path,predicted,prob_3,prob_8\n")
     rows = [json.loads(line) for line in (tmp_path / (near[:-2] + ".jsonl")).read_text().splitlines()]
     assert len(rows) >= 8 and {r["class"] for r in rows} == {"3", "8"}  # other tests may have added answers

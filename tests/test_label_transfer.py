@@ -12,12 +12,14 @@ import sqlite3
 import pytest
 import torchvision
 
+import train_rlhf
 from conftest import assert_user_error, make_subset, metrics, run_cli, store_rows
 from dataset import file_sha1, list_image_files
 from feedback_store import FeedbackStore
 from label_transfer import LabelTransferError, export_labels, read_label_source, run_label_rows, store_label_rows
+from user_errors import first_line
 
-TINY = ["--feedback", "folder", "--image-size", "32", "--weights", "none", "--batch-size", "4"]
+TINY = ["--feedback", "folder", "--image-size", "16", "--weights", "none", "--batch-size", "4"]
 CLASSES = ["ants", "bees"]
 
 
@@ -30,11 +32,18 @@ def labelled_run(tmp_path, pool, *extra):
     return out
 
 
-def export(run, target):
-    proc = run_cli("train_rlhf.py", "--out", run, "--export", target)
-    assert proc.returncode == 0, proc.stderr
-    assert len(proc.stdout.strip().splitlines()) == 1 and str(target) in proc.stdout, proc.stdout
-    return proc.stdout.strip()
+def export(run, target, capsys=None):
+    """train_rlhf.py --out RUN --export TARGET: as a user runs it, or (given capsys) its main() in this process."""
+    if capsys is None:
+        proc = run_cli("train_rlhf.py", "--out", run, "--export", target)
+        assert proc.returncode == 0, proc.stderr
+        stdout = proc.stdout
+    else:
+        capsys.readouterr()
+        assert train_rlhf.main(["--out", str(run), "--export", str(target)]) == 0
+        stdout = capsys.readouterr().out
+    assert len(stdout.strip().splitlines()) == 1 and str(target) in stdout, stdout
+    return stdout.strip()
 
 
 def read_table(path):
@@ -92,7 +101,8 @@ def test_export_then_import_into_a_fresh_run_gives_the_same_labels_and_asks_none
     assert updates[0]["human_images"] == 4 and updates[0]["asked_this_run"] < 4
 
 
-def test_export_to_an_image_folder_reads_back_in_torchvision_while_a_session_holds_the_run(tmp_path, small_pool):
+def test_export_to_an_image_folder_reads_back_in_torchvision_while_a_session_holds_the_run(tmp_path, small_pool,
+                                                                                           capsys):
     run = labelled_run(tmp_path, small_pool)
     before = {name: (run / name).read_bytes() for name in os.listdir(run)}
     # a labeling session: the run's lock held, and an answer being written but not committed yet
@@ -103,8 +113,8 @@ def test_export_to_an_image_folder_reads_back_in_torchvision_while_a_session_hol
     writer.execute("INSERT INTO answers (sha1, path, answer, created) VALUES ('pending', '/x.jpg', 0, 0)")
     try:
         line = export(run, f"{tmp_path}/exported/ab/")
-        export(run, tmp_path / "labels.jsonl")
-        export(run, tmp_path / "labels.csv")
+        export(run, tmp_path / "labels.jsonl", capsys)  # the same CLI, in this process
+        export(run, tmp_path / "labels.csv", capsys)
     finally:
         writer.execute("ROLLBACK")
         writer.close()
@@ -231,12 +241,17 @@ def test_bad_label_files_and_export_targets_are_one_line_and_keep_what_was_saved
     before = store_rows(run)
     (tmp_path / "broken.jsonl").write_text('{"sha1": "ab", "class": "3"}\n{"sha1": "cd", "class": \n')
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00garbage\x9c" * 50)
-    for source, needle in (("missing.csv", "no such file"), ("binary.csv", "not UTF-8 text"),
-                           ("broken.jsonl", "line 2: not JSON")):
+    # as train_rlhf.py --resume --import-labels reads each (the missing file below, run as a user would)
+    for source, needle in (("binary.csv", "not UTF-8 text"), ("broken.jsonl", "line 2: not JSON")):
         path = tmp_path / source
-        proc = run_cli("train_rlhf.py", "--out", run, "--resume", "--import-labels", path)
-        assert_user_error(proc, str(path), needle, "--export")  # the fix names what to pass
-        assert store_rows(run) == before
+        with pytest.raises(LabelTransferError) as err:
+            read_label_source(str(path))
+        message = first_line(err.value)  # the one line the CLI reports
+        assert all(n in message for n in (str(path), needle, "--export")), message
+    path = tmp_path / "missing.csv"
+    proc = run_cli("train_rlhf.py", "--out", run, "--resume", "--import-labels", path)
+    assert_user_error(proc, str(path), "no such file", "--export")  # the fix names what to pass
+    assert store_rows(run) == before
     proc = run_cli("train_rlhf.py", "--images", pool, "--out", tmp_path / "new", "--import-labels",
                    tmp_path / "missing.csv", *TINY)
     assert_user_error(proc, "missing.csv", "no such file")
@@ -244,8 +259,10 @@ def test_bad_label_files_and_export_targets_are_one_line_and_keep_what_was_saved
 
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be")
-    assert_user_error(run_cli("train_rlhf.py", "--out", run, "--export", blocker / "labels.csv"),
-                      str(blocker / "labels.csv"), "cannot write", "writable")
+    with pytest.raises(LabelTransferError) as err:  # as train_rlhf.py --out RUN --export reports it
+        export_labels(str(run), str(blocker / "labels.csv"))
+    message = first_line(err.value)  # the one line the CLI reports
+    assert all(n in message for n in (str(blocker / "labels.csv"), "cannot write", "writable")), message
     assert_user_error(run_cli("train_rlhf.py", "--out", tmp_path / "nothing", "--export", tmp_path / "x.csv"),
                       "nothing", "holds no run", "--out")
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "nothing").exists()

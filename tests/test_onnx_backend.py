@@ -17,6 +17,7 @@ from conftest import ROOT, assert_user_error, run_cli
 sys.path.insert(0, ROOT)
 
 import batch_classifier
+import inference
 import onnx_engine
 from dataset import load_image, normalize
 from models import PolicyModel
@@ -107,25 +108,33 @@ def test_unwritable_checkpoint_folder_puts_the_export_in_the_cache(tmp_path, cac
         assert f.read() == kept  # read from the cache, not exported again
 
 
-def test_cli_backends_agree_and_without_onnxruntime_auto_warns_and_onnxruntime_fails(tmp_path, photos, cache):
+def test_cli_backends_agree_and_without_onnxruntime_auto_warns_and_onnxruntime_fails(tmp_path, photos, cache,
+                                                                                     monkeypatch, capsys):
     model = save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0)
     batch_classifier.load_served(str(model))  # the export, made here once (the CLI would make the same)
     stub = tmp_path / "stub" / "onnxruntime"  # an onnxruntime that cannot be imported, as where it is missing
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("raise ImportError('No module named onnxruntime', name='onnxruntime')\n")
     missing = {onnx_engine.CACHE_ENV: str(cache), "PYTHONPATH": str(tmp_path / "stub")}
+    args = [photos, "--model", model, "--precision", "fp32", "--csv", None, "--workers", "0"]
     classes = {}
-    for engine, env in (("torch", missing), ("onnxruntime", {onnx_engine.CACHE_ENV: str(cache)})):
+    for engine in ("torch", "onnxruntime"):
         out = tmp_path / f"{engine}.csv"
-        res = run_cli("inference.py", photos, "--model", model, "--precision", "fp32", "--csv", out,
-                      "--workers", "0", cwd=tmp_path, env=env)
-        assert res.returncode == 0, res.stderr
-        assert f"images/s, {engine} fp32, model run" in res.stdout
-        with open(out, newline="") as f:
-            classes[engine] = [row[:2] for row in csv.reader(f)]
-        if engine == "torch":  # --backend auto without ONNX Runtime: one warning line, then torch
+        args[-3] = out
+        if engine == "torch":  # without ONNX Runtime: a process of its own, where the stub is what it imports
+            res = run_cli("inference.py", *args, cwd=tmp_path, env=missing)
+            assert res.returncode == 0, res.stderr
+            stdout = res.stdout
+            # --backend auto without ONNX Runtime: one warning line, then torch
             assert res.stderr.splitlines() == ["warning: ONNX Runtime is not installed (onnxruntime): pip install "
                                                "onnxruntime onnx (requirements.txt); classifying with torch instead"]
+        else:  # the CLI's main() in this process, which has ONNX Runtime
+            monkeypatch.chdir(tmp_path)
+            assert inference.main([str(a) for a in args]) == 0
+            stdout = capsys.readouterr().out
+        assert f"images/s, {engine} fp32, model run" in stdout
+        with open(out, newline="") as f:
+            classes[engine] = [row[:2] for row in csv.reader(f)]
     assert len(classes["torch"]) > 100 and classes["torch"] == classes["onnxruntime"]
     res = run_cli("inference.py", photos, "--model", model, "--backend", "onnxruntime", cwd=tmp_path, env=missing)
     assert_user_error(res, "--backend onnxruntime", "pip install onnxruntime", "--backend torch")

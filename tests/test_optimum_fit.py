@@ -60,7 +60,7 @@ def test_the_learner_fits_labels_and_lowers_a_rejected_class():
 def test_a_headless_verdict_run_with_the_optimum_update_trains_every_image(tmp_path, digits):
     from conftest import make_subset, metrics, run_cli
     pool = make_subset(tmp_path / "pool", digits, 4, classes=["1", "4", "7"])
-    flags = ["--images", pool, "--out", tmp_path / "run", "--feedback", "folder", "--image-size", "32", "--weights",
+    flags = ["--images", pool, "--out", tmp_path / "run", "--feedback", "folder", "--image-size", "16", "--weights",
              "none", "--batch-size", "4", "--ask", "verdict", "--policy-update", "optimum", "--max-answers", "8",
              "--noise-kind", "slip", "--feedback-noise", "0.2"]
     proc = run_cli("train_rlhf.py", *flags, "--epochs", "1")
