@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections import namedtuple
 
+import numpy as np
 import torch
 
 import onnx_engine
@@ -105,8 +106,59 @@ def load_for_flags(spec=None, backend="auto", precision="auto", device="cpu"):
     runs fp32, so an explicit --precision bf16 has auto pick torch."""
     if precision == "bf16" and backend == "onnxruntime":
         raise InferenceError("--precision bf16 needs --backend torch (ONNX Runtime runs fp32): drop one of them")
+    if backend == precision == "auto" and device == "cpu":
+        return pick_engine(spec)
     clf, engine = load_served(spec, "torch" if precision == "bf16" else backend, device)
     return clf, engine, pick_precision(precision, clf, device) if engine == "torch" else "fp32"
+
+
+def pick_engine(spec):
+    """--backend auto --precision auto on the CPU: (Classifier, engine, precision) of whichever measured faster on
+    this machine, ONNX Runtime fp32 or torch at its faster precision (measured once, kept in the cache folder).
+    The torch model is read first: it is cheap beside an ONNX Runtime session, which a torch choice never opens."""
+    torch_clf = load_classifier(spec)
+    try:
+        key = engine_key(torch_clf.image_size)
+    except onnx_engine.OnnxUnavailable as err:
+        print(f"warning: {err}; classifying with torch instead", file=sys.stderr)
+        return torch_clf, "torch", pick_precision("auto", torch_clf)
+    path = os.path.join(onnx_engine.cache_dir(), PRECISION_FILE)
+    known = _read_json(path)
+    entry = known.get(key) if isinstance(known.get(key), dict) else {}
+    if entry.get("choice") in ("fp32", "bf16"):
+        return torch_clf, "torch", entry["choice"]
+    onnx_clf, engine = load_served(spec, "auto")  # a failed export warns and gives torch
+    if engine == "torch":
+        return torch_clf, "torch", pick_precision("auto", torch_clf)
+    if entry.get("choice") == "onnxruntime":
+        return onnx_clf, "onnxruntime", "fp32"
+    bf16 = any(f in cpu_info()[1] for f in BF16_FLAGS)  # emulated bf16 is never the faster one
+    seconds = {"onnxruntime": measure_onnx(onnx_clf), **measure_precision(torch_clf, kinds=(
+        ("fp32", "bf16") if bf16 else ("fp32",)))}
+    choice = min(seconds, key=seconds.get)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_json(path, {**known, key: {"choice": choice, "seconds": seconds}})
+    except OSError:
+        pass  # measured again next time: a slower start, never a wrong answer
+    return (onnx_clf, "onnxruntime", "fp32") if choice == "onnxruntime" else (torch_clf, "torch", choice)
+
+
+def engine_key(image_size):
+    """What an engine measurement holds for: a precision measurement's key, and ONNX Runtime's version."""
+    return f"engine | {precision_key(image_size)} | onnxruntime {onnx_engine.runtime_version()}"
+
+
+def measure_onnx(clf):
+    """Seconds of clf's ONNX Runtime session on the precision measurement's batch: the best of a few rounds."""
+    x = np.zeros((PRECISION_BATCH, 3, clf.image_size, clf.image_size), dtype=np.uint8)
+    seconds = []
+    for round_ in range(PRECISION_ROUNDS + 1):  # round 0 warms up
+        t0 = time.perf_counter()
+        clf.net.probabilities(x)
+        if round_:
+            seconds.append(time.perf_counter() - t0)
+    return min(seconds)
 
 
 def _from_export(net, meta, path):
@@ -153,11 +205,11 @@ def precision_key(image_size, device="cpu"):
     return f"{where} | torch {torch.__version__} | {image_size} px"
 
 
-def measure_precision(clf, device="cpu"):
+def measure_precision(clf, device="cpu", kinds=("fp32", "bf16")):
     """Seconds of a forward pass of clf's network on a small batch, fp32 and bf16: the best of a few rounds."""
     net = clf.net.to(device)
     x = torch.zeros(PRECISION_BATCH, 3, clf.image_size, clf.image_size).to(device, memory_format=torch.channels_last)
-    times = {"fp32": [], "bf16": []}
+    times = {kind: [] for kind in kinds}
     with torch.inference_mode():
         for round_ in range(PRECISION_ROUNDS + 1):  # round 0 warms up (oneDNN builds its kernels on first use)
             for precision, seconds in times.items():

@@ -5,7 +5,7 @@
     python inference.py photo.jpg more_photos/           # table of predictions, folders searched recursively
     python inference.py DIR --csv out.csv                # or --json out.json: path, class, every probability
     python inference.py DIR --model rlhf_models.pth      # a checkpoint written by the original script
-    python inference.py DIR --backend torch              # torch instead of ONNX Runtime on the CPU (bf16 possible)
+    python inference.py DIR --backend torch              # torch, whichever engine measured faster (bf16 possible)
     torchrun --nproc_per_node=2 inference.py DIR --csv out.csv   # split over 2 processes, one CSV
 
 Exit code 0 when at least one image was classified, 2 on bad input or when none could be.
@@ -51,8 +51,10 @@ def build_parser():
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image-decoding processes (default %(default)s; 0: decode in the main process)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="engine that runs the model: auto (default): ONNX Runtime on the CPU (the model exported once "
-                   "per checkpoint, kept beside it), torch on CUDA; torch where ONNX Runtime is missing")
+                   help="engine that runs the model: auto (default): on the CPU with --precision auto, ONNX Runtime "
+                   "fp32 (the model exported once per checkpoint, kept beside it) or torch, whichever measured faster "
+                   "on this machine (once, cached); ONNX Runtime with --precision fp32, torch with bf16; torch on "
+                   "CUDA, and where ONNX Runtime is missing")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="torch backend: auto (default) is bf16 where it measured faster than fp32 on this machine "
                    "(measured once, kept in ~/.cache/rlhf-imgcls or $RLHF_CACHE_DIR). ONNX Runtime always runs fp32; "

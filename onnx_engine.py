@@ -64,6 +64,11 @@ def _runtime():
     return onnxruntime
 
 
+def runtime_version():
+    """ONNX Runtime's version (what an engine measurement holds for)."""
+    return _runtime().__version__
+
+
 def checkpoint_digest(path):
     """Digest of the checkpoint's bytes and the export version: a changed checkpoint never reuses an old export."""
     h = hashlib.sha256(f"rlhf-imgcls onnx export {EXPORT_VERSION}\n".encode())

@@ -69,7 +69,7 @@ def test_onnxruntime_gives_torch_fp32_probabilities(tmp_path, pictures):
     assert np.array_equal(onnx_engine.normalize(images.numpy(), on_ort.mean, on_ort.std),
                           normalize(images, on_ort.mean, on_ort.std).numpy())
     # ONNX Runtime runs fp32 whatever --precision auto would pick for torch
-    assert batch_classifier.load_for_flags(str(model), "auto", "auto")[1:] == ("onnxruntime", "fp32")
+    assert batch_classifier.load_for_flags(str(model), "onnxruntime", "auto")[1:] == ("onnxruntime", "fp32")
 
 
 def test_export_is_kept_beside_the_checkpoint_and_made_again_when_it_changes(tmp_path, pictures, monkeypatch):
@@ -188,3 +188,29 @@ def test_precision_auto_measures_once_and_keeps_the_result(tmp_path, cache, monk
     assert batch_classifier.pick_precision("auto", clf) == "bf16" and calls == ["cpu"]  # measured once
     kept = json.loads((cache / batch_classifier.PRECISION_FILE).read_text())
     assert list(kept) == [f"Test CPU | torch {torch.__version__} | 32 px"] and kept[list(kept)[0]]["choice"] == "bf16"
+
+
+def test_default_flags_take_the_engine_measured_faster_here_once(tmp_path, cache, monkeypatch):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    # the real measurement: every engine timed, the fastest kept per machine
+    clf, engine, precision = batch_classifier.load_for_flags(model, "auto", "auto")
+    saved = json.loads((cache / batch_classifier.PRECISION_FILE).read_text())
+    key = batch_classifier.engine_key(32)
+    seconds = saved[key]["seconds"]
+    assert {"onnxruntime", "fp32"} <= set(seconds) and saved[key]["choice"] == min(seconds, key=seconds.get)
+    assert (engine, precision) == (("onnxruntime", "fp32") if saved[key]["choice"] == "onnxruntime"
+                                   else ("torch", saved[key]["choice"]))
+    # torch measured faster: taken, and the measurement is not run again
+    (cache / batch_classifier.PRECISION_FILE).unlink()
+    calls = []
+    monkeypatch.setattr(batch_classifier, "measure_onnx", lambda clf: calls.append("onnx") or 2.0)
+    monkeypatch.setattr(batch_classifier, "measure_precision",
+                        lambda clf, device="cpu", kinds=("fp32", "bf16"): calls.append("torch") or {
+                            k: {"fp32": 1.0, "bf16": 3.0}[k] for k in kinds})
+    for _ in range(2):
+        clf, engine, precision = batch_classifier.load_for_flags(model, "auto", "auto")
+        assert (engine, precision) == ("torch", "fp32") and not isinstance(clf.net, onnx_engine.OnnxNet)
+    assert calls == ["onnx", "torch"]
+    # an explicit choice is never overruled by the measurement
+    assert batch_classifier.load_for_flags(model, "onnxruntime", "auto")[1:] == ("onnxruntime", "fp32")
+    assert batch_classifier.load_for_flags(model, "auto", "fp32")[1:] == ("onnxruntime", "fp32")
