@@ -15,9 +15,8 @@ third time.
 import math
 import random
 
-import torch
-
 from answer_ledger import SKIP
+from autolabel import choose_threshold, more_needed
 from crossfit_trust import MIN_HALF, CrossfitHalf, crossfit_probs
 
 SHOWN_MAX_ERROR = 0.02  # the error bound of the window's estimate of what auto-labels could cover
@@ -80,7 +79,9 @@ class Rechecks:
         rows = sorted(answered) if len(answered) <= CROSSFIT_ANSWERS else sorted(rng.sample(answered, CROSSFIT_ANSWERS))
         rng.shuffle(rows)
         halves = rows[: len(rows) // 2], rows[len(rows) // 2:]
-        probs = crossfit_probs(run.learner, [half(run, h) for h in halves], seed=self.seed + len(answered))
+        labelled = [[(i, run.answer_of[i], False, False, 1.0) for i in h] for h in halves]
+        probs = crossfit_probs(run.learner, [CrossfitHalf.of_rows(run.inputs, h) for h in labelled],
+                               seed=self.seed + len(answered))
         if probs is None:
             return
         confidences, rights = [], []
@@ -118,7 +119,6 @@ class Rechecks:
 def coverage_estimate(run, calibration):
     """How many of the unanswered images auto-labels at SHOWN_MAX_ERROR could cover now: the threshold chosen on
     the last cross-fit's calibration, the share of a seeded sample of the unanswered the policy is that sure of."""
-    from autolabel import choose_threshold, more_needed  # torch-free; imported where it is used
     if calibration is None:
         return {}
     unanswered = [i for i in range(len(run.ds)) if run.answer_of.get(i, SKIP) is SKIP and i not in run.ds.unreadable]
@@ -130,14 +130,6 @@ def coverage_estimate(run, calibration):
     sample = unanswered if len(unanswered) <= COVERAGE_SAMPLE else rng.sample(unanswered, COVERAGE_SAMPLE)
     sure = (run.guess(sample).max(1).values >= cal.threshold).float().mean().item() if sample else 0.0
     return {**out, "autolabel_threshold": cal.threshold, "autolabel_covered": round(sure * len(unanswered))}
-
-
-def half(run, images):
-    """A CrossfitHalf of answered images, with their current labels."""
-    n = len(images)
-    return CrossfitHalf(run.inputs(images), torch.tensor([run.answer_of[i] for i in images], dtype=torch.long),
-                        torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool),
-                        torch.ones(n, dtype=torch.float64))
 
 
 def recheck_row(run, index, answer, policy_version):

@@ -25,11 +25,9 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import torch
-
-from answer_ledger import IMPLIED, SKIP, VERDICT_YES, AnswerLedger
+from answer_ledger import SKIP, AnswerLedger
 from checkpoint import CHECKPOINT_NAME, load_checkpoint
-from crossfit_trust import MIN_HALF, CrossfitHalf, crossfit_probs
+from crossfit_trust import MIN_HALF, CrossfitHalf, crossfit_probs, halves_by_image, ledger_rows
 from dataset import IMAGENET_MEAN, IMAGENET_STD, ImagePool
 from ddp import pick_device
 from decoded_cache import EMPTY
@@ -232,39 +230,21 @@ def read_config(run_dir):
 
 # --- calibration: cross-fitted answers ------------------------------------------------------------
 def training_rows(run):
-    """What the run's reward model trained on, as rows (image, class, rejected, verdict, behaviour): each label
-    the person gave (not one a yes or the last class left made) and every live verdict, as remeasure does."""
-    ledger, rows = run.ledger, []
-    for image, label in ledger.label_of.items():
-        if label is not SKIP and ledger.kind_of[image] not in (VERDICT_YES, IMPLIED):
-            rows.append((image, label, False, False, 1.0))
-    rows += [(v.image, v.proposed, not v.verdict, True, v.behaviour) for v in ledger.live_verdicts()]
-    return [r for r in rows if r[0] in run.index_of]  # an answered file gone from the pool has no input
-
-
-def halves_of(rows, seed):
-    """The rows split in two by a seeded shuffle of their images: an image's rows stay in one half."""
-    images = sorted({r[0] for r in rows})
-    random.Random(f"{seed}:autolabel").shuffle(images)
-    first = set(images[: len(images) // 2])
-    return [[r for r in rows if (r[0] in first) == side] for side in (True, False)]
-
-
-def crossfit_half(run, rows):
-    return CrossfitHalf(run.inputs([run.index_of[r[0]] for r in rows]),
-                        torch.tensor([r[1] for r in rows], dtype=torch.long),
-                        torch.tensor([r[2] for r in rows], dtype=torch.bool),
-                        torch.tensor([r[3] for r in rows], dtype=torch.bool),
-                        torch.tensor([r[4] for r in rows], dtype=torch.float64))
+    """What the run's reward model trained on (crossfit_trust.ledger_rows), of the files still in the pool."""
+    return [r for r in ledger_rows(run.ledger) if r[0] in run.index_of]  # a file gone from the pool has no input
 
 
 def calibration_pairs(run, rows):
     """(confidence, correct) per answered image of rows, each scored by the half-data fit that did not see it;
     [] when a half is too small to fit."""
-    halves = halves_of(rows, run.cfg.seed)
+    halves = halves_by_image(rows, random.Random(f"{run.cfg.seed}:autolabel"))
     if min(len(h) for h in halves) < MIN_HALF:
         return []
-    probs = crossfit_probs(run.learner, [crossfit_half(run, h) for h in halves], half_passes(run, halves), run.cfg.seed)
+    def inputs(hashes):  # the ledger is keyed by content hash
+        return run.inputs([run.index_of[h] for h in hashes])
+
+    probs = crossfit_probs(run.learner, [CrossfitHalf.of_rows(inputs, h) for h in halves], half_passes(run, halves),
+                           run.cfg.seed)
     scored = {}
     for half, p in zip(halves, probs):
         for row, q in zip(half, p):

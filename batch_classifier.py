@@ -132,15 +132,10 @@ def pick_engine(spec):
         return torch_clf, "torch", pick_precision("auto", torch_clf)
     if entry.get("choice") == "onnxruntime":
         return onnx_clf, "onnxruntime", "fp32"
-    bf16 = any(f in cpu_info()[1] for f in BF16_FLAGS)  # emulated bf16 is never the faster one
     seconds = {"onnxruntime": measure_onnx(onnx_clf), **measure_precision(torch_clf, kinds=(
-        ("fp32", "bf16") if bf16 else ("fp32",)))}
+        ("fp32", "bf16") if has_bf16() else ("fp32",)))}
     choice = min(seconds, key=seconds.get)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write_json(path, {**known, key: {"choice": choice, "seconds": seconds}})
-    except OSError:
-        pass  # measured again next time: a slower start, never a wrong answer
+    remember(path, known, key, choice, seconds)
     return (onnx_clf, "onnxruntime", "fp32") if choice == "onnxruntime" else (torch_clf, "torch", choice)
 
 
@@ -172,8 +167,7 @@ def pick_precision(choice, clf=None, device="cpu"):
     kept in the cache folder), else fp32."""
     if choice != "auto":
         return choice
-    flags = cpu_info()[1]
-    if clf is None or (device == "cpu" and not any(f in flags for f in BF16_FLAGS)):
+    if clf is None or (device == "cpu" and not has_bf16()):
         return "fp32"  # emulated bf16 is never the faster one
     path, key = os.path.join(onnx_engine.cache_dir(), PRECISION_FILE), precision_key(clf.image_size, device)
     known = _read_json(path)
@@ -181,12 +175,23 @@ def pick_precision(choice, clf=None, device="cpu"):
         return known[key]["choice"]
     seconds = measure_precision(clf, device)
     choice = "bf16" if seconds["bf16"] < seconds["fp32"] else "fp32"
+    remember(path, known, key, choice, seconds)
+    return choice
+
+
+def has_bf16():
+    """Whether this CPU runs bf16 natively (emulated bf16 is never the faster one)."""
+    return any(f in cpu_info()[1] for f in BF16_FLAGS)
+
+
+def remember(path, known, key, choice, seconds):
+    """Keep a measured choice in the cache file (`known`: what it held); a cache that cannot be written is
+    measured again next time: a slower start, never a wrong answer."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_json(path, {**known, key: {"choice": choice, "seconds": seconds}})
     except OSError:
-        pass  # measured again next time: a slower start, never a wrong answer
-    return choice
+        pass
 
 
 def _read_json(path):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from answer_ledger import IMPLIED, SKIP, VERDICT_YES
 from learner import adam, reward_model_update
 from models import set_finetune, trainable_part
 
@@ -25,6 +26,32 @@ class CrossfitHalf:
     rejected: torch.Tensor
     verdict: torch.Tensor
     behaviour: torch.Tensor
+
+
+    @classmethod
+    def of_rows(cls, inputs, rows):
+        """The half of rows (image, class, rejected, verdict, behaviour); inputs(images): the learner's inputs."""
+        return cls(inputs([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.long),
+                   torch.tensor([r[2] for r in rows], dtype=torch.bool),
+                   torch.tensor([r[3] for r in rows], dtype=torch.bool),
+                   torch.tensor([r[4] for r in rows], dtype=torch.float64))
+
+
+def ledger_rows(ledger):
+    """What a reward model learns from a ledger, as rows (image, class, rejected, verdict, behaviour): each label
+    the person gave (not one a yes or the last class left made) and every live verdict."""
+    rows = [(image, label, False, False, 1.0) for image, label in ledger.label_of.items()
+            if label is not SKIP and ledger.kind_of[image] not in (VERDICT_YES, IMPLIED)]
+    return rows + [(v.image, v.proposed, not v.verdict, True, v.behaviour) for v in ledger.live_verdicts()]
+
+
+def halves_by_image(rows, rng):
+    """rows split in two by rng's shuffle of their images: an image's rows stay in one half, so no half sees
+    what the other says of it."""
+    images = sorted({r[0] for r in rows})
+    rng.shuffle(images)
+    first = set(images[: len(images) // 2])
+    return [[r for r in rows if (r[0] in first) == side] for side in (True, False)]
 
 
 def fresh_reward_model(learner, seed):

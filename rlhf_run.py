@@ -25,7 +25,7 @@ import torch
 from answer_ledger import IMPLIED, RECHECK, SKIP, VERDICT_YES, AnswerLedger
 from answer_rechecks import Rechecks, recheck_row
 from checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint
-from crossfit_trust import CrossfitHalf, crossfit_records
+from crossfit_trust import CrossfitHalf, crossfit_records, halves_by_image, ledger_rows
 from feature_cache import FeatureCache, weights_digest
 from feedback_store import FeedbackStore, StoreError
 from label_transfer import import_labels
@@ -368,9 +368,7 @@ def record_recheck(run, index, answer):
         kind = run.ledger.add_recheck(index, answer)
     run.asked_this_run += 1
     if kind == RECHECK:
-        run.training.forget(index, unanswered=False)
-        run.training.rm_fitted.discard(index)
-        run.visit(index)
+        learn_again(run, index)
 
 
 def undo_recheck(run, index):
@@ -379,10 +377,16 @@ def undo_recheck(run, index):
         run.ledger.undo_recheck(index)
         run.rechecks.undone(run, index)
     run.asked_this_run -= 1
-    run.training.forget(index, unanswered=False)
-    run.training.rm_fitted.discard(index)  # learnt again with the class it has now
-    run.visit(index)
+    learn_again(run, index)
     return False
+
+
+def learn_again(run, index):
+    """An image whose label a recheck changed (or its undo changed back): queued again, and new to the reward
+    model, so it learns the class the image has now."""
+    run.training.forget(index, unanswered=False)
+    run.training.rm_fitted.discard(index)
+    run.visit(index)
 
 
 def refit_reward_model(run):
@@ -496,28 +500,14 @@ def remeasure_reward_model(run):
     half (crossfit_trust.py); the records it leaves are what its trust is read from until fresh answers come."""
     if run.cfg.ask != "verdict" or run.cfg.no_reward_model or not run.posterior_mode():
         return
-    ledger, rows = run.ledger, []
-    for image, label in ledger.label_of.items():
-        if label is not SKIP and ledger.kind_of[image] not in (VERDICT_YES, IMPLIED):
-            rows.append((image, label, False, False, 1.0))
-    rows += [(v.image, v.proposed, not v.verdict, True, v.behaviour) for v in ledger.live_verdicts()]
+    rows = ledger_rows(run.ledger)
     rng = random.Random(f"{run.cfg.seed}:crossfit:{run.epoch}")
     if len(rows) > CROSSFIT_ROWS:
         rows = rng.sample(rows, CROSSFIT_ROWS)
-    images = sorted({r[0] for r in rows})
-    rng.shuffle(images)
-    first = set(images[: len(images) // 2])  # an image's verdicts stay in one half: no half sees the other's
-    halves = [[r for r in rows if (r[0] in first) == side] for side in (True, False)]
-    records = crossfit_records(run.learner, [crossfit_half(run, h) for h in halves], seed=run.cfg.seed + run.epoch)
+    halves = [CrossfitHalf.of_rows(run.inputs, h) for h in halves_by_image(rows, rng)]
+    records = crossfit_records(run.learner, halves, seed=run.cfg.seed + run.epoch)
     if records is not None:
         run.learner.rm_record, run.learner.verdict_record = records[0] or run.learner.rm_record, records[1]
-
-
-def crossfit_half(run, rows):
-    return CrossfitHalf(run.inputs([r[0] for r in rows]), torch.tensor([r[1] for r in rows], dtype=torch.long),
-                        torch.tensor([r[2] for r in rows], dtype=torch.bool),
-                        torch.tensor([r[3] for r in rows], dtype=torch.bool),
-                        torch.tensor([r[4] for r in rows], dtype=torch.float64))
 
 
 def recompute_batchnorm(run, sample=BN_SAMPLE):
