@@ -40,6 +40,7 @@ from user_errors import UserError
 
 CONFIDENCE = 0.95  # of the stated bound: at most MAX_ERROR wrong, with this probability
 PASSES = 3  # the fewest passes each half-data fit takes over its half (crossfit_trust.fit_half)
+GRID = 25  # thresholds tested below the start: one per 1/GRID of the calibration rows
 CHUNK = 256  # unanswered images scored at a time: memory holds no more decoded images than that
 
 
@@ -121,20 +122,39 @@ class Calibration:
     first_tested: tuple = (0, 0)  # (rows, errors) at the first threshold tested: what more answers must fix
 
 
+def start_rows(calibrated, max_error, confidence=CONFIDENCE):
+    """Where the sequence starts: the most rows, within half the calibration, that pass with as many errors as
+    such a count allows (at least the error-free fewest). A start with room for a stray error or two is not lost
+    to one slip among the most confident answers; it reads the count alone, so the 95% holds."""
+    least = answers_needed(max_error, confidence)
+    if least is None:
+        return None
+    rows, errors = least, 0
+    while True:
+        more = more_needed(errors + 1, 0, max_error, confidence)  # the fewest rows that pass with one error more
+        if more > calibrated / 2:
+            return rows
+        rows, errors = more, errors + 1
+
+
 def choose_threshold(confidences, correct, max_error, confidence=CONFIDENCE):
-    """Fixed-sequence testing (learn-then-test): thresholds from the highest calibration confidence down; at each,
-    the Clopper-Pearson bound of the errors among the rows at or above it; the lowest threshold reached before
-    the first bound over max_error. Thresholds with fewer rows than error-free answers_needed are not tested:
-    they cannot pass whatever the answers say, and the choice reads the confidences alone, so the 95% holds."""
+    """Fixed-sequence testing (learn-then-test): thresholds from the most confident calibration rows down, on a
+    grid fixed by the count alone (start_rows, then every 1/GRID of the rows, then all); at each, the
+    Clopper-Pearson bound of the errors among the rows at or above it; the lowest threshold reached before the
+    first bound over max_error. The grid never reads which rows are right, so the 95% holds."""
     order = sorted(range(len(confidences)), key=lambda i: -confidences[i])
-    least = answers_needed(max_error, confidence) or len(order) + 1
     cal = Calibration(None, len(order), best_bound=best_bound(confidences, correct, order, confidence))
-    errors = 0
+    start = start_rows(len(order), max_error, confidence) or len(order) + 1
+    step = max(1, math.ceil(len(order) / GRID))
+    errors, target = 0, start
     for rank, i in enumerate(order):
         errors += not correct[i]
         n = rank + 1
-        if n < least or (n < len(order) and confidences[order[n]] == confidences[i]):
-            continue  # too few rows to pass, or not the last row of a tie: not a threshold of its own
+        if n < len(order) and (n < target or confidences[order[n]] == confidences[i]):
+            continue  # not a grid point (the last row always is), or not the last row of a tie
+        if n < start:
+            break  # fewer rows than the start in all: nothing is tested
+        target = n + step
         if cal.threshold is None and cal.first_tested == (0, 0):
             cal.first_tested = (n, errors)
         if not bound_holds(errors, n, max_error, confidence):

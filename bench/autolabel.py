@@ -5,12 +5,14 @@ against the stated bound, for MAX_ERROR 0.01, 0.02, 0.05 and several answer budg
     python bench/autolabel.py --budgets 150 --seeds 0 --verdict-budgets --out /tmp/al   # a quick look
     python bench/autolabel.py --budgets 150 300 600 1200 2400 --device cuda   # on a GPU
 
-Each run is the tool's headless label-mode run on the whole pool (`--image-size 32 --weights none --feedback
-folder --max-answers N --epochs 3`, random init), plus one verdict-mode run per --verdict-budgets entry. The pool's
-unanswered images are the test set: their class folders are the truth, which the run never saw. A run folder
-under OUT whose checkpoint has done its 3 epochs is reused, and one stopped early is resumed, so a sitting cut
-short is continued. The calibration and the served model's scores are computed once per run (autolabel.py, as the export
-does) and the threshold chosen for each MAX_ERROR; the truth is read only to score the rows, never to choose.
+Each run is the tool's headless run on the whole pool (`--image-size 32 --weights none --feedback folder
+--max-answers N --epochs 3`, random init): `--ask label` at --budgets, `--ask verdict` at --verdict-budgets, one
+per seed. The pool's unanswered images are the test set: their class folders are the truth, which the run never
+saw. A run folder under OUT whose checkpoint has done its 3 epochs is reused, and one stopped early is resumed,
+so a sitting cut short is continued. The calibration and the served model's scores are computed once per run
+(autolabel.py, as the export does) and kept beside it (RUN.scores.json; --rescore applies a changed threshold
+rule to them); the threshold is chosen for each MAX_ERROR; the truth is read only to score the rows, never to
+choose.
 """
 import argparse
 import datetime
@@ -53,8 +55,14 @@ def run_folder(args, mode, budget, seed):
     return run_dir
 
 
-def score_run(run_dir, max_errors):
-    """One result per MAX_ERROR: the threshold, its bound and what it rests on, coverage and true error."""
+def run_scores(run_dir):
+    """The run's cross-fitted calibration pairs, the served policy's and the reward model's top class and
+    probability on each unanswered image, and the truth; computed once and kept beside the run folder, so that
+    a threshold rule can be scored again without fitting anything."""
+    path = run_dir.rstrip(os.sep) + ".scores.json"
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
     run = open_served_run(run_dir)
     try:
         rows = training_rows(run)
@@ -67,6 +75,18 @@ def score_run(run_dir, max_errors):
         rm_rows = [(float(q.max()), run.ds.class_names[int(q.argmax())], r["sha1"]) for q, r in zip(rm, scored)]
     finally:
         run.ds.close()
+    out = {"answers": len({r[0] for r in rows}), "pairs": pairs, "truth": truth, "rm_rows": rm_rows,
+           "scored": [{"sha1": r["sha1"], "class": r["class"], "probability": r["probability"]} for r in scored]}
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(out, f)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+def score_run(run_dir, max_errors):
+    """One result per MAX_ERROR: the threshold, its bound and what it rests on, coverage and true error."""
+    got = run_scores(run_dir)
+    pairs, scored, truth, rm_rows = got["pairs"], got["scored"], got["truth"], got["rm_rows"]
     out = []
     for m in max_errors:
         cal = choose_threshold([c for c, _ in pairs], [ok for _, ok in pairs], m)
@@ -76,7 +96,7 @@ def score_run(run_dir, max_errors):
         rm_wrong = sum(c != truth[s] for c, s in rm_auto)
         out.append({"max_error": m, "threshold": cal.threshold, "bound": cal.bound if cal.threshold else None,
                     "best_bound": cal.best_bound, "cal_above": cal.above, "cal_errors": cal.errors,
-                    "answers": len({r[0] for r in rows}), "unanswered": len(scored), "auto": len(auto),
+                    "answers": got["answers"], "unanswered": len(scored), "auto": len(auto),
                     "wrong": wrong, "coverage": len(auto) / max(1, len(scored)),
                     "true_error": wrong / len(auto) if auto else None, "rm_auto": len(rm_auto),
                     "rm_true_error": rm_wrong / len(rm_auto) if rm_auto else None})
@@ -138,11 +158,13 @@ def main():
     p.add_argument("--images", default=DIGITS, help="pool: one subfolder per class (default the shared digits)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "autolabel"))
     p.add_argument("--budgets", type=int, nargs="*", default=[150, 300, 600], help="label-mode answer budgets")
-    p.add_argument("--verdict-budgets", type=int, nargs="*", default=[150], help="verdict-mode budgets (seed 0)")
+    p.add_argument("--verdict-budgets", type=int, nargs="*", default=[150], help="verdict-mode budgets")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-errors", type=float, nargs="+", default=[0.01, 0.02, 0.05])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "autolabel.png"))
+    p.add_argument("--rescore", action="store_true",
+                   help="score the planned runs again from their kept scores (after a change to the threshold rule)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     cells_path = os.path.join(args.out, "cells.jsonl")
@@ -152,19 +174,22 @@ def main():
             for line in f:
                 c = json.loads(line)
                 done[(c["mode"], c["budget"], c["seed"], c["max_error"])] = c
-    plan = [("label", b, s) for b in args.budgets for s in args.seeds]
-    plan += [("verdict", b, 0) for b in args.verdict_budgets]
+    # the cheapest cells first, so a sitting cut short leaves whole budgets
+    plan = [(mode, b, s) for b in sorted(set(args.budgets) | set(args.verdict_budgets))
+            for mode in ("label", "verdict") if b in (args.budgets if mode == "label" else args.verdict_budgets)
+            for s in args.seeds]
     print(f"{machine()}; {datetime.date.today()}")
     for mode, budget, seed in plan:
-        todo = [m for m in args.max_errors if (mode, budget, seed, m) not in done]
+        todo = [m for m in args.max_errors if args.rescore or (mode, budget, seed, m) not in done]
         if not todo:
             continue
         for c in score_run(run_folder(args, mode, budget, seed), todo):
             c.update(mode=mode, budget=budget, seed=seed)
             done[(mode, budget, seed, c["max_error"])] = c
-            with open(cells_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(c) + "\n")
         print(f"{mode} {budget} seed {seed}: scored", flush=True)
+    with open(cells_path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(c) + "\n" for c in done.values())
+    os.replace(cells_path + ".tmp", cells_path)
     cells = [done[(mode, b, s, m)] for mode, b, s in plan for m in args.max_errors if (mode, b, s, m) in done]
     print(table(cells))
     plot(cells, args.plot)

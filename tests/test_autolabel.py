@@ -8,12 +8,15 @@ import shutil
 import pytest
 
 from autolabel import (
+    GRID,
     AutolabelError,
     answers_needed,
     binomial_cdf,
+    bound_holds,
     choose_threshold,
     clopper_pearson_upper,
     more_needed,
+    start_rows,
 )
 from conftest import assert_user_error, make_subset, run_cli
 from label_transfer import export_labels, read_label_source
@@ -36,18 +39,44 @@ def test_clopper_pearson_matches_hand_values():
     assert more_needed(0, 40, 0.05) == 19 and more_needed(1, 60, 0.05) == 33  # CP(1, 93) is the first <= 0.05
 
 
+def test_sequence_starts_where_a_stray_error_still_passes():
+    # 5% over 295 rows: 2 wrong of 124 pass (CP 0.0497), 3 wrong need 153 rows, more than half of 295
+    assert bound_holds(2, 124, 0.05) and not bound_holds(2, 123, 0.05) and more_needed(3, 0, 0.05) == 153
+    assert start_rows(295, 0.05) == 124 and start_rows(306, 0.05) == 153
+    assert start_rows(40, 0.05) == 59  # never below the error-free fewest, even past the rows there are
+
+
 def test_threshold_is_the_last_one_passed_before_the_first_failure():
-    # MAX_ERROR 0.5: 5 error-free rows are the fewest that pass (1 - 0.05^(1/5) = 0.451; 4 give 0.527)
-    conf = [0.99, 0.95, 0.9, 0.85, 0.8, 0.75] + [0.7 - 0.01 * k for k in range(14)]
-    correct = [True] * 5 + [False] + [True] * 14
-    cal = choose_threshold(conf, correct, 0.5)
-    # at 0.8: 0 wrong of 5, bound 0.451, passed; at 0.75: 1 wrong of 6, and P(X <= 1 | p = 0.5) = 7/64 > 0.05,
-    # so its bound is over 0.5: the sequence stops there, though 1 wrong of all 20 would pass (bound 0.216)
-    assert (cal.threshold, cal.above, cal.errors, cal.calibrated) == (0.8, 5, 0, 20)
-    assert cal.bound == pytest.approx(1 - 0.05 ** (1 / 5))
-    assert cal.best_bound == pytest.approx(clopper_pearson_upper(1, 20)) and cal.best_bound < 0.22
-    assert choose_threshold(conf[:4], correct[:4], 0.5).threshold is None  # 4 rows: no threshold can pass
-    assert choose_threshold([0.9] * 6, [True] * 6, 0.5).above == 6  # a tie is one threshold
+    # MAX_ERROR 0.5 over 20 rows: 0 wrong of 5 pass, 1 of 8, 2 of 11 (more than half of 20): the start is 8
+    conf = [0.99 - 0.01 * k for k in range(20)]
+    assert start_rows(20, 0.5) == 8 and [more_needed(e, 0, 0.5) for e in range(3)] == [5, 8, 11]
+    slip = [k != 1 for k in range(20)]  # the second most confident row is wrong
+    cal = choose_threshold(conf, slip, 0.5)
+    # a start at 5 rows would have stopped at once (1 wrong of 5: P(X <= 1 | p = 0.5) = 6/32 > 0.05)
+    assert not bound_holds(1, 5, 0.5)
+    assert (cal.threshold, cal.above, cal.errors, cal.calibrated, cal.first_tested) == (conf[19], 20, 1, 20, (8, 1))
+    assert cal.bound == pytest.approx(clopper_pearson_upper(1, 20)) and cal.bound < 0.22
+    two = [k not in (8, 9) for k in range(20)]  # rows 9 and 10 wrong: 1 of 9 passes, 2 of 10 do not
+    cal = choose_threshold(conf, two, 0.5)
+    assert bound_holds(1, 9, 0.5) and not bound_holds(2, 10, 0.5)
+    assert (cal.threshold, cal.above, cal.errors) == (conf[8], 9, 1)
+    # the sequence stops there, though 2 wrong of all 20 would pass
+    assert bound_holds(2, 20, 0.5) and cal.best_bound == pytest.approx(clopper_pearson_upper(2, 20))
+    assert choose_threshold(conf[:4], [True] * 4, 0.5).threshold is None  # 4 rows: no threshold can pass
+    assert choose_threshold([0.9] * 9, [True] * 9, 0.5).above == 9  # a tie is one threshold
+
+
+def test_grid_below_the_start_is_fixed_by_the_count():
+    # 5% over 300 rows: the start (124 rows), then every 12 rows (300 / GRID), each at the last row of its step
+    conf = [1 - 0.001 * k for k in range(300)]
+    assert start_rows(300, 0.05) == 124 and GRID == 25
+    cal = choose_threshold(conf, [True] * 300, 0.05)
+    assert (cal.above, cal.first_tested) == (300, (124, 0))
+    cal = choose_threshold(conf, [True] * 124 + [False] * 3 + [True] * 173, 0.05)
+    assert not bound_holds(3, 136, 0.05) and (cal.above, cal.errors) == (124, 0)  # stops at the next grid point
+    # rows 150-152 wrong: a test at every row would stop at 152 (3 of 152 fail); the grid tests 148, then 160
+    cal = choose_threshold(conf, [True] * 149 + [False] * 3 + [True] * 148, 0.05)
+    assert not bound_holds(3, 152, 0.05) and (cal.above, cal.errors) == (300, 3)
 
 
 def test_autolabel_without_export_is_refused_in_one_line():
