@@ -15,8 +15,6 @@ import sys
 import tempfile
 from collections import namedtuple
 
-import torch
-
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from user_errors import UserError
 
@@ -175,6 +173,8 @@ def atomic_write_json(path, obj):
 
 def save_checkpoint(path, ckpt):
     """torch.save through a temporary file and os.replace."""
+    import torch  # here: run folders are checked before torch is loaded (the window's first image)
+
     def write(f):
         try:
             torch.save(ckpt, f)
@@ -187,6 +187,7 @@ def save_checkpoint(path, ckpt):
 
 def load_checkpoint(path):
     """Load a checkpoint dict with weights_only=True; raises CheckpointError with the fix."""
+    import torch
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: train first (python train_rlhf.py) or pass --model PATH")
     try:

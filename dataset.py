@@ -17,13 +17,15 @@ import time
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from decoded_cache import EMPTY, FILLED, UNREADABLE, DecodedCache, decoded_cache_name
 from hash_cache import HashCache
 from user_errors import UserError, first_line
+
+# torch is imported in the functions that make tensors: the labeling window lists and shows its first image
+# before torch is loaded (2-5 s)
 
 # torchvision's ImageFolder suffixes (torchvision.datasets.folder.IMG_EXTENSIONS) and GIF, read as its first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -270,6 +272,7 @@ def eight_bit(img):
 def load_image(path, image_size):
     """Decode one image (a GIF's first frame) to a uint8 tensor (3, size, size): shorter side resized, then
     centre-cropped. Raises OSError/UnidentifiedImageError/ValueError for files that are not readable images."""
+    import torch
     with open_regular(path) as f, Image.open(f) as img:
         # JPEG can decode at 1/2, 1/4 or 1/8 scale directly, which is far cheaper than a full decode.
         img.draft("RGB", (image_size, image_size))
@@ -330,6 +333,7 @@ def file_sha1(path):
 
 def normalize(batch_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """uint8 (N, 3, H, W) or (3, H, W) to the float input the ResNet expects."""
+    import torch
     x = batch_uint8.float().div_(255)
     m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
@@ -379,7 +383,7 @@ def scan_progress(what, total):
                 mininterval=SCAN_PROGRESS_EVERY_S, leave=True)
 
 
-class ImagePool(torch.utils.data.Dataset):
+class ImagePool:
     """The pool of images to learn from, read lazily: each image is decoded to the model's input size the
     first time it is used and kept in a decoded cache (a file of the run folder with cache_dir, else memory).
 
@@ -586,6 +590,7 @@ class ImagePool(torch.utils.data.Dataset):
 
     def uint8(self, indices):
         """The uint8 batch (N, 3, S, S) for pool positions, decoding (and caching) those not decoded yet."""
+        import torch
         out = np.zeros((len(indices), 3, self.image_size, self.image_size), dtype=np.uint8)
         for row, index in enumerate(indices):
             index = int(index)

@@ -11,14 +11,13 @@ row is written by one process and zero elsewhere.
 import contextlib
 import datetime
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from user_errors import UserError, first_line
+from user_errors import UserError, first_line, launched_by_torchrun
 
 
 class DeviceError(UserError, ValueError):
@@ -47,36 +46,6 @@ def _collective():
         raise PeerLostError(first_line(err)) from None
 
 
-def speaks_for_job():
-    """True alone and on rank 0 of a torchrun job: the process that reports what every process meets."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def stopped_job_line(err, kept):
-    """The one line a process of a torchrun job prints when a collective failed (`kept`: what is safe)."""
-    return f"error: process {os.environ.get('RANK', '0')} of the torchrun job stopped ({first_line(err)}): {kept}"
-
-
-def exit_as_promised(main, kept):
-    """Run an entry script's main() and exit with its code, or as the tool promises: 2 and one `error:` line
-    for a UserError (said once under torchrun), 1 and one line when another torchrun process is lost
-    (`kept`: what is safe), 130 on Ctrl-C."""
-    try:
-        sys.exit(main())
-    except UserError as err:
-        if speaks_for_job():  # under torchrun every process meets it; one says so
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as err:  # PeerLostError, or a failed collective inside DistributedDataParallel
-        if not Ranks.launched():
-            raise
-        print(stopped_job_line(err, kept), file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"interrupted: {kept}", file=sys.stderr)
-        sys.exit(130)
-
-
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the torchrun job; the default is a process on its own."""
@@ -95,7 +64,7 @@ class Ranks:
     @staticmethod
     def launched():
         """True under torchrun (or any launcher that sets WORLD_SIZE) with more than one process."""
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+        return launched_by_torchrun()
 
     @classmethod
     def from_environment(cls, device="cpu", timeout_s=600):

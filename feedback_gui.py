@@ -22,32 +22,21 @@ import traceback
 import torch
 from PIL import ImageTk
 
-import display
 import window_messages as msg
 from answer_ledger import IMPORT, RECHECK, SKIP, AnswerLedger
 from answer_rechecks import recheck_row
 from display import fit
 from feedback_store import StoreError
+from first_images import TITLE, window_size
 from labeling_workers import Guesser, RunWorker
 from rlhf_run import answer_row, verdict_row
 from window_charts import AnswerChart, GuessBars, balance_warning
 
-TITLE = "rlhf-imgcls"
 POLL_MS = 40
 POLL_BATCH = 20     # outbox messages handled per tick, so that a burst never holds up a key
 RECENT = 20
 UNDO_DEPTH = 20     # answers u can take back, each holding its picture
 RETRY_MS = 2000     # an answer the store refused (locked by another program, disk full) is tried again
-WINDOW_SIZE = (960, 840)
-SCREEN_MARGIN = (40, 80)  # left for the window manager's title bar and panels
-NO_DISPLAY = ("--feedback gui needs a display and {why}: use --feedback folder (the simulated labeler), "
-              "or run under a virtual display: xvfb-run python train_rlhf.py ...")
-
-
-def open_root():
-    """The session's one Tk root, withdrawn until the session starts, so a missing display fails early
-    (display.NoDisplayError)."""
-    return display.open_root(NO_DISPLAY, TITLE)
 
 
 class SessionTally:
@@ -58,8 +47,8 @@ class SessionTally:
         rows = store.rows()  # read once: the ledger and the agreement record both come from it
         self.ledger = AnswerLedger.from_store(rows, store.verdicts(), len(names), store.rechecks())
         self.asking_verdicts, self.hash_of = asking_verdicts, hash_of
-        self.agree = [r["predicted"] == r["answer"] for r in rows
-                      if r["answer"] is not None and r.get("kind") != IMPORT]
+        self.agree = [r["predicted"] == r["answer"] for r in rows  # no guess: imported, or given before the model
+                      if r["answer"] is not None and r.get("kind") != IMPORT and r["predicted"] is not None]
 
     def apply(self, q, kind, value, ref, sign):
         """An answer (kind label or recheck) or verdict about question q, given (+1) or undone (-1); ref: its
@@ -231,9 +220,7 @@ class LabelingWindow:
         path = os.environ.get("RLHF_GUI_EVENTS")
         self.events = open(path, "a", buffering=1, encoding="utf-8") if path else None
         root.title(TITLE)
-        # on a small screen the window fits it: one taller than the screen loses its top or bottom
-        width, height = (min(size, screen - margin) for size, screen, margin in zip(
-            WINDOW_SIZE, (root.winfo_screenwidth(), root.winfo_screenheight()), SCREEN_MARGIN))
+        width, height = window_size(root)
         root.geometry(f"{width}x{height}")
         root.minsize(min(480, width), min(480, height))
         root.protocol("WM_DELETE_WINDOW", lambda: self.quit("window closed"))

@@ -31,9 +31,10 @@ from batch_classifier import (
     write_json,
 )
 from dataset import IMAGE_EXTENSIONS
-from ddp import Ranks, exit_as_promised, pick_device
+from ddp import Ranks, pick_device
 from run_folder import check_output_path
 from std_streams import guard_standard_streams
+from user_errors import exit_as_promised
 
 
 def build_parser():

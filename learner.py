@@ -20,7 +20,7 @@ has no batch statistics at small spatial sizes.
 """
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ddp import Ranks, use_global_batchnorm, wrap_ddp
 from models import PolicyModel, RewardModel, frozen_part, set_finetune, trainable_part
 from optimum_fit import confidence, optimum_targets, optimum_update, reward_model_log_rewards
-from ppo import LoggedActions, PPOConfig, ppo_update
+from ppo import LoggedActions, ppo_update
+from run_config import PPOConfig, RewardModelConfig
 from verdict_posterior import (
     DEFAULT_FLIP_RATE,
     clamp_flip_rate,
@@ -42,26 +43,6 @@ from verdict_posterior import (
 FLIP_SCORES = 4000  # newest (q, verdict) pairs the flip-rate estimate reads
 
 RELIABILITY_Z = 2.0  # standard errors below the measured accuracy at which the reward model is trusted
-
-
-@dataclass
-class RewardModelConfig:
-    rm_learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the reward model", "lo": 0.0})
-    rm_batch_size: int = field(default=32, metadata={
-        "help": "answers per reward-model step: the newest batch plus a replay of older answers", "lo": 1})
-    rm_steps: int = field(default=2, metadata={"help": "reward-model gradient steps per update", "lo": 1, "hi": 1000})
-    rm_min_answers: int = field(default=16, metadata={
-        "help": "answers the reward model must have predicted before it was fitted on them, before its rewards train "
-                 "the policy", "lo": 1})
-    rm_window: int = field(default=64, metadata={
-        "help": "how many of the newest answers measure the reward model's reliability", "lo": 1})
-    verdict_evidence: str = field(default="posterior", metadata={
-        "help": "--ask verdict: a verdict is evidence with the person's flip rate (posterior: soft targets, a "
-                "bounded reward-model loss, a rejected class may come back) or a hard label and a rejection for "
-                "good (hard: the tool before the flip rate)", "choices": ("posterior", "hard")})
-    verdict_flip_rate: Optional[float] = field(default=None, metadata={
-        "help": "--ask verdict: the person's rate of slipped verdicts (default: estimated from the verdicts, "
-                "printed as flip_rate in the metrics)", "lo": 0.0, "hi": 0.5, "open_hi": True})
 
 
 @dataclass

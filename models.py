@@ -14,9 +14,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from checkpoint import CheckpointError, load_checkpoint, policy_spec
+from run_config import FINETUNE_CHOICES
 from user_errors import UserError
-
-FINETUNE_CHOICES = ("all", "layer4", "head")
 
 
 class WeightsError(UserError):

@@ -8,47 +8,12 @@ surrogate is taken in expectation over all classes under the old policy (`surrog
 is the exact expectation of the usual sampled surrogate and far less noisy. `surrogate="sampled"` is
 textbook PPO on the sampled class alone.
 """
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ddp import Ranks
-
-
-@dataclass
-class PPOConfig:
-    learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the policy", "lo": 0.0})
-    clip_coef: float = field(default=0.2, metadata={
-        "help": "the surrogate is clipped where the probability ratio leaves [1 - clip_coef, 1 + clip_coef]",
-        "lo": 0.0, "hi": 10.0})
-    ent_coef: float = field(default=0.01, metadata={
-        "help": "weight of the entropy bonus, which keeps the policy from collapsing early", "lo": 0.0})
-    kl_coef: float = field(default=0.0, metadata={
-        "help": "weight of KL(policy || reference), the reference being the policy at the start of the run", "lo": 0.0})
-    update_epochs: int = field(default=4, metadata={"help": "passes over each batch of answers", "lo": 1, "hi": 1000})
-    num_minibatches: int = field(default=1, metadata={"help": "shuffled minibatches per pass", "lo": 1})
-    max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip", "lo": 0.0})
-    target_kl: Optional[float] = field(default=None, metadata={
-        "help": "stop the passes early once KL(old || new) exceeds this (None: never)", "lo": 0.0})
-    norm_adv: bool = field(default=False, metadata={
-        "help": "scale advantages to unit size within a minibatch of more than one image (off: rewards are already in"
-                 " [-1, 1], and scaling blows up the reward model's faint preferences)"})
-    surrogate: str = field(default="expected", metadata={
-        "help": "'expected': surrogate over every class weighted by the old policy; 'sampled': sampled class only",
-        "choices": ("expected", "sampled")})
-    is_truncation: float = field(default=2.0, metadata={
-        "help": "verdicts: the importance weight (old policy / proposing snapshot's probability of the proposed "
-                 "class) is cut at this", "lo": 0.0})
-    policy_update: str = field(default="optimum", metadata={
-        "help": "how the policy learns from the rewards: cross-entropy to the KL-regularised optimum "
-                "pi_ref * exp(r / beta) of each image (optimum, default), or clipped PPO steps (ppo, the original "
-                "design's updater)",
-        "choices": ("ppo", "optimum")})
-    optimum_beta: float = field(default=0.25, metadata={
-        "help": "--policy-update optimum: beta of the person's +1/-1 rewards (smaller: closer to their class)",
-        "lo": 0.001})
 
 
 def advantages(rewards, old_probs):

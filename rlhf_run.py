@@ -194,7 +194,7 @@ class RLHFRun:
             self.questions.take(index)  # answered without being handed out (a caller that picks its own)
             self.ledger.add_answer(index, answer, row["kind"])
         self.asked_this_run += 1
-        if answer is not SKIP:
+        if answer is not SKIP and row["predicted"] is not None:
             self.shown_of[index] = row["predicted"]
             self.training.rewards[index] = row["reward"]
         self.visit(index)
@@ -423,10 +423,11 @@ def update_metrics(run, stats, n_labels, n_no, shown, t0):
 def answer_row(run, index, answer, probs, policy_version):
     """The store row of an answer: the guess shown (argmax of probs), its probability, the answer and the
     reward of the shown guess (+1 right, -1 wrong, None for a skip)."""
-    shown = int(probs.argmax())
+    shown = None if probs is None else int(probs.argmax())  # None: given before the model was ready
     kind = "skip" if answer is SKIP else "correction" if run.cfg.ask == "verdict" else "label"
     return dict(sha1=run.ds.hash_of(index), path=run.ds.paths[index], answer=answer, predicted=shown,
-                probability=float(probs[shown]), reward=None if answer is SKIP else (1.0 if shown == answer else -1.0),
+                probability=None if shown is None else float(probs[shown]),
+                reward=None if answer is SKIP or shown is None else (1.0 if shown == answer else -1.0),
                 policy_version=policy_version, epoch=run.epoch, kind=kind)
 
 
@@ -617,6 +618,27 @@ def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows=
     run.files.save_reference(learner.reference.state_dict())
     run.files.write_config(cfg.to_flat())
     return run
+
+
+def take_early_answer(run, index, sha1, answer=SKIP, proposed=-1, verdict=None, row=None):
+    """An answer given in the window before the run was ready (first_images.py), already in the store: recorded
+    as a fresh one (queued, the reward model not fitted on it), whether or not the run read it when it opened."""
+    with run.lock:
+        if verdict is None:
+            run.stored.answers.pop(sha1, None)  # a hash read later must not link it a second time
+        else:
+            run.stored.verdicts[sha1] = [r for r in run.stored.verdicts.get(sha1, ()) if r["id"] != row]
+        linked = next((v for v in run.ledger.verdicts if v and v.row == row), None) if verdict is not None \
+            else index in run.answer_of
+    if verdict is None and not linked:
+        return run.record(index, answer, None, 0)
+    if verdict is not None and linked is None:
+        return run.record_verdict(index, proposed, 1.0 / run.ds.num_classes, verdict, 0, row)
+    if verdict is not None and not verdict:
+        run.training.no_fitted.discard(linked.key)
+        run.training.queue_no(linked.key)
+    elif run.answer_of.get(index, SKIP) is not SKIP:
+        run.learn_imported([index])
 
 
 def give_answer(run, index, answer, probs):

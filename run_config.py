@@ -14,17 +14,72 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Optional
 
 from data_download import DEFAULT_IMAGES
-from learner import RewardModelConfig
-from models import FINETUNE_CHOICES
-from ppo import PPOConfig
 from user_errors import UserError
 
 # Flags that decide the shape of the models or the meaning of the answers: fixed for a run's lifetime.
 RUN_SHAPE = ("images", "classes", "image_size", "weights", "finetune")
 # Flags that act on one invocation only and are never taken from a saved config.json.
 PER_INVOCATION = ("resume", "download", "export", "import_labels")
+
+
+FINETUNE_CHOICES = ("all", "layer4", "head")  # models.set_finetune: which layers train
+
+
+@dataclass
+class PPOConfig:
+    learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the policy", "lo": 0.0})
+    clip_coef: float = field(default=0.2, metadata={
+        "help": "the surrogate is clipped where the probability ratio leaves [1 - clip_coef, 1 + clip_coef]",
+        "lo": 0.0, "hi": 10.0})
+    ent_coef: float = field(default=0.01, metadata={
+        "help": "weight of the entropy bonus, which keeps the policy from collapsing early", "lo": 0.0})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "weight of KL(policy || reference), the reference being the policy at the start of the run", "lo": 0.0})
+    update_epochs: int = field(default=4, metadata={"help": "passes over each batch of answers", "lo": 1, "hi": 1000})
+    num_minibatches: int = field(default=1, metadata={"help": "shuffled minibatches per pass", "lo": 1})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip", "lo": 0.0})
+    target_kl: Optional[float] = field(default=None, metadata={
+        "help": "stop the passes early once KL(old || new) exceeds this (None: never)", "lo": 0.0})
+    norm_adv: bool = field(default=False, metadata={
+        "help": "scale advantages to unit size within a minibatch of more than one image (off: rewards are already in"
+                 " [-1, 1], and scaling blows up the reward model's faint preferences)"})
+    surrogate: str = field(default="expected", metadata={
+        "help": "'expected': surrogate over every class weighted by the old policy; 'sampled': sampled class only",
+        "choices": ("expected", "sampled")})
+    is_truncation: float = field(default=2.0, metadata={
+        "help": "verdicts: the importance weight (old policy / proposing snapshot's probability of the proposed "
+                 "class) is cut at this", "lo": 0.0})
+    policy_update: str = field(default="optimum", metadata={
+        "help": "how the policy learns from the rewards: cross-entropy to the KL-regularised optimum "
+                "pi_ref * exp(r / beta) of each image (optimum, default), or clipped PPO steps (ppo, the original "
+                "design's updater)",
+        "choices": ("ppo", "optimum")})
+    optimum_beta: float = field(default=0.25, metadata={
+        "help": "--policy-update optimum: beta of the person's +1/-1 rewards (smaller: closer to their class)",
+        "lo": 0.001})
+
+
+@dataclass
+class RewardModelConfig:
+    rm_learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the reward model", "lo": 0.0})
+    rm_batch_size: int = field(default=32, metadata={
+        "help": "answers per reward-model step: the newest batch plus a replay of older answers", "lo": 1})
+    rm_steps: int = field(default=2, metadata={"help": "reward-model gradient steps per update", "lo": 1, "hi": 1000})
+    rm_min_answers: int = field(default=16, metadata={
+        "help": "answers the reward model must have predicted before it was fitted on them, before its rewards train "
+                 "the policy", "lo": 1})
+    rm_window: int = field(default=64, metadata={
+        "help": "how many of the newest answers measure the reward model's reliability", "lo": 1})
+    verdict_evidence: str = field(default="posterior", metadata={
+        "help": "--ask verdict: a verdict is evidence with the person's flip rate (posterior: soft targets, a "
+                "bounded reward-model loss, a rejected class may come back) or a hard label and a rejection for "
+                "good (hard: the tool before the flip rate)", "choices": ("posterior", "hard")})
+    verdict_flip_rate: Optional[float] = field(default=None, metadata={
+        "help": "--ask verdict: the person's rate of slipped verdicts (default: estimated from the verdicts, "
+                "printed as flip_rate in the metrics)", "lo": 0.0, "hi": 0.5, "open_hi": True})
 
 
 class ConfigError(UserError, ValueError):

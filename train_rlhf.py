@@ -18,24 +18,22 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
-
-import torch
 
 from checkpoint import CHECKPOINT_NAME, path_length_problem, shortened
 from data_download import DEFAULT_IMAGES, ensure_default_data
 from dataset import ImagePool, class_folders, hide_pillow_size_warning, relative_path
-from ddp import Ranks, exit_as_promised, pick_device, stopped_job_line
 from label_transfer import export_labels, read_label_source
-from models import resolve_backbone_weights
-from rlhf_run import open_run, run_headless
 from run_config import PER_INVOCATION, RUN_SHAPE, RunConfig
 from run_folder import check_output_path, lock_run_dir, remove_stale_temp_files, resolve_run_dir
 from simulated_labeler import FolderLabeler
 from std_streams import guard_standard_streams
-from user_errors import UserError, first_line
+from user_errors import UserError, exit_as_promised, first_line, launched_by_torchrun, stopped_job_line
 
+# torch and the modules built on it (ddp, models, rlhf_run, feedback_gui) are imported where they are used: the
+# labeling window shows its first image while they load (first_images.py)
 GUI_UNDER_TORCHRUN = ("--feedback gui under torchrun: one person answers in one window: run python train_rlhf.py "
                       "without torchrun, or use --feedback folder")
 
@@ -146,10 +144,8 @@ def load_pool(cfg, ranks, run_dir):
     """The image pool, the validation set and the backbone weights; warnings printed once (rank 0). Their
     content hashes and decoded images are cached in run_dir: rank 0 scans and creates the cache files first,
     then the other processes find every file's hash there and share the decoded cache."""
-    if os.path.abspath(cfg.images) == os.path.abspath(DEFAULT_IMAGES):
-        asks = sys.stdin is not None and sys.stdin.isatty()  # None: started with stdin closed (<&-)
-        ranks.on_main(lambda: ensure_default_data(download=cfg.download, interactive=asks),
-                      (UserError,))
+    from models import resolve_backbone_weights
+    fetch_default_images(cfg, ranks)
 
     # A new folder's files are read for their content hashes in the background, so the first question waits
     # for one image, not the folder; under torchrun every process needs them all before the first round,
@@ -175,6 +171,14 @@ def load_pool(cfg, ranks, run_dir):
     return ds, val, backbone, origin
 
 
+def fetch_default_images(cfg, ranks=None):
+    """The default images, offered for download when missing (a question on a terminal): before the window."""
+    if os.path.abspath(cfg.images) == os.path.abspath(DEFAULT_IMAGES):
+        asks = sys.stdin is not None and sys.stdin.isatty()  # None: started with stdin closed (<&-)
+        fetch = lambda: ensure_default_data(download=cfg.download, interactive=asks)  # noqa: E731
+        ranks.on_main(fetch, (UserError,)) if ranks is not None else fetch()
+
+
 def check_window_classes(ds):
     """The window answers with one digit key per class: refuse a pool it cannot label."""
     if ds.num_classes > 10:
@@ -183,32 +187,47 @@ def check_window_classes(ds):
                          "--feedback folder")
 
 
-def open_window_root(cfg):
-    """The labeling window's Tk root, opened before anything slow so a missing display fails at once."""
-    try:
-        import feedback_gui  # only here, so that the headless path never imports tkinter
-    except ImportError as err:
-        if err.name not in ("tkinter", "_tkinter"):  # a broken import of our own is a bug, with its traceback
-            raise
-        raise UsageError(f"--feedback gui needs tkinter ({err}): install python3-tk, or use --feedback "
-                         "folder (the simulated labeler)") from None
-    return feedback_gui, feedback_gui.open_root()  # display.NoDisplayError is a UserError: one line, exit 2
+def start(cfg, run_dir, ranks, device, label_rows=None, window=False):
+    """Everything before the first question: the simulated labeler (none for the window), the pool, the
+    RLHFRun (with the rows of --import-labels stored)."""
+    import torch
 
-
-def start(cfg, run_dir, ranks, device, label_rows=None):
-    """Everything before the first question: the window's root or the simulated labeler, the pool, the RLHFRun
-    (with the rows of --import-labels stored)."""
+    from rlhf_run import open_run
     if ranks.active and cfg.feedback == "gui":
         raise UsageError(GUI_UNDER_TORCHRUN)  # --resume of a run that was labeled in the window
-    gui, root = open_window_root(cfg) if cfg.feedback == "gui" else (None, None)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     ds, val, backbone, origin = load_pool(cfg, ranks, run_dir)
-    if gui:
+    if window:
         check_window_classes(ds)
     # built before anything is written, as it refuses a pool it cannot answer for
-    labeler = None if gui else FolderLabeler(ds, cfg.feedback_noise, cfg.feedback_skip, cfg.seed, cfg.noise_kind)
-    return gui, root, labeler, open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows)
+    labeler = None if window else FolderLabeler(ds, cfg.feedback_noise, cfg.feedback_skip, cfg.seed, cfg.noise_kind)
+    return labeler, open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows)
+
+
+class RunLoader(threading.Thread):
+    """Imports torch and opens the run in the background while the window shows its first images."""
+
+    def __init__(self, cfg, run_dir, label_rows):
+        super().__init__(name="rlhf-loader", daemon=True)
+        self.cfg, self.run_dir, self.label_rows = cfg, run_dir, label_rows
+        self.value, self.error = None, None
+
+    def run(self):
+        try:
+            from ddp import Ranks, pick_device
+            ranks = Ranks()
+            device = pick_device(self.cfg.device, ranks)
+            _, run = start(self.cfg, self.run_dir, ranks, device, self.label_rows, window=True)
+            import feedback_gui  # noqa: F401  (its imports, here rather than on the window's thread)
+            self.value = run, device
+        except BaseException as err:  # raised again on the window's thread by result()
+            self.error = err
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def stored(store):
@@ -225,33 +244,89 @@ def main(argv=None):
         check_output_path(cfg.export, "--export")
         print(export_labels(resolve_run_dir(cfg.out or os.path.join("runs", "latest")), cfg.export, cfg.autolabel))
         return 0
-    if Ranks.launched() and cfg.feedback == "gui" and not cfg.resume:
+    if launched_by_torchrun():
+        return torchrun_job(cfg, argv)
+    # a label file that cannot be read stops the start before anything is written
+    label_rows = cfg.import_labels and read_label_source(cfg.import_labels)
+    run_dir, cfg, created = prepare_run_dir(cfg, argv)
+    if cfg.feedback == "gui":
+        return label_in_window(cfg, run_dir, created, label_rows)
+    from ddp import Ranks
+    return headless(cfg, run_dir, created, label_rows, Ranks())
+
+
+def torchrun_job(cfg, argv):
+    """The headless loop as one process of a torchrun job: rank 0 decides and locks the run folder."""
+    import torch
+
+    from ddp import Ranks, pick_device
+    if cfg.feedback == "gui" and not cfg.resume:
         raise UsageError(GUI_UNDER_TORCHRUN)  # before anything is written
     ranks = Ranks.from_environment(pick_device(cfg.device))
     device = pick_device(cfg.device, ranks)
-    if device.startswith("cuda") and ranks.active:
+    if device.startswith("cuda"):
         torch.cuda.set_device(device)  # nccl's collectives run on the current device
-    # a label file that cannot be read stops the start before anything is written
     label_rows = cfg.import_labels and ranks.on_main(lambda: read_label_source(cfg.import_labels),
                                                      (UserError,), share=False)
     # rank 0 alone decides the folder (its default name holds the time), checks and locks it
-    run_dir, cfg, created = ranks.on_main(lambda: prepare_run_dir(cfg, argv),
-                                          (UserError,))
+    run_dir, cfg, created = ranks.on_main(lambda: prepare_run_dir(cfg, argv), (UserError,))
+    return headless(cfg, run_dir, created, label_rows, ranks, device)
+
+
+def headless(cfg, run_dir, created, label_rows, ranks, device=None):
+    """The loop with the simulated labeler, until its epochs are done or a signal stops it."""
+    from ddp import pick_device
+    from rlhf_run import run_headless
     try:
-        gui, root, labeler, run = start(cfg, run_dir, ranks, device, label_rows)
+        device = device or pick_device(cfg.device, ranks)
+        labeler, run = start(cfg, run_dir, ranks, device, label_rows)
     except BaseException:
         if created and ranks.is_main:  # a failed start leaves no half-made run folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    announce(run, run_dir, device, ranks)
+    code = 0 if run_headless(run, labeler, stop=lambda: SIGNALLED[0] != 0) else 128 + SIGNALLED[0]
+    return finish(run, run_dir, code, ranks)
+
+
+def label_in_window(cfg, run_dir, created, label_rows):
+    """The labeling window: its first images are shown and answered while torch and the run load."""
+    from first_images import FirstImages, open_root
+    first = None
+    try:
+        fetch_default_images(cfg)
+        root = open_root()  # display.NoDisplayError is a UserError: one line, exit 2
+        first = FirstImages(root, cfg, run_dir, stop=lambda: SIGNALLED[0] != 0)
+        run, device = first.wait(RunLoader(cfg, run_dir, label_rows))
+    except BaseException:
+        kept = first.answers if first is not None else []
+        if kept:  # answers are never thrown away with a failed start
+            print(f"warning: the {len(kept)} answers given while the model loaded are kept in "
+                  f"{os.path.join(run_dir, 'feedback.sqlite')}: start again with --out {run_dir}", file=sys.stderr)
+        elif created:  # a failed start leaves no half-made run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    from ddp import Ranks
+    announce(run, run_dir, device, Ranks())
+    first.hand_over(run)
+    if first.quitting or SIGNALLED[0]:  # asked to stop while the model loaded: save what there is
+        root.destroy()
+        return finish(run, run_dir, 128 + SIGNALLED[0] if SIGNALLED[0] else 0, Ranks())
+    import feedback_gui
+    return finish(run, run_dir, feedback_gui.run_session(root, run), Ranks())
+
+
+def announce(run, run_dir, device, ranks):
+    """The line that says what the run is about to do (rank 0)."""
     if ranks.is_main:
         where = f"device {device}" + (f", {ranks.world} processes" if ranks.active else "")
         bad = f" ({len(run.ds.unreadable)} unreadable)" if run.ds.unreadable else ""
         print(f"run {run_dir}: {len(run.ds)} images{bad}, classes {run.ds.class_names}, weights {run.weights_origin}, "
-              f"{where}, {stored(run.store)} stored, epoch {run.epoch + 1}/{cfg.epochs}")
-    if gui:
-        code = gui.run_session(root, run)
-    else:
-        code = 0 if run_headless(run, labeler, stop=lambda: SIGNALLED[0] != 0) else 128 + SIGNALLED[0]
+              f"{where}, {stored(run.store)} stored, epoch {run.epoch + 1}/{run.cfg.epochs}", flush=True)
+
+
+def finish(run, run_dir, code, ranks):
+    """Save and close after the loop: 1 (training failed) keeps the last good checkpoint instead."""
     if code == 1:
         run.ds.close()
         run.store.close()  # training failed: the answers are stored, the last good checkpoint stays
@@ -272,7 +347,7 @@ SIGNALLED = [0]  # the signal that asked the headless loop to stop (0: none)
 def stop_on_signal(signum, frame):
     """Ctrl-C or kill: the headless loop stops after the running update and saves; a second signal, or any
     under torchrun (where SIGTERM means another process of the job ended), exits at once."""
-    if Ranks.launched():
+    if launched_by_torchrun():
         print(stopped_job_line("torchrun stopped it after another process ended",
                                "every answer committed so far is in the run's feedback.sqlite; continue with "
                                "--resume"), file=sys.stderr)

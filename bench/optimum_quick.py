@@ -20,8 +20,7 @@ import torch
 
 from dataset import ImagePool
 from label_efficiency import split_folder
-from learner import RewardModelConfig
-from ppo import PPOConfig
+from run_config import PPOConfig, RewardModelConfig
 from verdict_efficiency import DIGITS, run_tool
 
 

@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddp import Ranks, use_global_batchnorm, wrap_ddp
 from learner import one_hot_rewards, reward_model_update
 from models import PolicyModel, RewardModel
-from ppo import PPOConfig, ppo_update
+from ppo import ppo_update
+from run_config import PPOConfig
 
 
 def main(out):

@@ -170,6 +170,8 @@ def test_keys_answer_skip_undo_and_quit_and_the_store_holds_exactly_the_answers(
     assert all(version == 0 for _, version in store(out).values())  # every guess came before the first update
     titles = [e["title"] for e in s.events("shown")]
     assert titles[0] == f"rlhf-imgcls  1/20  {os.path.basename(paths[0])}"
+    first = s.events("first_shown")[0]  # a picture of the pool came before torch started loading
+    assert first["torch_loaded"] is False and first["t"] < s.events("shown")[0]["t"]
     assert [e["seq"] for e in s.events("shown")] == [0, 1, 2, 3, 4, 3, 4, 3, 2, 3, 4, 3, 4]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 1
     picture = Image.open(shot).convert("L")
@@ -308,6 +310,98 @@ def test_without_a_display_one_line_names_the_ways_out(tmp_path, pool):
                            "--out", str(tmp_path / "run"), *TINY], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=WAIT_S, check=False)
     assert_user_error(proc, "--feedback folder", "xvfb-run")
+
+
+def test_the_window_shows_its_first_image_without_importing_torch():
+    code = ("import sys, train_rlhf, first_images\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=WAIT_S)
+
+
+def early_window(display, monkeypatch, cfg, run_dir):
+    """FirstImages on the test display, in this process, with its window found for xdotool."""
+    import first_images
+    monkeypatch.setenv("DISPLAY", display)
+    root = first_images.open_root()
+    first = first_images.FirstImages(root, cfg, str(run_dir))
+    root.deiconify()
+    root.update()
+    found = subprocess.run(["xdotool", "search", "--onlyvisible", "--name", "^rlhf-imgcls  loading"],
+                           env={**os.environ, "DISPLAY": display}, capture_output=True, text=True, timeout=30)
+    return root, first, found.stdout.split()[0]
+
+
+def early_key(display, root, first, window, key):
+    """Press key in the loading window and wait until its answer is stored."""
+    given = len(first.answers)
+    env = {**os.environ, "DISPLAY": display}
+    subprocess.run(["xdotool", "windowfocus", "--sync", window], env=env, check=True, timeout=30)
+    subprocess.run(["xdotool", "key", key], env=env, check=True, timeout=30)
+    deadline = time.monotonic() + WAIT_S
+    while len(first.answers) == given and time.monotonic() < deadline:
+        root.update()
+        time.sleep(0.01)
+    assert len(first.answers) == given + 1, f"{key} gave no answer"
+
+
+def test_answers_given_while_the_model_loads_are_stored_without_a_guess_and_learnt_as_new(display, tmp_path, pool,
+                                                                                       monkeypatch):
+    import train_rlhf
+    from ddp import Ranks
+    from run_config import RunConfig
+    cfg = RunConfig(images=str(pool), feedback="gui", image_size=32, weights="none", batch_size=4, epochs=1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    root, first, window = early_window(display, monkeypatch, cfg, run_dir)
+    try:
+        one = first.current[0]
+        early_key(display, root, first, window, "1")
+        _, run = train_rlhf.start(cfg, str(run_dir), Ranks(), "cpu", window=True)  # reads the store: one answer
+        two = first.current[0]
+        early_key(display, root, first, window, "0")  # the run has not read this one
+        with sqlite3.connect(run_dir / "feedback.sqlite") as db:
+            rows = db.execute("SELECT path, answer, predicted, probability, kind FROM answers ORDER BY id").fetchall()
+        assert rows == [(one, 1, None, None, "label"), (two, 0, None, None, "label")]
+        assert first.hand_over(run) == 2
+        at = {p: i for i, p in enumerate(run.ds.paths)}
+        assert run.answer_of[at[one]] == 1 and run.answer_of[at[two]] == 0
+        # both wait for the next update as new answers, which the reward model has not been fitted on
+        assert sorted(run.training.pending) == sorted([at[one], at[two]])
+        assert not {at[one], at[two]} & run.training.rm_fitted and not run.shown_of
+        run.ds.close()
+        run.store.close()
+    finally:
+        root.destroy()
+
+
+def test_verdicts_while_the_model_loads_put_a_uniform_class_logged_at_one_over_k(display, tmp_path, digits,
+                                                                                 monkeypatch):
+    import train_rlhf
+    from ddp import Ranks
+    from run_config import RunConfig
+    pool = make_subset(tmp_path / "pool", digits, 2, classes=["3", "5", "8"])
+    cfg = RunConfig(images=str(pool), feedback="gui", ask="verdict", image_size=16, weights="none", batch_size=4,
+                    epochs=1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    root, first, window = early_window(display, monkeypatch, cfg, run_dir)
+    try:
+        one, _, yes_to = first.current
+        early_key(display, root, first, window, "y")
+        two, _, no_to = first.current
+        early_key(display, root, first, window, "n")
+        assert verdict_rows(run_dir) == [(one, yes_to, pytest.approx(1 / 3), 1), (two, no_to, pytest.approx(1 / 3), 0)]
+        _, run = train_rlhf.start(cfg, str(run_dir), Ranks(), "cpu", window=True)
+        first.hand_over(run)
+        at = {p: i for i, p in enumerate(run.ds.paths)}
+        assert run.answer_of[at[one]] == yes_to and at[two] not in run.answer_of
+        assert [(v.image, v.proposed, v.verdict) for v in run.ledger.verdicts] == [(at[one], yes_to, 1),
+                                                                                  (at[two], no_to, 0)]
+        assert at[one] in run.training.pending and run.training.pending_no  # learnt as new, the no included
+        run.ds.close()
+        run.store.close()
+    finally:
+        root.destroy()
 
 
 def test_the_headless_path_and_the_training_modules_never_import_tkinter():

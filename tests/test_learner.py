@@ -7,8 +7,8 @@ import torch
 
 from conftest import make_subset
 from dataset import ImagePool
-from learner import Learner, RewardModelConfig, UpdateBatch, one_hot_rewards, reliability, reward_model_loss
-from ppo import PPOConfig
+from learner import Learner, UpdateBatch, one_hot_rewards, reliability, reward_model_loss
+from run_config import PPOConfig, RewardModelConfig
 
 
 def test_one_hot_rewards_follow_the_plus_minus_one_rule():

@@ -6,7 +6,7 @@ import torch
 
 from learner import Learner, UpdateBatch, VerdictBatch
 from optimum_fit import confidence, optimum_targets, optimum_update, reward_model_log_rewards
-from ppo import PPOConfig
+from run_config import PPOConfig
 
 
 def test_the_optimum_is_the_reference_reweighted_by_exp_reward_over_beta():

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppo import LoggedActions, PPOConfig, advantages, logged_weights, ppo_loss, ppo_update
+from ppo import LoggedActions, advantages, logged_weights, ppo_loss, ppo_update
+from run_config import PPOConfig
 
 
 def cfg(**kw):

@@ -9,10 +9,10 @@ import torch
 from conftest import make_subset
 from dataset import ImagePool
 from feedback_store import FeedbackStore
-from learner import Learner, RewardModelConfig, UpdateBatch, VerdictBatch
+from learner import Learner, UpdateBatch, VerdictBatch
 from question_queue import DEFAULT_SCORE_POOL
 from rlhf_run import RLHFRun, checkpoint_of, give_answer, give_verdict
-from run_config import RunConfig
+from run_config import RewardModelConfig, RunConfig
 
 GUESS = torch.tensor([0.7, 0.3])  # the guess shown with every answer: class 0
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from answer_ledger import AnswerLedger
-from learner import Learner, RewardModelConfig, reward_model_loss, snips_reliability
+from learner import Learner, reward_model_loss, snips_reliability
+from run_config import RewardModelConfig
 from test_rlhf_run import make_run
 from verdict_posterior import estimate_flip_rate, net_verdicts, posterior, snips_accuracy
 
