@@ -370,6 +370,13 @@ def test_answers_given_while_the_model_loads_are_stored_without_a_guess_and_lear
         assert not {at[one], at[two]} & run.training.rm_fitted and not run.shown_of
         run.ds.close()
         run.store.close()
+        import first_images  # as --resume starts: the answered images are never shown again
+        again = first_images.FirstImages(root, cfg, str(run_dir))
+        shown = []
+        while again.current is not None:
+            shown.append(again.current[0])
+            again.give(skip=True)
+        assert sorted(shown) == sorted(set(run.ds.paths) - {one, two})
     finally:
         root.destroy()
 
