@@ -6,13 +6,14 @@ MAX_ERROR of those rows are wrong.
     cal = choose_threshold(confidences, correct, 0.02)   # learn-then-test over thresholds, Clopper-Pearson
     clopper_pearson_upper(0, 59)                          # 0.0495: 59 error-free answers certify 5%
 
-Calibration is cross-fitted over all the person's answers: the answered images are split in two halves (an
-image's verdicts stay in its half), two fresh reward models are fitted, one per half, and each scores the other
-half. A held-back slice would cost the served model answers, and a slice of a few hundred answers can rarely
-certify a small error (59 error-free answers is the least that certifies 5%). The threshold is then applied to
-the served policy's confidence on the unanswered images. The assumption: the policy, trained on every answer,
-is no less right at a given confidence than the half-data reward models (the optimum update fits the policy to
-the reward model, so its confidence follows the reward model's); bench/autolabel.py checks the true error.
+Calibration is cross-fitted over all the person's answers: the answered images are split in five folds (an
+image's verdicts stay in its fold), five fresh reward models are fitted, each on four folds, and each scores the
+fold it did not see. A held-back slice would cost the served model answers, and a slice of a few hundred answers
+can rarely certify a small error (59 error-free answers is the least that certifies 5%). The threshold is then
+applied to the served policy's confidence on the unanswered images. The assumption: the policy, trained on every
+answer, is no less right at a given confidence than the reward models fitted on four fifths of them (the optimum
+update fits the policy to the reward model, so its confidence follows the reward model's); bench/autolabel.py
+checks the true error.
 
 An answered image counts as right when the fit's top class is the image's label (a label, a correction, a yes,
 or the class left when every other was rejected); a rejected top class, another label, and (with --ask verdict)
@@ -27,7 +28,7 @@ from datetime import datetime, timezone
 
 from answer_ledger import SKIP, AnswerLedger
 from checkpoint import CHECKPOINT_NAME, load_checkpoint
-from crossfit_trust import MIN_HALF, CrossfitHalf, crossfit_probs, halves_by_image, ledger_rows
+from crossfit_trust import MIN_HALF, CrossfitHalf, fit_half, folds_by_image, ledger_rows, predict
 from dataset import IMAGENET_MEAN, IMAGENET_STD, ImagePool
 from ddp import pick_device
 from decoded_cache import EMPTY
@@ -39,7 +40,8 @@ from run_folder import REFERENCE_NAME
 from user_errors import UserError
 
 CONFIDENCE = 0.95  # of the stated bound: at most MAX_ERROR wrong, with this probability
-PASSES = 3  # the fewest passes each half-data fit takes over its half (crossfit_trust.fit_half)
+PASSES = 3  # the fewest passes each fit takes over its training folds (crossfit_trust.fit_half)
+FOLDS = 5  # each answer is scored by a fit on the other four fifths: close to the served model, never its own
 GRID = 25  # thresholds tested below the start: one per 1/GRID of the calibration rows
 CHUNK = 256  # unanswered images scored at a time: memory holds no more decoded images than that
 
@@ -223,7 +225,7 @@ def open_served_run(run_dir):
     learner = Learner(len(names), None, cfg.finetune, cfg.ppo, cfg.rm, pick_device(cfg.device), cfg.seed)
     learner.load_state_dict(ckpt)
     reference = os.path.join(run_dir, REFERENCE_NAME)
-    if os.path.isfile(reference):  # the half-data fits start where the run's reward model started
+    if os.path.isfile(reference):  # the calibration fits start where the run's reward model started
         learner.reference.load_state_dict(load_checkpoint(reference)["policy"])
     ds = ImagePool(cfg.images, cfg.image_size, names, norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD))
     index_of = {}
@@ -255,29 +257,32 @@ def training_rows(run):
 
 
 def calibration_pairs(run, rows):
-    """(confidence, correct) per answered image of rows, each scored by the half-data fit that did not see it;
-    [] when a half is too small to fit."""
-    halves = halves_by_image(rows, random.Random(f"{run.cfg.seed}:autolabel"))
-    if min(len(h) for h in halves) < MIN_HALF:
+    """(confidence, correct) per answered image of rows, each scored by the fit that did not see it (FOLDS folds,
+    split by image); [] when the rows are too few to fit."""
+    if len({r[0] for r in rows}) < 2 * MIN_HALF:
         return []
+    folds = folds_by_image(rows, random.Random(f"{run.cfg.seed}:autolabel"), FOLDS)
+
     def inputs(hashes):  # the ledger is keyed by content hash
         return run.inputs([run.index_of[h] for h in hashes])
 
-    probs = crossfit_probs(run.learner, [CrossfitHalf.of_rows(inputs, h) for h in halves], half_passes(run, halves),
-                           run.cfg.seed)
-    scored = {}
-    for half, p in zip(halves, probs):
-        for row, q in zip(half, p):
-            scored.setdefault(row[0], q)  # every row of an image has the same input: one score each
-    return [(float(q.max()), int(q.argmax()) == run.ledger.label_of.get(image)) for image, q in scored.items()]
+    passes, pairs = fold_passes(run, folds), []
+    for j, held in enumerate(folds):
+        train = CrossfitHalf.of_rows(inputs, [r for i, fold in enumerate(folds) if i != j for r in fold])
+        net = fit_half(run.learner, train, passes, run.cfg.seed + j)
+        images = sorted({r[0] for r in held})
+        for image, q in zip(images, predict(net, inputs(images).to(run.learner.device))):
+            pairs.append((float(q.max()), int(q.argmax()) == run.ledger.label_of.get(image)))
+    return pairs
 
 
-def half_passes(run, halves):
-    """Passes that give each half-data fit as many steps as the run's reward model took (rm_steps per update that
-    fitted it): a fit much shorter than the served model's would be calibrated at confidences it never has."""
+def fold_passes(run, folds):
+    """Passes that give each fit as many steps as the run's reward model took (rm_steps per update that fitted
+    it): a fit much shorter than the served model's would be calibrated at confidences it never has."""
     rm = run.cfg.rm
     steps = rm.rm_steps * reward_model_fits(run.run_dir)
-    return max(PASSES, steps * rm.rm_batch_size / max(len(h) for h in halves))
+    biggest = max(sum(len(f) for f in folds) - len(fold) for fold in folds)
+    return max(PASSES, steps * rm.rm_batch_size / max(1, biggest))
 
 
 def reward_model_fits(run_dir):
@@ -319,7 +324,7 @@ class AutoLabels:
             return f"no number of answers certifies {pct} wrong: pass an --autolabel above 0"
         more = more_needed(cal.first_tested[1], cal.first_tested[0], self.max_error)
         if cal.first_tested == (0, 0):  # no threshold had rows enough to be tested
-            more = max(more, 2 * MIN_HALF) - self.answers  # and each half needs rows to be fitted at all
+            more = max(more, 2 * MIN_HALF) - self.answers  # and the folds need rows to be fitted at all
         why = (f"the best bound is {cal.best_bound:.3f}" if cal.calibrated
                else f"{needed} error-free answers are the fewest that can certify it")
         return (f"{self.answers} answers allow no threshold at {pct} ({why}); about {max(1, more)} more answers, "

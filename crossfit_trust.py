@@ -48,10 +48,15 @@ def ledger_rows(ledger):
 def halves_by_image(rows, rng):
     """rows split in two by rng's shuffle of their images: an image's rows stay in one half, so no half sees
     what the other says of it."""
+    return folds_by_image(rows, rng, 2)
+
+
+def folds_by_image(rows, rng, k):
+    """rows split in k folds by rng's shuffle of their images, an image's rows in one fold."""
     images = sorted({r[0] for r in rows})
     rng.shuffle(images)
-    first = set(images[: len(images) // 2])
-    return [[r for r in rows if (r[0] in first) == side] for side in (True, False)]
+    fold_of = {image: j for j in range(k) for image in images[j * len(images) // k: (j + 1) * len(images) // k]}
+    return [[r for r in rows if fold_of[r[0]] == j] for j in range(k)]
 
 
 def fresh_reward_model(learner, seed):
