@@ -623,21 +623,22 @@ def open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows=
 def take_early_answer(run, index, sha1, answer=SKIP, proposed=-1, verdict=None, row=None):
     """An answer given in the window before the run was ready (first_images.py), already in the store: recorded
     as a fresh one (queued, the reward model not fitted on it), whether or not the run read it when it opened."""
-    with run.lock:
-        if verdict is None:
+    if verdict is None:
+        with run.lock:
             run.stored.answers.pop(sha1, None)  # a hash read later must not link it a second time
-        else:
+            linked = index in run.answer_of
+        if not linked:
+            return run.record(index, answer, None, 0)
+    else:
+        with run.lock:
             run.stored.verdicts[sha1] = [r for r in run.stored.verdicts.get(sha1, ()) if r["id"] != row]
-        linked = next((v for v in run.ledger.verdicts if v and v.row == row), None) if verdict is not None \
-            else index in run.answer_of
-    if verdict is None and not linked:
-        return run.record(index, answer, None, 0)
-    if verdict is not None and linked is None:
-        return run.record_verdict(index, proposed, 1.0 / run.ds.num_classes, verdict, 0, row)
-    if verdict is not None and not verdict:
-        run.training.no_fitted.discard(linked.key)
-        run.training.queue_no(linked.key)
-    elif run.answer_of.get(index, SKIP) is not SKIP:
+            linked = next((v for v in run.ledger.verdicts if v and v.row == row), None)
+        if linked is None:
+            return run.record_verdict(index, proposed, 1.0 / run.ds.num_classes, verdict, 0, row)
+        if not verdict:
+            run.training.no_fitted.discard(linked.key)
+            return run.training.queue_no(linked.key)
+    if run.answer_of.get(index, SKIP) is not SKIP:  # read from the store when the run opened: queued as new
         run.learn_imported([index])
 
 

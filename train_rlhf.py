@@ -175,8 +175,14 @@ def fetch_default_images(cfg, ranks=None):
     """The default images, offered for download when missing (a question on a terminal): before the window."""
     if os.path.abspath(cfg.images) == os.path.abspath(DEFAULT_IMAGES):
         asks = sys.stdin is not None and sys.stdin.isatty()  # None: started with stdin closed (<&-)
-        fetch = lambda: ensure_default_data(download=cfg.download, interactive=asks)  # noqa: E731
-        ranks.on_main(fetch, (UserError,)) if ranks is not None else fetch()
+
+        def fetch():
+            return ensure_default_data(download=cfg.download, interactive=asks)
+
+        if ranks is None:
+            fetch()
+        else:
+            ranks.on_main(fetch, (UserError,))
 
 
 def check_window_classes(ds):
