@@ -1,21 +1,25 @@
 """The batch engine of inference.py: a policy from any checkpoint on torch or ONNX Runtime, files decoded in
-DataLoader workers and classified in batches, and the writers of the results (CSV, JSON, a table).
+worker processes and classified in batches, and the writers of the results (CSV, JSON, a table). torch is
+imported only where the torch engine needs it: ONNX Runtime classifies a cached export without it.
 
     clf = load_classifier("runs/demo")               # or the original script's rlhf_models.pth
     clf, backend = load_served("runs/demo")          # ONNX Runtime on the CPU where it can, else torch
     rows = classify_files(clf, list_inputs(["photos/"]))
 """
+import collections
 import functools
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
 from collections import namedtuple
+from concurrent.futures import ProcessPoolExecutor
+from importlib import metadata
 
 import numpy as np
-import torch
 
 import onnx_engine
 from checkpoint import (
@@ -28,7 +32,7 @@ from checkpoint import (
     read_policy,
 )
 from csv_cells import csv_text
-from dataset import list_image_files, load_image, normalize
+from dataset import decode_image, list_image_files, normalize
 from user_errors import UserError, first_line
 
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -50,6 +54,8 @@ def load_classifier(spec=None):
     """The policy of a checkpoint file, a run folder or a `latest` link (default runs/latest), ready to
     classify: eval mode, BatchNorm folded, channels-last. Also reads the original script's files."""
     policy = read_policy(spec)
+    import torch
+
     from models import PolicyModel, fold_batchnorm  # torchvision is slow to import: only for a usable file
     net = PolicyModel(len(policy.class_names))
     try:
@@ -115,28 +121,40 @@ def load_for_flags(spec=None, backend="auto", precision="auto", device="cpu"):
 def pick_engine(spec):
     """--backend auto --precision auto on the CPU: (Classifier, engine, precision) of whichever measured faster on
     this machine, ONNX Runtime fp32 or torch at its faster precision (measured once, kept in the cache folder).
-    The torch model is read first: it is cheap beside an ONNX Runtime session, which a torch choice never opens."""
-    torch_clf = load_classifier(spec)
+    Where ONNX Runtime won and the checkpoint's export is cached, torch is never imported."""
+    path = os.path.join(onnx_engine.cache_dir(), PRECISION_FILE)
+    known, onnx_clf, checkpoint = _read_json(path), None, checkpoint_file(spec)
     try:
+        found = onnx_engine.load_export(checkpoint) if checkpoint else None
+        onnx_clf = found and _from_export(*found, checkpoint)
+        if onnx_clf and _cached_choice(known, onnx_clf.image_size) == "onnxruntime":
+            return onnx_clf, "onnxruntime", "fp32"
+        torch_clf = load_classifier(spec)
         key = engine_key(torch_clf.image_size)
     except onnx_engine.OnnxUnavailable as err:
         print(f"warning: {err}; classifying with torch instead", file=sys.stderr)
+        torch_clf = load_classifier(spec)
         return torch_clf, "torch", pick_precision("auto", torch_clf)
-    path = os.path.join(onnx_engine.cache_dir(), PRECISION_FILE)
-    known = _read_json(path)
-    entry = known.get(key) if isinstance(known.get(key), dict) else {}
-    if entry.get("choice") in ("fp32", "bf16"):
-        return torch_clf, "torch", entry["choice"]
-    onnx_clf, engine = load_served(spec, "auto")  # a failed export warns and gives torch
-    if engine == "torch":
-        return torch_clf, "torch", pick_precision("auto", torch_clf)
-    if entry.get("choice") == "onnxruntime":
+    choice = _cached_choice(known, torch_clf.image_size)
+    if choice in ("fp32", "bf16"):
+        return torch_clf, "torch", choice
+    if onnx_clf is None:
+        onnx_clf, engine = load_served(spec, "auto")  # a failed export warns and gives torch
+        if engine == "torch":
+            return torch_clf, "torch", pick_precision("auto", torch_clf)
+    if choice == "onnxruntime":
         return onnx_clf, "onnxruntime", "fp32"
     seconds = {"onnxruntime": measure_onnx(onnx_clf), **measure_precision(torch_clf, kinds=(
         ("fp32", "bf16") if has_bf16() else ("fp32",)))}
     choice = min(seconds, key=seconds.get)
     remember(path, known, key, choice, seconds)
     return (onnx_clf, "onnxruntime", "fp32") if choice == "onnxruntime" else (torch_clf, "torch", choice)
+
+
+def _cached_choice(known, image_size):
+    """The engine measured faster here for this image size ("onnxruntime", "fp32" or "bf16"), or None."""
+    entry = known.get(engine_key(image_size))
+    return entry.get("choice") if isinstance(entry, dict) else None
 
 
 def engine_key(image_size):
@@ -206,12 +224,26 @@ def _read_json(path):
 
 def precision_key(image_size, device="cpu"):
     """What a precision measurement holds for: the processor, torch's version and the model's input size."""
-    where = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_info()[0]
-    return f"{where} | torch {torch.__version__} | {image_size} px"
+    if device.startswith("cuda"):
+        import torch
+        where = torch.cuda.get_device_name()
+    else:
+        where = cpu_info()[0]
+    return f"{where} | torch {torch_version()} | {image_size} px"
+
+
+def torch_version():
+    """The installed torch's version, read from its package metadata: a cached choice is looked up without
+    importing torch."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "none"
 
 
 def measure_precision(clf, device="cpu", kinds=("fp32", "bf16")):
     """Seconds of a forward pass of clf's network on a small batch, fp32 and bf16: the best of a few rounds."""
+    import torch
     net = clf.net.to(device)
     x = torch.zeros(PRECISION_BATCH, 3, clf.image_size, clf.image_size).to(device, memory_format=torch.channels_last)
     times = {kind: [] for kind in kinds}
@@ -240,46 +272,74 @@ def cpu_info():
 
 
 def load_batch(paths, image_size):
-    """Decode a batch of files (runs in a DataLoader worker): uint8 stack of the readable ones, error per file."""
+    """Decode a batch of files (in a worker process): uint8 array (N, 3, H, W) of the readable ones, or None, and
+    an error per file."""
     images, errors = [], []
     for path in paths:
         try:
-            images.append(load_image(path, image_size))
+            images.append(decode_image(path, image_size))
             errors.append(None)
         except Exception as err:  # any decoder failure is that file's problem, never the whole job's
             errors.append(first_line(err))
-    return (torch.stack(images) if images else None), errors
+    return (np.stack(images) if images else None), errors
+
+
+def decoded_batches(files, batch_size, image_size, workers):
+    """load_batch over the files in batches, in order; in `workers` processes (0: this one) that stay at most two
+    batches each ahead of the caller, so a large folder is never decoded into memory all at once."""
+    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    decode = functools.partial(load_batch, image_size=image_size)
+    workers = min(workers, len(chunks)) if len(chunks) > 1 else 0
+    if not workers:
+        yield from map(decode, chunks)
+        return
+    pool = ProcessPoolExecutor(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    try:
+        todo, pending = iter(chunks), collections.deque()
+        for chunk in todo:
+            pending.append(pool.submit(decode, chunk))
+            if len(pending) == 2 * workers:
+                break
+        while pending:
+            batch = pending.popleft().result()
+            chunk = next(todo, None)
+            if chunk is not None:
+                pending.append(pool.submit(decode, chunk))
+            yield batch
+    finally:  # Ctrl-C reaches this process alone (the workers ignore it): stop the queued work and go
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def classify_files(clf, files, batch_size=32, workers=2, precision="fp32", device="cpu", progress=None):
     """Classify files in batches; one row per file, in order: path, predicted, probabilities, error.
     progress: a tqdm advanced by each batch's files."""
-    batches = -(-len(files) // batch_size)
-    loader = torch.utils.data.DataLoader(files, batch_size, num_workers=min(workers, batches) if batches > 1 else 0,
-                                         collate_fn=functools.partial(load_batch, image_size=clf.image_size))
-    forward, rows = _engine(clf, device), []
-    with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=precision == "bf16"):
-        for start, (images, errors) in zip(range(0, len(files), batch_size), loader):
-            probs = iter(forward(images) if images is not None else [])
-            for path, err in zip(files[start:start + batch_size], errors):
-                p = None if err else dict(zip(clf.class_names, next(probs)))
-                rows.append({"path": path, "error": err, "predicted": max(p, key=p.get) if p else None,
-                             "probabilities": p})
-            if progress is not None:
-                progress.update(len(errors))
+    forward, rows = _engine(clf, device, precision), []
+    batches = decoded_batches(files, batch_size, clf.image_size, workers)
+    for start, (images, errors) in zip(range(0, len(files), batch_size), batches):
+        probs = iter(forward(images) if images is not None else [])
+        for path, err in zip(files[start:start + batch_size], errors):
+            p = None if err else dict(zip(clf.class_names, next(probs)))
+            rows.append({"path": path, "error": err, "predicted": max(p, key=p.get) if p else None,
+                         "probabilities": p})
+        if progress is not None:
+            progress.update(len(errors))
     return rows
 
 
-def _engine(clf, device):
-    """uint8 image batch -> probability lists, on the classifier's engine (ONNX Runtime or torch)."""
+def _engine(clf, device, precision="fp32"):
+    """uint8 image batch (a numpy array) -> probability lists, on the classifier's engine (ONNX Runtime or
+    torch at the given precision)."""
     if isinstance(clf.net, onnx_engine.OnnxNet):
-        return lambda images: clf.net.probabilities(images.numpy()).tolist()
+        return lambda images: clf.net.probabilities(images).tolist()
+    import torch
     net = clf.net.to(device)
 
     def forward(images):
-        # Channels-last while still uint8 (a quarter of the bytes to move); normalize keeps the layout.
-        x = normalize(images.contiguous(memory_format=torch.channels_last), clf.mean, clf.std).to(device)
-        return torch.softmax(net(x).float(), dim=1).tolist()
+        with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=precision == "bf16"):
+            # Channels-last while still uint8 (a quarter of the bytes to move); normalize keeps the layout.
+            x = torch.from_numpy(images).contiguous(memory_format=torch.channels_last)
+            x = normalize(x, clf.mean, clf.std).to(device)
+            return torch.softmax(net(x).float(), dim=1).tolist()
     return forward
 
 

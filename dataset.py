@@ -270,16 +270,22 @@ def eight_bit(img):
 
 
 def load_image(path, image_size):
-    """Decode one image (a GIF's first frame) to a uint8 tensor (3, size, size): shorter side resized, then
-    centre-cropped. Raises OSError/UnidentifiedImageError/ValueError for files that are not readable images."""
+    """Decode one image (a GIF's first frame) to a uint8 tensor (3, size, size): see decode_image."""
     import torch
+    return torch.from_numpy(decode_image(path, image_size))
+
+
+def decode_image(path, image_size):
+    """Decode one image (a GIF's first frame) to a uint8 array (3, size, size), without torch: shorter side
+    resized, then centre-cropped. Raises OSError/UnidentifiedImageError/ValueError for files that are not
+    readable images."""
     with open_regular(path) as f, Image.open(f) as img:
         # JPEG can decode at 1/2, 1/4 or 1/8 scale directly, which is far cheaper than a full decode.
         img.draft("RGB", (image_size, image_size))
         if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
             warnings.warn(f"{path} is a very large image ({img.width}x{img.height} pixels, over Pillow's limit of "
                           f"{Image.MAX_IMAGE_PIXELS}): its decode is slow and needs much memory; shrink it unless "
-                          "it is meant", stacklevel=2)
+                          "it is meant", stacklevel=3)
         img = upright_rgb(img)
         w, h = img.size
         scale = image_size / min(w, h)
@@ -289,8 +295,8 @@ def load_image(path, image_size):
         # 10000x1 strip would otherwise first be resized to 224x2,240,000 pixels (2.8 GB) and then cropped.
         box = (left * w / nw, top * h / nh, (left + image_size) * w / nw, (top + image_size) * h / nh)
         img = img.resize((image_size, image_size), Image.BILINEAR, box=box)
-        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return data.view(image_size, image_size, 3).permute(2, 0, 1).contiguous()
+        data = np.frombuffer(img.tobytes(), dtype=np.uint8)
+    return data.reshape(image_size, image_size, 3).transpose(2, 0, 1).copy()  # C order, writable
 
 
 def header_problem(data):

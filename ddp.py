@@ -14,9 +14,6 @@ import os
 import warnings
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
 from user_errors import UserError, first_line, launched_by_torchrun
 
 
@@ -26,9 +23,12 @@ class DeviceError(UserError, ValueError):
 
 def pick_device(choice, ranks=None):
     """The torch device for --device auto|cpu|cuda (this process's GPU under torchrun)."""
+    if choice == "cpu":
+        return "cpu"  # without importing torch: a CPU job on ONNX Runtime never needs it
+    import torch
     if choice == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda: no CUDA device is available here: use --device cpu or auto")
-    if choice == "cpu" or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{ranks.local_rank}" if ranks is not None and ranks.active else "cuda"
 
@@ -71,6 +71,7 @@ class Ranks:
         """Join the torchrun job described by the environment (a single process without one)."""
         if not cls.launched():
             return cls()
+        import torch.distributed as dist
         if not dist.is_initialized():
             backend = "nccl" if str(device).startswith("cuda") else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -86,6 +87,7 @@ class Ranks:
         """The (n, ...) tensor whose rows [start, start + len(part)) each process computed, on every process."""
         if not self.active:
             return part
+        import torch
         full = torch.zeros((n,) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device)
         full[start:start + part.shape[0]] = part
         self.all_reduce(full)
@@ -101,6 +103,7 @@ class Ranks:
     def all_reduce(self, tensor):
         """In-place sum over the processes (no-op alone)."""
         if self.active:
+            import torch.distributed as dist
             with _collective():
                 dist.all_reduce(tensor)
         return tensor
@@ -109,12 +112,14 @@ class Ranks:
         """Sum of each float over the processes (statistics for the metrics)."""
         if not self.active:
             return list(values)
+        import torch
         return self.all_reduce(torch.tensor(list(values), dtype=torch.float64)).tolist()
 
     def gather(self, obj):
         """Every process's picklable `obj`, in rank order, on every process."""
         if not self.active:
             return [obj]
+        import torch.distributed as dist
         out = [None] * self.world
         with _collective():
             dist.all_gather_object(out, obj)
@@ -124,6 +129,7 @@ class Ranks:
         """Rank 0's picklable `obj` on every process."""
         if not self.active:
             return obj
+        import torch.distributed as dist
         box = [obj]
         with _collective():
             dist.broadcast_object_list(box, src=0)
@@ -144,64 +150,18 @@ class Ranks:
         return self.broadcast(result) if share else result
 
     def close(self):
-        if self.active and dist.is_initialized():
+        if not self.active:
+            return
+        import torch.distributed as dist
+        if dist.is_initialized():
             dist.destroy_process_group()
-
-
-class _SumOverProcesses(torch.autograd.Function):
-    """Sum of a tensor over the processes whose gradient is the sum of the gradients (each process's loss
-    depends on every process's share)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are those of the batch across every process, on CPU as on GPU
-    (torch.nn.SyncBatchNorm is GPU-only). The sum goes through an autograd-aware all_reduce, so gradients are
-    those of one process holding the whole batch. Same parameters and buffers as BatchNorm2d."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        c = x.shape[1]
-        count = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=x.dtype, device=x.device)
-        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
-        stats = _SumOverProcesses.apply(stats)
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.mul_(1 - m).add_(m * mean.detach())
-            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1))
-        shape = (1, c, 1, 1)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape)
-
-
-def use_global_batchnorm(module):
-    """Turn every BatchNorm2d in `module` into a GlobalBatchNorm2d, in place (state dicts stay compatible)."""
-    for m in module.modules():
-        if type(m) is torch.nn.BatchNorm2d:
-            m.__class__ = GlobalBatchNorm2d
-    return module
 
 
 def wrap_ddp(net, ranks):
     """net in DistributedDataParallel when there are several processes (gradients averaged), else itself."""
     if not ranks.active:
         return net
+    import torch
     device_ids = [ranks.local_rank] if next(net.parameters()).is_cuda else None
     # Buffers are not broadcast: GlobalBatchNorm2d keeps them equal, and a broadcast in every forward
     # would need every process to run every forward. (torch 2.14 warns that the flag will be renamed; its

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 
-import torch
 from tqdm import tqdm
 
 from batch_classifier import (
@@ -91,6 +90,7 @@ def main(argv=None):
     ranks = Ranks.from_environment(pick_device(args.device))
     device = pick_device(args.device, ranks)
     if device.startswith("cuda") and ranks.active:
+        import torch  # the CPU path may run on ONNX Runtime alone
         torch.cuda.set_device(device)
     t0 = time.perf_counter()
     mine = shard_files(files, args.batch_size, ranks)

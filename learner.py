@@ -11,7 +11,7 @@ With --finetune all, inputs are the normalised images themselves.
 Under torchrun (`ranks`), every process runs the same Learner on the same batches: forwards without
 gradients compute a block of the rows each (`Ranks.map_rows`), gradient steps compute a block of each
 minibatch with the policy and reward model in DistributedDataParallel, and BatchNorm takes the statistics
-of the whole minibatch across processes (ddp.GlobalBatchNorm2d), so every process holds the same models.
+of the whole minibatch across processes (global_batchnorm.GlobalBatchNorm2d), so every process holds the same models.
 
 BatchNorm: the trainable layers train in train mode (statistics of each minibatch), and ppo_update scores
 the old policy and the KL reference on the very same minibatches in the same mode, so the first PPO ratio
@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ddp import Ranks, use_global_batchnorm, wrap_ddp
+from ddp import Ranks, wrap_ddp
+from global_batchnorm import use_global_batchnorm
 from models import PolicyModel, RewardModel, frozen_part, set_finetune, trainable_part
 from optimum_fit import confidence, optimum_targets, optimum_update, reward_model_log_rewards
 from ppo import LoggedActions, ppo_update

@@ -11,7 +11,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp import Ranks, use_global_batchnorm, wrap_ddp
+from ddp import Ranks, wrap_ddp
+from global_batchnorm import use_global_batchnorm
 from learner import one_hot_rewards, reward_model_update
 from models import PolicyModel, RewardModel
 from ppo import ppo_update
