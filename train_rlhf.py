@@ -11,6 +11,10 @@
 This script parses the flags (run_config.py), prepares the run folder and starts the loop (rlhf_run.py)
 with the labeling window or the simulated labeler.
 """
+import ctypes
+import gc
+import glob
+import importlib.util
 import json
 import os
 import random
@@ -211,6 +215,26 @@ def start(cfg, run_dir, ranks, device, label_rows=None, window=False):
     return labeler, open_run(cfg, run_dir, ds, val, backbone, origin, device, ranks, label_rows)
 
 
+def load_torch_libraries():
+    """dlopen torch's C libraries (and torchvision's) without holding the interpreter lock: ctypes lets go of it
+    in a foreign call, an import's dlopen does not. The import that follows finds them loaded. Best effort: a
+    library not found is left to the import."""
+    try:
+        torch_dir = os.path.dirname(importlib.util.find_spec("torch").origin)
+        vision = importlib.util.find_spec("torchvision")
+        libc = ctypes.CDLL(None)
+    except (AttributeError, ImportError, OSError, TypeError):
+        return
+    libc.dlopen.restype, libc.dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+    # global_deps first, with RTLD_GLOBAL, as torch's own loader does; libtorch_python pulls in the rest
+    paths = [os.path.join(torch_dir, "lib", name) for name in ("libtorch_global_deps.so", "libtorch_python.so")]
+    if vision is not None and vision.origin:
+        paths += sorted(glob.glob(os.path.join(os.path.dirname(vision.origin), "*.so")))
+    for path in paths:
+        if os.path.isfile(path):
+            libc.dlopen(os.fsencode(path), os.RTLD_NOW | os.RTLD_GLOBAL)
+
+
 class RunLoader(threading.Thread):
     """Imports torch and opens the run in the background while the window shows its first images."""
 
@@ -220,7 +244,12 @@ class RunLoader(threading.Thread):
         self.value, self.error = None, None
 
     def run(self):
+        # Both below hold the interpreter lock for a few hundred milliseconds at a time, and the window's keys
+        # would wait for it: a full collection over the heap that importing torch builds, and the import's
+        # loading of torch's C libraries (done here first, through a call that lets go of the lock).
+        gc.disable()
         try:
+            load_torch_libraries()
             from ddp import Ranks, pick_device
             ranks = Ranks()
             device = pick_device(self.cfg.device, ranks)
@@ -229,6 +258,9 @@ class RunLoader(threading.Thread):
             self.value = run, device
         except BaseException as err:  # raised again on the window's thread by result()
             self.error = err
+        finally:
+            gc.freeze()  # what loading made is kept for the session: no later collection walks it
+            gc.enable()
 
     def result(self):
         if self.error is not None:
