@@ -2,7 +2,7 @@
 
     python bench/inference_speed.py                         # ants/bees train folder, random-init model, 224 px
     python bench/inference_speed.py --images DIR --repeats 5 --model runs/latest
-    python bench/inference_speed.py --whole-process         # whole processes: --backend torch vs onnxruntime
+    python bench/inference_speed.py --whole-process         # whole processes: default flags, torch, onnxruntime
     python bench/inference_speed.py --whole-process --no-baseline   # the two backends alone (a busy machine)
 
 The baseline is the original design: for every image, build the torchvision transform, decode the whole
@@ -68,13 +68,16 @@ def loop_app(args):
     """The baseline as a whole process: load the checkpoint, then one image at a time (--loop-app)."""
     clf = load_classifier(args.model)
     net = copy.deepcopy(clf.net).to(memory_format=torch.contiguous_format)
-    for f in list_inputs([args.images]):
+    files = list_inputs([args.images])
+    t0 = time.perf_counter()
+    for f in files:
         baseline_classify(net, f, clf.image_size, clf.class_names)
+    print(f"loop {time.perf_counter() - t0:.3f} s")  # the loop in process: start-up and model loading excluded
 
 
 def whole_process(args):
-    """`python inference.py DIR --csv` with --backend torch and onnxruntime (the default on a CPU) against the
-    one-at-a-time loop as a process of its own, over --copies hard-linked copies of the folder; medians of
+    """`python inference.py DIR --csv` with default flags, --backend torch and --backend onnxruntime against the
+    one-at-a-time loop as a process of its own (and its loop alone, timed inside it), over --copies hard-linked copies of the folder; medians of
     --repeats rounds, after one untimed round (it makes the ONNX export and measures --precision auto)."""
     import subprocess
     import tempfile
@@ -97,8 +100,9 @@ def whole_process(args):
                os.path.join(work, "out.csv")]
         cmds = {} if args.no_baseline else {"one image at a time (process)": [
             sys.executable, os.path.abspath(__file__), "--loop-app", "--images", folder, "--model", model]}
+        cmds.update({"inference.py (default flags)": cli})
         cmds.update({f"inference.py --backend {b}": cli + ["--backend", b] for b in ("torch", "onnxruntime")})
-        times, said = {name: [] for name in cmds}, {}
+        times, said, loop = {name: [] for name in cmds}, {}, []
         for r in range(-1, args.repeats):  # round -1 is untimed
             for name, cmd in cmds.items():
                 t0 = time.perf_counter()
@@ -106,6 +110,8 @@ def whole_process(args):
                 if r >= 0:
                     times[name].append(time.perf_counter() - t0)
                 said[name] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+                if r >= 0 and said[name].startswith("loop "):
+                    loop.append(float(said[name].split()[1]))
             if r >= 0:
                 print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
     base = statistics.median(times[list(cmds)[0]])
@@ -114,6 +120,12 @@ def whole_process(args):
     for name, t in times.items():
         med = statistics.median(t)
         print(f"| {name} | {med:.1f} s | {n / med:.1f} | {base / med:.2f}x |")
+    if loop:  # the issue's baseline: the one-at-a-time loop in process, without its start-up
+        print(f"| one image at a time, the loop alone (in process) | {statistics.median(loop):.1f} s | "
+              f"{n / statistics.median(loop):.1f} | - |")
+        print("\nwhole-process CLI against the in-process loop: " + ", ".join(
+            f"{name} {statistics.median(loop) / statistics.median(t):.2f}x" for name, t in times.items()
+            if name.startswith("inference.py")))
     for name in cmds:
         if name.startswith("inference.py"):
             print(f"{name}: {said[name]}")
