@@ -401,13 +401,13 @@ class ImagePool:
     """
 
     def __init__(self, root, image_size=224, classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 cache_dir=None, cache_tag="pool", hash_in_background=False):
+                 cache_dir=None, cache_tag="pool", hash_in_background=False, scanned=None):
         if not os.path.isdir(root):
             raise DatasetError(f"image folder {root} does not exist: pass --images DIR with a folder of images")
         self.root = os.path.abspath(root)
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
-        paths, relative = self._scan(root, classes)
+        paths, relative = self._scan(root, classes, scanned)
         stats, identity = self._stat_files(paths, relative)
         name = decoded_cache_name(cache_tag, identity, image_size)
         self.decoded = DecodedCache(cache_dir and os.path.join(cache_dir, name), len(self.paths), image_size)
@@ -426,10 +426,16 @@ class ImagePool:
         self._report_left_out(root)
 
     # --- the start --------------------------------------------------------------------------------
-    def _scan(self, root, classes):
+    def _scan(self, root, classes, scanned=None):
         # The image files under root and their paths relative to it; sets the class names and what the scan
-        # left out, and refuses a folder without two classes or without an image.
-        paths, self.skipped = scan_image_folder(root)
+        # left out, and refuses a folder without two classes or without an image. scanned: (paths, skipped,
+        # warning lines) of a scan of root made moments before (the labeling window's), its lines said again.
+        if scanned is None:
+            paths, self.skipped = scan_image_folder(root)
+        else:
+            paths, self.skipped, said = scanned
+            for line in said:
+                warnings.warn(line, stacklevel=4)
         relative = [relative_path(p, root) for p in paths]  # once: the class folders, then each image's class
         self.class_names = list(classes) if classes else class_folders(relative)
         if len(self.class_names) < 2:

@@ -64,6 +64,7 @@ class FirstImages:
         self.answers, self.quitting, self.current, self.photo = [], False, None, None
         self.rng = random.Random(f"{cfg.seed}:first-images")
         self.names, self.todo, self.store, self.answered = [], [], None, set()
+        self.scanned = None  # (paths, skipped, warning lines) of the folder: the run's pool starts from it
         path = os.environ.get("RLHF_GUI_EVENTS")
         self.events = open(path, "a", buffering=1, encoding="utf-8") if path else None
         try:
@@ -75,9 +76,10 @@ class FirstImages:
 
     def open_pool(self, run_dir):
         """The class names the run will have, the unanswered images in a seeded order, and the run's store."""
-        with warnings.catch_warnings():  # the run's own scan says them, once
-            warnings.simplefilter("ignore")
-            paths, _ = scan_image_folder(self.cfg.images)
+        with warnings.catch_warnings(record=True) as said:  # the run's pool says them, once
+            warnings.simplefilter("always")
+            paths, skipped = scan_image_folder(self.cfg.images)
+        self.scanned = paths, skipped, [str(w.message) for w in said]
         self.names = list(self.cfg.classes) if self.cfg.classes else class_folders(
             [relative_path(p, self.cfg.images) for p in paths])
         if len(self.names) < 2 or len(self.names) > 10 or not paths:
@@ -212,8 +214,6 @@ class FirstImages:
         self.frame.destroy()
         if self.events:
             self.events.close()
-        if self.answers and run.ds.class_names != self.names:  # the folder changed while loading
-            return self.answers_mean_other_classes(run)
         where = {p: i for i, p in enumerate(run.ds.paths)}
         for a in self.answers:
             if a.path in where:
@@ -221,12 +221,3 @@ class FirstImages:
         if self.store is not None:
             self.store.close()
         return len(self.answers)
-
-    def answers_mean_other_classes(self, run):
-        """The class folders changed between this scan and the run's: the answers given meanwhile are removed."""
-        for a in self.answers:
-            self.store.remove_verdict(a.row) if a.verdict is not None else self.store.remove(a.sha1)
-        self.store.close()
-        raise StoreError(f"{self.cfg.images} changed while the model loaded (classes {self.names}, now "
-                         f"{run.ds.class_names}): the {len(self.answers)} answers given meanwhile were removed; "
-                         "start again")

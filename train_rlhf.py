@@ -144,10 +144,11 @@ def check_val(ds, val):
                       "not how it does on new ones; pass a folder of other images", stacklevel=3)
 
 
-def load_pool(cfg, ranks, run_dir):
+def load_pool(cfg, ranks, run_dir, scanned=None):
     """The image pool, the validation set and the backbone weights; warnings printed once (rank 0). Their
     content hashes and decoded images are cached in run_dir: rank 0 scans and creates the cache files first,
-    then the other processes find every file's hash there and share the decoded cache."""
+    then the other processes find every file's hash there and share the decoded cache. scanned: the labeling
+    window's scan of --images, so the folder is not listed twice."""
     from models import resolve_backbone_weights
     fetch_default_images(cfg, ranks)
 
@@ -157,7 +158,8 @@ def load_pool(cfg, ranks, run_dir):
     background = not ranks.active and not cfg.import_labels
 
     def read_pools():
-        ds = ImagePool(cfg.images, cfg.image_size, cfg.classes, cache_dir=run_dir, hash_in_background=background)
+        ds = ImagePool(cfg.images, cfg.image_size, cfg.classes, cache_dir=run_dir, hash_in_background=background,
+                       scanned=scanned)
         val = ImagePool(cfg.val, cfg.image_size, ds.class_names, cache_dir=run_dir,
                         cache_tag="val") if cfg.val else None
         if val is not None:
@@ -197,9 +199,9 @@ def check_window_classes(ds):
                          "--feedback folder")
 
 
-def start(cfg, run_dir, ranks, device, label_rows=None, window=False):
-    """Everything before the first question: the simulated labeler (none for the window), the pool, the
-    RLHFRun (with the rows of --import-labels stored)."""
+def start(cfg, run_dir, ranks, device, label_rows=None, window=False, scanned=None):
+    """Everything before the first question: the simulated labeler (none for the window), the pool (from the
+    window's scan, where given), the RLHFRun (with the rows of --import-labels stored)."""
     import torch
 
     from rlhf_run import open_run
@@ -207,7 +209,7 @@ def start(cfg, run_dir, ranks, device, label_rows=None, window=False):
         raise UsageError(GUI_UNDER_TORCHRUN)  # --resume of a run that was labeled in the window
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    ds, val, backbone, origin = load_pool(cfg, ranks, run_dir)
+    ds, val, backbone, origin = load_pool(cfg, ranks, run_dir, scanned)
     if window:
         check_window_classes(ds)
     # built before anything is written, as it refuses a pool it cannot answer for
@@ -238,9 +240,9 @@ def load_torch_libraries():
 class RunLoader(threading.Thread):
     """Imports torch and opens the run in the background while the window shows its first images."""
 
-    def __init__(self, cfg, run_dir, label_rows):
+    def __init__(self, cfg, run_dir, label_rows, scanned=None):
         super().__init__(name="rlhf-loader", daemon=True)
-        self.cfg, self.run_dir, self.label_rows = cfg, run_dir, label_rows
+        self.cfg, self.run_dir, self.label_rows, self.scanned = cfg, run_dir, label_rows, scanned
         self.value, self.error = None, None
 
     def run(self):
@@ -253,7 +255,7 @@ class RunLoader(threading.Thread):
             from ddp import Ranks, pick_device
             ranks = Ranks()
             device = pick_device(self.cfg.device, ranks)
-            _, run = start(self.cfg, self.run_dir, ranks, device, self.label_rows, window=True)
+            _, run = start(self.cfg, self.run_dir, ranks, device, self.label_rows, window=True, scanned=self.scanned)
             import feedback_gui  # noqa: F401  (its imports, here rather than on the window's thread)
             self.value = run, device
         except BaseException as err:  # raised again on the window's thread by result()
@@ -335,7 +337,7 @@ def label_in_window(cfg, run_dir, created, label_rows):
         fetch_default_images(cfg)
         root = open_root()  # display.NoDisplayError is a UserError: one line, exit 2
         first = FirstImages(root, cfg, run_dir, stop=lambda: SIGNALLED[0] != 0)
-        run, device = first.wait(RunLoader(cfg, run_dir, label_rows))
+        run, device = first.wait(RunLoader(cfg, run_dir, label_rows, first.scanned))
     except BaseException:
         kept = first.answers if first is not None else []
         if kept:  # answers are never thrown away with a failed start

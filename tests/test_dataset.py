@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, copied_subset, make_subset
-from dataset import DatasetError, ImagePool
+from dataset import DatasetError, ImagePool, scan_image_folder
 
 
 def test_scan_is_recursive_sorted_and_labels_follow_class_folders(tmp_path, photos):
@@ -123,6 +123,13 @@ def test_each_real_file_is_used_once_whatever_links_point_at_it(tmp_path):
     assert ds.labels == [0, 0, 0, 1, 1, 1, 2, 2]
     assert message.startswith(f"skipped 3 in {root}: 3 links to folders or files already scanned")
     assert "ants/loop" in message and "bees/up" in message and "ants/b0_again.png" in message
+    # the labeling window scans first and the pool starts from that scan: the same pool, the same two lines
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scanned = (*scan_image_folder(root), [links])
+        again = ImagePool(root, image_size=16, scanned=scanned)
+    assert [str(w.message) for w in caught] == [links, links, message]  # the scan's own, then the pool's two
+    assert (again.paths, again.labels, again.class_names) == (ds.paths, ds.labels, ds.class_names)
 
 
 def test_gif_is_read_as_its_first_frame_and_other_types_are_named_in_the_warning(tmp_path):

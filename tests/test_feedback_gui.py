@@ -356,7 +356,12 @@ def test_answers_given_while_the_model_loads_are_stored_without_a_guess_and_lear
     try:
         one = first.current[0]
         early_key(display, root, first, window, "1")
-        _, run = train_rlhf.start(cfg, str(run_dir), Ranks(), "cpu", window=True)  # reads the store: one answer
+        import dataset
+        scans, scan = [], dataset.scan_image_folder
+        monkeypatch.setattr(dataset, "scan_image_folder", lambda folder: scans.append(folder) or scan(folder))
+        _, run = train_rlhf.start(cfg, str(run_dir), Ranks(), "cpu", window=True,  # reads the store: one answer
+                                  scanned=first.scanned)
+        assert scans == [] and run.ds.paths == first.scanned[0]  # the window's scan: the folder is listed once
         two = first.current[0]
         early_key(display, root, first, window, "0")  # the run has not read this one
         with sqlite3.connect(run_dir / "feedback.sqlite") as db:
