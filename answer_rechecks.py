@@ -1,7 +1,7 @@
 """Rechecks (--recheck FRACTION, --ask label): the person's answers the models disagree with most, asked again.
 
 Each answer is scored by a reward model that was not fitted on it: the run's own reward model just before its
-first fit on the answer, and, as the answers grow by a quarter, two fresh reward models fitted on halves of
+first fit on the answer, and, each time the answers have doubled, two fresh reward models fitted on halves of
 them, each scoring the other half (cross-fitting, as confident learning does). After every update the answers
 whose score gives their class the least probability, among those whose scoring model's likeliest class is
 another, are asked again first, while rechecks stay within FRACTION of the questions asked so far. The new
@@ -21,7 +21,7 @@ from crossfit_trust import MIN_HALF, CrossfitHalf, crossfit_probs
 
 SHOWN_MAX_ERROR = 0.02  # the error bound of the window's estimate of what auto-labels could cover
 COVERAGE_SAMPLE = 64   # unanswered images the estimate scores (the window only: a forward pass each)
-GROWTH = 1.25          # cross-fit again once the person's answers are this many times those last cross-fitted
+GROWTH = 2.0           # cross-fit again once the person's answers are this many times those last cross-fitted
 CROSSFIT_ANSWERS = 1024  # most answers one cross-fit fits and scores (a seeded sample beyond)
 RECHECKABLE = ("label", "correction")  # kinds of answer a person gave by choosing a class
 
