@@ -8,8 +8,9 @@ next time) and, each in a fresh run folder:
   headless  train_rlhf.py --feedback folder --max-answers 16 --weights none: wall seconds and the process's
             peak resident memory (os.wait4's ru_maxrss)
   launch    train_rlhf.py --weights none (the window, on a private Xvfb): launch to the first image drawn
-            (its RLHF_GUI_EVENTS "shown" event); the window is then stopped with SIGTERM, which saves
-  resume    the same run folder with --resume: launch to the first image
+            (RLHF_GUI_EVENTS "first_shown", before the model loads) and to the model's first guess ("shown");
+            the window is then stopped with SIGTERM, which saves
+  resume    the same run folder with --resume: the same two times
 Launch and resume run --rounds times (a fresh run folder each round): medians, with their range, since
 single launches of a 100,000-image folder spread over seconds.
 --tool DIR runs the train_rlhf.py of another checkout (e.g. `git archive` of an older commit) on the same
@@ -57,9 +58,12 @@ def measure(count, args, display, work):
         launches.append(first_image_seconds(window, display, os.path.join(work, f"launch-{count}-{r}.jsonl")))
         resumes.append(first_image_seconds(window + ["--resume"], display,
                                            os.path.join(work, f"resume-{count}-{r}.jsonl")))
-    launch, resume = statistics.median(launches), statistics.median(resumes)
-    row = (f"| {count:,} | {wall:.1f} s | {peak / 1024:.2f} GB | {launch:.1f} s ({min(launches):.1f}-"
-           f"{max(launches):.1f}) | {resume:.1f} s ({min(resumes):.1f}-{max(resumes):.1f}) |")
+    cells = []
+    for times in (launches, resumes):  # (first image, first guess) per launch
+        for k in (0, 1):
+            seconds = [t[k] for t in times]
+            cells.append(f"{statistics.median(seconds):.1f} s ({min(seconds):.1f}-{max(seconds):.1f})")
+    row = f"| {count:,} | {wall:.1f} s | {peak / 1024:.2f} GB | " + " | ".join(cells) + " |"
     print(row, file=sys.stderr, flush=True)
     return row
 
@@ -77,8 +81,8 @@ def main():
         rows = [measure(count, args, xvfb.display, work) for count in args.counts]
     print(f"\n{args.tool}: {args.image_size} px, {os.cpu_count()} cores, --weights none, fresh run folders\n")
     median = f"median of {args.rounds} (range)"
-    print(f"| images in the folder | headless run (16 answers), wall | peak memory | window: launch → first image, "
-          f"{median} | resume → first image, {median} |\n|---:|---:|---:|---:|---:|")
+    print(f"| images in the folder | headless run (16 answers), wall | peak memory | launch → first image, {median} "
+          "| launch → first guess | resume → first image | resume → first guess |\n" + "|---:" * 7 + "|")
     print("\n".join(rows))
 
 
