@@ -5,8 +5,8 @@
 
 For each count, a folder of that many distinct photos (bench/make_large_folder.py, kept in --work for the
 next time) and, each in a fresh run folder:
-  headless  train_rlhf.py --feedback folder --max-answers 16 --rm-min-answers 1000000 --weights none: wall
-            seconds and the process's peak resident memory (os.wait4's ru_maxrss)
+  headless  train_rlhf.py --feedback folder --max-answers 16 --policy-update ppo --rm-min-answers 1000000
+            --weights none: wall seconds and the process's peak resident memory (os.wait4's ru_maxrss)
   launch    train_rlhf.py --weights none (the window, on a private Xvfb): launch to the first image drawn
             (RLHF_GUI_EVENTS "first_shown", before the model loads) and to the model's first guess ("shown");
             the window is then stopped with SIGTERM, which saves
@@ -32,12 +32,13 @@ from xvfb_display import XvfbDisplay
 
 
 def headless(tool, images, out, image_size):
-    """(wall seconds, peak resident MB) of a 16-answer headless run. Its reward model is never ready
-    (--rm-min-answers): a ready one would go on to train the policy on every unanswered image of the folder, a
-    run of days at 100,000 images that measures training, not the start-up and memory this row is for."""
+    """(wall seconds, peak resident MB) of a 16-answer headless run. Its reward model is never ready (PPO waits
+    for --rm-min-answers; the optimum fit would not): a ready one would go on to train the policy on every
+    unanswered image of the folder, a run of days at 100,000 images that measures training, not the start-up and
+    memory this row is for."""
     cmd = [sys.executable, os.path.join(tool, "train_rlhf.py"), "--images", images, "--feedback", "folder",
-           "--max-answers", "16", "--rm-min-answers", "1000000", "--weights", "none", "--image-size",
-           str(image_size), "--out", out]
+           "--max-answers", "16", "--policy-update", "ppo", "--rm-min-answers", "1000000", "--weights", "none",
+           "--image-size", str(image_size), "--out", out]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=tool, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
