@@ -77,8 +77,9 @@ def loop_app(args):
 
 def whole_process(args):
     """`python inference.py DIR --csv` with default flags, --backend torch and --backend onnxruntime against the
-    one-at-a-time loop as a process of its own (and its loop alone, timed inside it), over --copies hard-linked copies of the folder; medians of
-    --repeats rounds, after one untimed round (it makes the ONNX export and measures --precision auto)."""
+    one-at-a-time loop as a process of its own (and its loop alone, timed inside it), over --copies hard-linked
+    copies of the folder; medians of --repeats rounds, after one untimed round (it makes the ONNX export and
+    measures the engines)."""
     import subprocess
     import tempfile
     with tempfile.TemporaryDirectory(prefix="inference-speed-") as work:
