@@ -125,7 +125,7 @@ def pick_engine(spec):
     path = os.path.join(onnx_engine.cache_dir(), PRECISION_FILE)
     known, onnx_clf, checkpoint = _read_json(path), None, checkpoint_file(spec)
     try:
-        found = onnx_engine.load_export(checkpoint) if checkpoint else None
+        found = onnx_engine.load_export(checkpoint) if checkpoint and _onnx_won_here(known) else None
         onnx_clf = found and _from_export(*found, checkpoint)
         if onnx_clf and _cached_choice(known, onnx_clf.image_size) == "onnxruntime":
             return onnx_clf, "onnxruntime", "fp32"
@@ -149,6 +149,14 @@ def pick_engine(spec):
     choice = min(seconds, key=seconds.get)
     remember(path, known, key, choice, seconds)
     return (onnx_clf, "onnxruntime", "fp32") if choice == "onnxruntime" else (torch_clf, "torch", choice)
+
+
+def _onnx_won_here(known):
+    """Whether ONNX Runtime measured faster on this machine at some image size: only then is the checkpoint's
+    export looked for before torch (the look hashes the checkpoint and opens a session)."""
+    head, tail = engine_key("\0").split("\0")
+    return any(isinstance(v, dict) and v.get("choice") == "onnxruntime" and k.startswith(head) and k.endswith(tail)
+               for k, v in known.items())
 
 
 def _cached_choice(known, image_size):

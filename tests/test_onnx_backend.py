@@ -211,10 +211,12 @@ def test_default_flags_take_the_engine_measured_faster_here_once(tmp_path, cache
     monkeypatch.setattr(batch_classifier, "measure_precision",
                         lambda clf, device="cpu", kinds=("fp32", "bf16"): calls.append("torch") or {
                             k: {"fp32": 1.0, "bf16": 3.0}[k] for k in kinds})
+    load_export = onnx_engine.load_export
+    monkeypatch.setattr(onnx_engine, "load_export", lambda path: calls.append("export") or load_export(path))
     for _ in range(2):
         clf, engine, precision = batch_classifier.load_for_flags(model, "auto", "auto")
         assert (engine, precision) == ("torch", "fp32") and not isinstance(clf.net, onnx_engine.OnnxNet)
-    assert calls == ["onnx", "torch"]
+    assert calls == ["export", "onnx", "torch"]  # once torch has won here, no export is opened to find out
     # an explicit choice is never overruled by the measurement
     assert batch_classifier.load_for_flags(model, "onnxruntime", "auto")[1:] == ("onnxruntime", "fp32")
     assert batch_classifier.load_for_flags(model, "auto", "fp32")[1:] == ("onnxruntime", "fp32")
