@@ -1,14 +1,18 @@
-"""A quick look at --policy-update optimum against ppo on a TUNING split (the shared digits' training images
-split 4:1 again, so the grid's reported split is never tuned on): one cell per update rule.
+"""A quick look at one cell of the learning grid on a TUNING split (the shared digits' training images split 4:1
+again, so the grid's reported split is never tuned on): the tool's settings against each other.
 
-    python bench/optimum_quick.py BUDGET SEED ASK(S) UPDATE(S) NOISE(S) [EVIDENCE(S) [NOISE_KIND]]
-    # e.g. 300 0 verdict ppo,optimum 0,0.1 hard,posterior slip
+    python bench/optimum_quick.py BUDGET SEED(S) ASK(S) UPDATE(S) NOISE(S) [EVIDENCE(S) [NOISE_KIND]]
+    # e.g. 300 0,1,2 verdict ppo,optimum 0,0.1 hard,posterior slip
+    python bench/optimum_quick.py 300 0,1,2 verdict optimum 0 --set update_epochs=1 --set rm_steps=1 --jobs 2
 
 Prints one JSON line per cell: the policy's and its reward model's accuracy on the tuning split's held-out
-fifth, the answers given and the seconds taken. Every cell: 32 px, random init, 3 passes, batches of 8.
+fifth, the answers given and the seconds taken. Every cell: 32 px, random init, 3 passes, batches of 8, one
+thread per cell (--jobs cells at once, each in its own process); --set overrides any run setting by name.
 """
+import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -20,13 +24,28 @@ import torch
 
 from dataset import ImagePool
 from label_efficiency import split_folder
-from run_config import PPOConfig, RewardModelConfig
+from run_config import PPOConfig, RewardModelConfig, RunConfig
 from verdict_efficiency import DIGITS, run_tool
 
 
-def main(argv):
-    budget, seed, asks, updates, noises = int(argv[0]), int(argv[1]), argv[2], argv[3], argv[4]
-    evidences, kind = (argv[5] if len(argv) > 5 else "posterior"), (argv[6] if len(argv) > 6 else "persistent")
+def overrides(pairs):
+    """{section: {name: value}} of KEY=VALUE settings, each value typed as its setting's default."""
+    out = {"run": {}, "ppo": {}, "rm": {}}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        for section, cls in (("ppo", PPOConfig), ("rm", RewardModelConfig), ("run", RunConfig)):
+            if name in cls.__dataclass_fields__:
+                default = getattr(cls(), name)
+                out[section][name] = text if isinstance(default, str) or default is None else type(default)(text)
+                break
+        else:
+            sys.exit(f"--set {pair}: no run setting is called {name}")
+    return out
+
+
+def one_cell(task):
+    """(the cell's JSON line) of one run: a fresh split in a temporary folder, one thread."""
+    budget, seed, ask, update, noise, evidence, kind, sets = task
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         split_folder(DIGITS, os.path.join(tmp, "outer"))
@@ -34,18 +53,40 @@ def main(argv):
         ds = ImagePool(os.path.join(tmp, "tune", "train"), 32)
         val = ImagePool(os.path.join(tmp, "tune", "val"), 32, ds.class_names)
         args = types.SimpleNamespace(epochs=3, image_size=32, weights="none", device="cpu")
-        for ask in asks.split(","):
-            for update in updates.split(","):
-                for noise, evidence in itertools.product((float(n) for n in noises.split(",")),
-                                                         evidences.split(",")):
-                    t = time.time()
-                    acc, given, rm = run_tool(ds, val, None, "random", args, seed, budget, noise, ask=ask,
-                                              ppo=PPOConfig(policy_update=update), noise_kind=kind,
-                                              rm=RewardModelConfig(verdict_evidence=evidence))
-                    print(json.dumps({"ask": ask, "update": update, "evidence": evidence, "noise": noise,
-                                      "kind": kind, "budget": budget, "seed": seed, "acc": acc, "rm_acc": rm,
-                                      "given": given, "s": round(time.time() - t)}), flush=True)
+        t = time.time()
+        acc, given, rm = run_tool(ds, val, None, "random", args, seed, budget, noise, ask=ask, noise_kind=kind,
+                                  ppo=PPOConfig(policy_update=update, **sets["ppo"]),
+                                  rm=RewardModelConfig(verdict_evidence=evidence, **sets["rm"]), **sets["run"])
+        return json.dumps({"ask": ask, "update": update, "evidence": evidence, "noise": noise, "kind": kind,
+                           "budget": budget, "seed": seed, "set": {k: v for s in sets.values() for k, v in s.items()},
+                           "acc": acc, "rm_acc": rm, "given": given, "s": round(time.time() - t)})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("budget", type=int, help="answers (or verdicts) the run may ask")
+    p.add_argument("seeds", help="comma-separated seeds")
+    p.add_argument("asks", help="comma-separated --ask values (label, verdict)")
+    p.add_argument("updates", help="comma-separated --policy-update values (optimum, ppo)")
+    p.add_argument("noises", help="comma-separated --feedback-noise values")
+    p.add_argument("evidences", nargs="?", default="posterior", help="comma-separated --verdict-evidence values")
+    p.add_argument("kind", nargs="?", default="persistent", help="--noise-kind")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run setting, by name")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
+    args = p.parse_args()
+    sets = overrides(args.set)
+    tasks = [(args.budget, int(seed), ask, update, float(noise), evidence, args.kind, sets)
+             for ask, update, noise, evidence, seed in itertools.product(
+                 args.asks.split(","), args.updates.split(","), args.noises.split(","), args.evidences.split(","),
+                 args.seeds.split(","))]
+    if args.jobs <= 1:
+        for task in tasks:
+            print(one_cell(task), flush=True)
+        return
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        for line in pool.imap_unordered(one_cell, tasks):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
