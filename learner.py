@@ -74,6 +74,7 @@ class UpdateBatch:
     yes_new: Optional[torch.Tensor] = None      # (N,) bool: new answers that are a yes (evidence, not a label)
     evidence_new: Optional[torch.Tensor] = None  # (N, K) yes minus no per class of those images
     yes_replay: Optional[torch.Tensor] = None   # (M,) bool: replayed answers that are a yes
+    evidence_replay: Optional[torch.Tensor] = None  # (M, K) yes minus no per class of those images
 
 
 def one_hot_rewards(answers, num_classes):
@@ -327,7 +328,7 @@ class Learner:
         if batch.x_new.shape[0] or (no is not None and no.x.shape[0]):
             stats["rm_loss"] = self.fit_reward_model(*reward_model_rows(batch))
         if self.ppo_cfg.policy_update == "optimum":
-            x, targets, weights, extra = self.optimum_rows(batch)
+            x, targets, weights, extra = optimum_rows(self, batch)
             stats.update(extra)
             if x.shape[0]:
                 stats.update(self.optimum_step(x, targets, weights))
@@ -374,32 +375,20 @@ class Learner:
             stats["verdict_no_images"] = int(len(no.proposed))
         return torch.cat(xs), torch.cat(rewards), logged, stats
 
-    def optimum_rows(self, batch):
-        """(inputs, target distributions pi* (N, K), weights (N,), statistics) of a --policy-update optimum step:
-        the answers, the unanswered images where the reward model is trusted (each weighted by how sure it is
-        there), and the verdicts "no" (see optimum_fit.py)."""
-        k, trust, beta = self.num_classes, self.rm_reliability(), self.ppo_cfg.optimum_beta
-        rewards = one_hot_rewards(batch.answers_new, k) / beta
-        if batch.yes_new is not None and batch.yes_new.any() and self.bounded_verdicts():
-            yes = batch.yes_new  # a yes is evidence on the reward model's prior: pi* = pi_ref * posterior
-            rewards[yes] = self.posterior_log_rewards(batch.x_new[yes], batch.evidence_new[yes])
-        parts = [(batch.x_new, rewards, torch.ones(len(batch.answers_new)))]
-        stats = {"rm_weight": trust, "rm_images": 0}
-        unanswered, no = batch.x_unanswered, batch.no
-        if unanswered is not None and unanswered.shape[0]:  # weighted by how sure it is there, not gated
-            q = self.rm_probs(unanswered)
-            parts.append((unanswered, reward_model_log_rewards(q), confidence(q)))
-            stats["rm_images"] = int(unanswered.shape[0])
-        if no is not None and no.x.shape[0]:
-            if self.bounded_verdicts() and no.evidence is not None:
-                r = self.posterior_log_rewards(no.x, no.evidence)
-            else:
-                r = reward_model_log_rewards(self.rm_probs(no.x), no.proposed)
-            parts.append((no.x, r, torch.ones(len(no.x))))
-            stats["verdict_no_images"] = int(len(no.proposed))
-        x = torch.cat([p[0] for p in parts])
-        targets = optimum_targets(self.reference_logprobs(x), torch.cat([p[1] for p in parts]), 1.0)
-        return x, targets, torch.cat([p[2] for p in parts]), stats
+    def answer_rewards(self, x, answers, yes=None, evidence=None):
+        """r of answered rows for pi*: the +1/-1 rule over --optimum-beta (a label), or, read as evidence, the log
+        of a yes's verdict posterior on the reward model's prior: pi* = pi_ref * posterior."""
+        rewards = one_hot_rewards(answers, self.num_classes) / self.ppo_cfg.optimum_beta
+        if yes is not None and yes.any() and self.bounded_verdicts():
+            rewards[yes] = self.posterior_log_rewards(x[yes], evidence[yes])
+        return rewards
+
+    def no_rewards(self, x, proposed, evidence=None):
+        """r of verdict-"no" rows for pi*: the log of their verdict posterior (read as evidence), else log q with
+        the rejected class removed."""
+        if self.bounded_verdicts() and evidence is not None:
+            return self.posterior_log_rewards(x, evidence)
+        return reward_model_log_rewards(self.rm_probs(x), proposed)
 
     def posterior_log_rewards(self, x, evidence):
         """r = log of each image's verdict posterior (the reward model's q times ((1 - eps) / eps) ** net),
@@ -470,6 +459,37 @@ class Learner:
         self.verdict_record = [(int(y), float(w)) for y, w in state.get("verdict_record", [])]
         self.flip_scores = [(float(q), int(v)) for q, v in state.get("flip_scores", [])]
         self.estimated_flip_rate = estimate_flip_rate(self.flip_scores) if self.flip_scores else DEFAULT_FLIP_RATE
+
+
+def optimum_rows(learner, batch):
+    """(inputs, target distributions pi* (N, K), weights (N,), statistics) of a --policy-update optimum step: the
+    new answers and verdicts "no", the answers replayed to the reward model (--policy-replay), and the unanswered
+    images, each weighted by how sure the reward model is there (see optimum_fit.py). A replayed "no" is not
+    fitted again: beside one class ruled out its target is the reward model's guess, which the unanswered
+    images already teach, weighted by its confidence rather than in full."""
+    no, replay = batch.no, learner.ppo_cfg.policy_replay
+
+    def ones(x):
+        return torch.ones(x.shape[0])
+
+    parts = [(batch.x_new, learner.answer_rewards(batch.x_new, batch.answers_new, batch.yes_new, batch.evidence_new),
+              ones(batch.x_new))]
+    stats = {"rm_weight": learner.rm_reliability(), "rm_images": 0, "replay_images": 0}
+    if replay and batch.x_replay is not None and batch.x_replay.shape[0]:  # an answer's optimum stays one
+        parts.append((batch.x_replay, learner.answer_rewards(batch.x_replay, batch.answers_replay, batch.yes_replay,
+                                                             batch.evidence_replay), ones(batch.x_replay)))
+        stats["replay_images"] = int(batch.x_replay.shape[0])
+    unanswered = batch.x_unanswered
+    if unanswered is not None and unanswered.shape[0]:  # weighted by how sure it is there, not gated
+        q = learner.rm_probs(unanswered)
+        parts.append((unanswered, reward_model_log_rewards(q), confidence(q)))
+        stats["rm_images"] = int(unanswered.shape[0])
+    if no is not None and no.x.shape[0]:
+        parts.append((no.x, learner.no_rewards(no.x, no.proposed, no.evidence), ones(no.x)))
+        stats["verdict_no_images"] = int(len(no.proposed))
+    x = torch.cat([p[0] for p in parts])
+    targets = optimum_targets(learner.reference_logprobs(x), torch.cat([p[1] for p in parts]), 1.0)
+    return x, targets, torch.cat([p[2] for p in parts]), stats
 
 
 def reward_model_rows(batch):

@@ -36,7 +36,7 @@ def confidence(rm_probs):
 
 
 def optimum_update(policy, optimizer, x, targets, weights, cfg, generator=None, ranks=None):
-    """update_epochs passes of weighted cross-entropy from the policy to the target distributions (N, K),
+    """cfg.passes() passes of weighted cross-entropy from the policy to the target distributions (N, K),
     over the same shuffled minibatches as ppo_update (BatchNorm in train mode, one image in eval mode);
     returns the mean loss and the KL from the targets after the passes."""
     ranks = ranks or Ranks()
@@ -45,7 +45,7 @@ def optimum_update(policy, optimizer, x, targets, weights, cfg, generator=None, 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total = weights.sum().clamp_min(1e-12)
     losses = []  # each minibatch's loss: its weighted mean cross-entropy (DDP averages the processes' blocks)
-    for _ in range(cfg.update_epochs):
+    for _ in range(cfg.passes()):
         for j in torch.randperm(len(parts), generator=generator).tolist():
             rows = mine[j]
             policy.train(len(parts[j]) > 1)
@@ -64,4 +64,4 @@ def optimum_update(policy, optimizer, x, targets, weights, cfg, generator=None, 
         kl = (targets * (torch.log(targets.clamp_min(1e-12)) - logp)).sum(dim=-1)
         kl = (weights * kl).sum() / total
     return {"policy_loss": sum(ranks.sum_floats(losses)) / ranks.world / max(1, len(losses)),
-            "kl_to_optimum": float(kl), "update_epochs_run": cfg.update_epochs}
+            "kl_to_optimum": float(kl), "update_epochs_run": cfg.passes()}

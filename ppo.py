@@ -139,7 +139,7 @@ def minibatches(n, cfg, generator, ranks, device):
 
 def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=None, ranks=None, logged=None):
     """Score the batch with the current policy (the old policy) and the reference, then run
-    `update_epochs` passes over shuffled minibatches; returns the mean statistics.
+    `cfg.passes()` passes over shuffled minibatches; returns the mean statistics.
 
     The minibatch split is drawn once per update and only the order of minibatches is shuffled each pass,
     so that a BatchNorm policy in train mode (statistics of the minibatch) sees each image with the same
@@ -160,7 +160,7 @@ def ppo_update(policy, optimizer, x, rewards, cfg, reference=None, generator=Non
         actions = torch.where(logged.rows, logged.action, actions)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     totals, count, epochs_run = {}, 0, 0
-    for _ in range(cfg.update_epochs):
+    for _ in range(cfg.passes()):
         for j in torch.randperm(len(parts), generator=generator).tolist():
             rows = mine[j]
             policy.train(len(parts[j]) > 1)

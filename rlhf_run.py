@@ -468,7 +468,7 @@ def add_evidence(batch, ledger, new, replay):
     from_verdicts = (VERDICT_YES, IMPLIED)  # a yes, or the last class left after the no's
     batch.yes_new = torch.tensor([ledger.kind_of.get(i) in from_verdicts for i in new], dtype=torch.bool)
     batch.yes_replay = torch.tensor([ledger.kind_of.get(i) in from_verdicts for i in replay], dtype=torch.bool)
-    batch.evidence_new = evidence_of(ledger, new)
+    batch.evidence_new, batch.evidence_replay = evidence_of(ledger, new), evidence_of(ledger, replay)
 
 
 def evidence_of(ledger, images):

@@ -26,6 +26,7 @@ PER_INVOCATION = ("resume", "download", "export", "import_labels")
 
 
 FINETUNE_CHOICES = ("all", "layer4", "head")  # models.set_finetune: which layers train
+PPO_PASSES, OPTIMUM_PASSES = 4, 2  # --update-epochs by updater, when not given (docs/benchmarks.md)
 
 
 @dataclass
@@ -38,7 +39,9 @@ class PPOConfig:
         "help": "weight of the entropy bonus, which keeps the policy from collapsing early", "lo": 0.0})
     kl_coef: float = field(default=0.0, metadata={
         "help": "weight of KL(policy || reference), the reference being the policy at the start of the run", "lo": 0.0})
-    update_epochs: int = field(default=4, metadata={"help": "passes over each batch of answers", "lo": 1, "hi": 1000})
+    update_epochs: Optional[int] = field(default=None, metadata={
+        "help": "passes over each batch of answers (None: 4 with --policy-update ppo, as CleanRL; 2 with optimum)",
+        "lo": 1, "hi": 1000})
     num_minibatches: int = field(default=1, metadata={"help": "shuffled minibatches per pass", "lo": 1})
     max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip", "lo": 0.0})
     target_kl: Optional[float] = field(default=None, metadata={
@@ -57,9 +60,19 @@ class PPOConfig:
                 "pi_ref * exp(r / beta) of each image (optimum, default), or clipped PPO steps (ppo, the original "
                 "design's updater)",
         "choices": ("ppo", "optimum")})
+    policy_replay: bool = field(default=True, metadata={
+        "help": "--policy-update optimum: each update also fits the policy to the answers it replays to the "
+                "reward model, not to the new ones alone (false: as before)"})
     optimum_beta: float = field(default=0.25, metadata={
         "help": "--policy-update optimum: beta of the person's +1/-1 rewards (smaller: closer to their class)",
         "lo": 0.001})
+
+    def passes(self):
+        """--update-epochs, or the updater's own default: a fit to a fixed target needs fewer passes than
+        clipped steps, each of which moves only as far as the clip allows."""
+        if self.update_epochs is not None:
+            return self.update_epochs
+        return PPO_PASSES if self.policy_update == "ppo" else OPTIMUM_PASSES
 
 
 @dataclass

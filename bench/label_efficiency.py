@@ -17,8 +17,8 @@ Methods:
                    seeded order), same network, same epochs
   supervised_uncertain
                    cross-entropy on exactly the images rlhf_uncertain asked (same seed, budget and noise)
-Fair to the baselines: both cross-entropy rows take STEPS_PER_BATCH (PPO's --update-epochs, 4) Adam steps per
-batch of 8 answers, as PPO does, over the same number of passes (--epochs). The original design keeps its own
+Fair to the baselines: both cross-entropy rows take STEPS_PER_BATCH (the tool's default --update-epochs) Adam steps per
+batch of 8 answers, as the tool does, over the same number of passes (--epochs). The original design keeps its own
 update (one step per 8 answers): that is the design being reproduced. The RLHF rows' reward models are scored
 on the validation images too ("its reward model" rows: the class they would reward most).
 """
@@ -43,14 +43,14 @@ from models import PolicyModel, resolve_backbone_weights
 from ppo import original_design_loss
 from question_queue import epoch_order
 from rlhf_run import open_run, run_headless
-from run_config import RunConfig
+from run_config import PPOConfig, RunConfig
 from simulated_labeler import FolderLabeler
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "hymenoptera_data", "train")
 # In order of importance, so a benchmark cut short has the main comparisons first.
 METHODS = ("rlhf_uncertain", "supervised", "supervised_uncertain", "rlhf_random", "original", "ppo_human_only")
-STEPS_PER_BATCH = 4  # PPO's default --update-epochs: cross-entropy gets as many Adam steps per batch of 8
+STEPS_PER_BATCH = PPOConfig().passes()  # the tool's passes per batch: cross-entropy gets as many Adam steps
 NOISY_METHODS = ("rlhf_uncertain", "supervised")
 
 

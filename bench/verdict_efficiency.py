@@ -11,8 +11,8 @@ finished cell is appended to OUT/cells.jsonl, and a later sitting with the same 
 missing there, so a grid cut short (or split between machines) is continued rather than restarted.
 
 Every method sees the same simulated person (yes when the proposal is the folder's class, flipped with
---noise on the noisy rows), the same images, the same number of passes (--epochs) and 4 gradient steps per
-batch of 8 answers (PPO's --update-epochs; the complementary learner takes 4 Adam steps per batch too), and
+--noise on the noisy rows), the same images, the same number of passes (--epochs) and gradient steps per
+batch of 8 answers (the tool's default --update-epochs; the complementary learner takes as many Adam steps), and
 is scored on a held-out validation folder (by default every fifth image of each class of the shared digits).
 Methods:
   rlhf_verdict_sample   this tool, --ask verdict --propose sample (a draw from the policy)
@@ -42,14 +42,14 @@ from label_efficiency import common_flags, plot, split_folder, summarize, val_ac
 from learner import adam, reward_model_loss
 from models import PolicyModel, resolve_backbone_weights
 from rlhf_run import open_run, run_headless
-from run_config import RunConfig
+from run_config import PPOConfig, RunConfig
 from simulated_labeler import FolderLabeler
 
 DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "digits", "train")
 METHODS = ("rlhf_verdict_sample", "complementary", "rlhf_verdict_greedy", "rlhf_label")
 NOISY_METHODS = ("rlhf_verdict_sample", "complementary")
-STEPS_PER_BATCH = 4  # PPO's default --update-epochs: the complementary learner gets as many steps per batch
+STEPS_PER_BATCH = PPOConfig().passes()  # the tool's passes per batch: the complementary learner's steps
 BATCH = 8
 
 

@@ -104,7 +104,7 @@ def test_kl_to_the_reference_is_zero_while_the_policy_equals_it():
 
 
 def test_a_last_minibatch_of_one_image_trains_without_batch_statistics():
-    learner = Learner(2, None, "all", PPOConfig(num_minibatches=3), seed=0)  # 5 images: minibatches 2, 2, 1
+    learner = Learner(2, None, "all", PPOConfig(num_minibatches=3, policy_update="ppo"), seed=0)  # minibatches 2, 2, 1
     stats = learner.ppo_step(torch.randn(5, 3, 16, 16), one_hot_rewards(torch.tensor([0, 1, 0, 1, 1]), 2))
     assert learner.version == 1 and stats["update_epochs_run"] == 4
 

@@ -6,7 +6,7 @@ import torch
 
 from learner import Learner, UpdateBatch, VerdictBatch
 from optimum_fit import confidence, optimum_targets, optimum_update, reward_model_log_rewards
-from run_config import PPOConfig
+from run_config import PPOConfig, RunConfig
 
 
 def test_the_optimum_is_the_reference_reweighted_by_exp_reward_over_beta():
@@ -68,3 +68,30 @@ def test_a_headless_verdict_run_with_the_optimum_update_trains_every_image(tmp_p
     rows = metrics(tmp_path / "run")
     assert all("kl_to_optimum" in r for r in rows)
     assert sum(r["rm_images"] for r in rows) >= 12 - 8  # the unanswered images learn from the reward model
+    assert sum(r["replay_images"] for r in rows) > 0    # and the policy meets its answers again
+
+
+def test_the_policy_is_fitted_to_the_replayed_answers_unless_policy_replay_is_off():
+    x_new, x_old = torch.randn(2, 512), torch.randn(6, 512)
+    new, old = torch.tensor([0, 1]), torch.tensor([2, 2, 1, 0, 2, 1])
+    for replay in (True, False):
+        learner = Learner(3, None, "head", PPOConfig(learning_rate=1e-2, policy_replay=replay), seed=0)
+        for _ in range(8):
+            stats = learner.update(UpdateBatch(x_new, new, x_replay=x_old, answers_replay=old))
+        learnt = (learner.policy_probs(x_old).argmax(1) == old).float().mean().item()
+        assert stats["replay_images"] == (6 if replay else 0)
+        assert learnt == 1.0 if replay else learnt < 1.0  # without replay it never saw them
+
+
+def test_each_updater_takes_its_own_passes_unless_update_epochs_is_given():
+    head, x = torch.nn.Linear(16, 4), torch.randn(8, 16)
+    targets = torch.softmax(torch.randn(8, 4), dim=-1)
+    steps = []
+    opt = torch.optim.Adam(head.parameters(), lr=0.01)
+    opt.register_step_post_hook(lambda *a: steps.append(1))
+    assert optimum_update(head, opt, x, targets, torch.ones(8), PPOConfig())["update_epochs_run"] == 2
+    assert len(steps) == 2
+    assert PPOConfig(policy_update="ppo").passes() == 4          # CleanRL's, the original design's updater
+    assert PPOConfig(update_epochs=4).passes() == 4               # given: as given, for either updater
+    # a run made before keeps the passes its config.json holds
+    assert RunConfig.from_flat({**RunConfig().to_flat(), "update_epochs": 4}).ppo.passes() == 4
