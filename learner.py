@@ -475,7 +475,7 @@ def optimum_rows(learner, batch):
     parts = [(batch.x_new, learner.answer_rewards(batch.x_new, batch.answers_new, batch.yes_new, batch.evidence_new),
               ones(batch.x_new))]
     stats = {"rm_weight": learner.rm_reliability(), "rm_images": 0, "replay_images": 0}
-    if replay and batch.x_replay is not None and batch.x_replay.shape[0]:  # an answer's optimum stays one
+    if replay and batch.x_replay is not None and batch.x_replay.shape[0]:  # an answer's target never goes stale
         parts.append((batch.x_replay, learner.answer_rewards(batch.x_replay, batch.answers_replay, batch.yes_replay,
                                                              batch.evidence_replay), ones(batch.x_replay)))
         stats["replay_images"] = int(batch.x_replay.shape[0])
