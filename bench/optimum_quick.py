@@ -24,22 +24,24 @@ import torch
 
 from dataset import ImagePool
 from label_efficiency import split_folder
-from run_config import PPOConfig, RewardModelConfig, RunConfig
+from run_config import PPOConfig, RewardModelConfig, RunConfig, parser_type
 from verdict_efficiency import DIGITS, run_tool
 
 
 def overrides(pairs):
-    """{section: {name: value}} of KEY=VALUE settings, each value typed as its setting's default."""
+    """{section: {name: value}} of KEY=VALUE settings, each value parsed as the command line parses its flag."""
+    section = {RunConfig: "run", PPOConfig: "ppo", RewardModelConfig: "rm"}
+    known = {f.name: (owner, hint) for owner, f, hint in RunConfig.sections()}
     out = {"run": {}, "ppo": {}, "rm": {}}
     for pair in pairs:
         name, _, text = pair.partition("=")
-        for section, cls in (("ppo", PPOConfig), ("rm", RewardModelConfig), ("run", RunConfig)):
-            if name in cls.__dataclass_fields__:
-                default = getattr(cls(), name)
-                out[section][name] = text if isinstance(default, str) or default is None else type(default)(text)
-                break
-        else:
+        if name not in known:
             sys.exit(f"--set {pair}: no run setting is called {name}")
+        owner, hint = known[name]
+        try:
+            out[section[owner]][name] = parser_type(hint)(text)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            sys.exit(f"--set {pair}: {e}")
     return out
 
 
