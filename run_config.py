@@ -285,7 +285,10 @@ def parser_type(hint):
     if base is bool:
         return parse_bool
     if optional:
-        return lambda text: None if text.lower() == "none" else base(text)
+        def parse(text):
+            return None if text.lower() == "none" else base(text)
+        parse.__name__ = base.__name__  # argparse names it in "invalid int value: 'x'"
+        return parse
     return base
 
 

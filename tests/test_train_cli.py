@@ -200,6 +200,14 @@ def test_settings_out_of_range_are_refused_with_their_valid_range(flag, value, n
         RunConfig.from_args([flag, value])
 
 
+@pytest.mark.parametrize("flag, needle", [("--update-epochs", "invalid int value: 'x'"),
+                                          ("--target-kl", "invalid float value: 'x'")])
+def test_a_setting_that_may_be_none_names_its_type_when_the_value_is_no_number(flag, needle, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        RunConfig.from_args([flag, "x"])
+    assert exit_.value.code == 2 and f"argument {flag}: {needle}" in capsys.readouterr().err
+
+
 def test_a_setting_out_of_range_is_one_line_before_anything_is_written(tmp_path, small_pool):
     proc = run_cli("train_rlhf.py", "--images", small_pool, "--out", tmp_path / "r", *TINY, "--image-size", "0")
     assert_user_error(proc, "--image-size 0", "from 16 to 1024")
