@@ -351,11 +351,16 @@ class Learner:
         return stats
 
     def policy_rows(self, batch):
-        """(inputs, reward vectors (N, K), LoggedActions or None, statistics) of one PPO step: the answers, the
-        unanswered images with the reward model's rewards (when it is trusted), the verdicts "no"."""
+        """(inputs, reward vectors (N, K), LoggedActions or None, statistics) of one PPO step: the answers (new, and
+        with --policy-replay those replayed to the reward model), the unanswered images with the reward model's
+        rewards (when it is trusted), the verdicts "no"."""
         k, weight = self.num_classes, self.rm_reliability()
         xs, rewards = [batch.x_new], [one_hot_rewards(batch.answers_new, k)]
-        stats = {"rm_weight": weight}
+        stats = {"rm_weight": weight, "replay_images": 0}
+        if self.ppo_cfg.policy_replay and batch.x_replay is not None and batch.x_replay.shape[0]:
+            xs.append(batch.x_replay)  # as in optimum_rows: the policy meets an answer as often as the reward model
+            rewards.append(one_hot_rewards(batch.answers_replay, k))
+            stats["replay_images"] = int(batch.x_replay.shape[0])
         unanswered = batch.x_unanswered
         use_rm = unanswered is not None and unanswered.shape[0] > 0 and weight > 0
         if use_rm:

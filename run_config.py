@@ -61,8 +61,8 @@ class PPOConfig:
                 "design's updater)",
         "choices": ("ppo", "optimum")})
     policy_replay: bool = field(default=True, metadata={
-        "help": "--policy-update optimum: each update also fits the policy to the answers it replays to the "
-                "reward model, not to the new ones alone (false: as before)"})
+        "help": "each update also trains the policy on the answers it replays to the reward model, not on the new "
+                "ones alone (either --policy-update; false: as before)"})
     optimum_beta: float = field(default=0.25, metadata={
         "help": "--policy-update optimum: beta of the person's +1/-1 rewards (smaller: closer to their class)",
         "lo": 0.001})

@@ -71,11 +71,13 @@ def test_a_headless_verdict_run_with_the_optimum_update_trains_every_image(tmp_p
     assert sum(r["replay_images"] for r in rows) > 0    # and the policy meets its answers again
 
 
-def test_the_policy_is_fitted_to_the_replayed_answers_unless_policy_replay_is_off():
+@pytest.mark.parametrize("update", ["optimum", "ppo"])
+def test_the_policy_is_fitted_to_the_replayed_answers_unless_policy_replay_is_off(update):
     x_new, x_old = torch.randn(2, 512), torch.randn(6, 512)
     new, old = torch.tensor([0, 1]), torch.tensor([2, 2, 1, 0, 2, 1])
     for replay in (True, False):
-        learner = Learner(3, None, "head", PPOConfig(learning_rate=1e-2, policy_replay=replay), seed=0)
+        cfg = PPOConfig(learning_rate=1e-2, policy_replay=replay, policy_update=update)
+        learner = Learner(3, None, "head", cfg, seed=0)
         for _ in range(8):
             stats = learner.update(UpdateBatch(x_new, new, x_replay=x_old, answers_replay=old))
         learnt = (learner.policy_probs(x_old).argmax(1) == old).float().mean().item()
