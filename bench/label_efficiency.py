@@ -17,12 +17,15 @@ Methods:
                    seeded order), same network, same epochs
   supervised_uncertain
                    cross-entropy on exactly the images rlhf_uncertain asked (same seed, budget and noise)
-Fair to the baselines: both cross-entropy rows take STEPS_PER_BATCH (the tool's default --update-epochs) Adam steps per
-batch of 8 answers, as the tool does, over the same number of passes (--epochs). The original design keeps its own
+Fair to the baselines: both cross-entropy rows make the updates the tool makes (one per 8 new answers, then one
+per 8 unanswered images in every pass, --epochs passes), each STEPS_PER_BATCH (the tool's default --update-epochs)
+Adam steps on its new answers topped up to REPLAY_ROWS with replayed ones, as the tool's policy takes them; the
+tool's policy learns from its reward model on the unanswered images besides. The original design keeps its own
 update (one step per 8 answers): that is the design being reproduced. The RLHF rows' reward models are scored
 on the validation images too ("its reward model" rows: the class they would reward most).
 """
 import argparse
+import math
 import os
 import random
 import statistics
@@ -43,7 +46,7 @@ from models import PolicyModel, resolve_backbone_weights
 from ppo import original_design_loss
 from question_queue import epoch_order
 from rlhf_run import open_run, run_headless
-from run_config import PPOConfig, RunConfig
+from run_config import PPOConfig, RewardModelConfig, RunConfig
 from simulated_labeler import FolderLabeler
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -51,6 +54,7 @@ SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 # In order of importance, so a benchmark cut short has the main comparisons first.
 METHODS = ("rlhf_uncertain", "supervised", "supervised_uncertain", "rlhf_random", "original", "ppo_human_only")
 STEPS_PER_BATCH = PPOConfig().passes()  # the tool's passes per batch: cross-entropy gets as many Adam steps
+REPLAY_ROWS = RewardModelConfig().rm_batch_size  # the tool's rows per update: new answers plus replayed ones
 NOISY_METHODS = ("rlhf_uncertain", "supervised")
 
 
@@ -132,23 +136,46 @@ def run_original(ds, val, backbone, args, seed, budget, noise):
     return val_accuracy(policy, val), asked, None
 
 
+def with_replay(new, seen, rng, rows=REPLAY_ROWS):
+    """One update's rows as the tool takes them: the new ones, topped up to `rows` with a draw of the earlier
+    ones (`seen`, those in `new` left out)."""
+    fresh = set(new)
+    earlier = [i for i in seen if i not in fresh]
+    return list(new) + rng.sample(earlier, min(len(earlier), max(0, rows - len(new))))
+
+
+def tool_shaped_updates(pool_size, asked, epochs, rng, batch=8):
+    """The answers each update of the tool learns first when it asks `asked` (in order) of a pool: in epoch 1
+    the new ones, `batch` per update; in later epochs every answer again (its epochs visit them again). An update
+    with answers also takes up to `batch` unanswered images (in epoch 1 only the last, as the others are visited
+    after the asking), and each `batch` unanswered images left makes an update of its own. The unanswered teach
+    the tool's policy from its reward model; a baseline's update learns from its replayed answers there."""
+    unanswered = max(0, pool_size - len(asked))
+    for epoch in range(epochs):
+        again = list(asked) if epoch == 0 else rng.sample(list(asked), len(asked))
+        yield from (again[s:s + batch] for s in range(0, len(again), batch))
+        with_answers = (len(again) % batch > 0) if epoch == 0 else math.ceil(len(again) / batch)
+        yield from ([] for _ in range(0, max(0, unanswered - batch * with_answers), batch))
+
+
 def run_supervised(ds, val, backbone, args, seed, budget, noise, subset=None):
-    """Cross-entropy on `subset` (default: what --order random asks first), STEPS_PER_BATCH steps per batch."""
+    """Cross-entropy on `subset` (default: what --order random asks first), in updates shaped as the tool's
+    (tool_shaped_updates, with_replay), STEPS_PER_BATCH steps each."""
     policy, opt, labeler, first_asked = baseline_start(ds, backbone, seed, budget, noise)
     subset = first_asked if subset is None else subset
-    labels = torch.tensor([labeler.answer(i) for i in subset])
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(args.epochs):
-        perm = torch.randperm(len(subset), generator=gen)
-        for s in range(0, len(subset), 8):
-            mb = perm[s:s + 8]
-            policy.train(len(mb) > 1)
-            x = ds.batch([subset[j] for j in mb])
-            for _ in range(STEPS_PER_BATCH):
-                loss = F.cross_entropy(policy(x), labels[mb])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+    label_of, rng, seen = {i: labeler.answer(i) for i in subset}, random.Random(seed), {}
+    for new in tool_shaped_updates(len(ds), subset, args.epochs, rng):
+        rows = with_replay(new, list(seen), rng)
+        seen.update(dict.fromkeys(new))  # answers learnt so far, in order
+        if not rows:
+            continue
+        policy.train(len(rows) > 1)
+        x, labels = ds.batch(rows), torch.tensor([label_of[i] for i in rows])
+        for _ in range(STEPS_PER_BATCH):
+            loss = F.cross_entropy(policy(x), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return val_accuracy(policy, val), len(subset), None
 
 

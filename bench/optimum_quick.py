@@ -3,6 +3,7 @@ again, so the grid's reported split is never tuned on): the tool's settings agai
 
     python bench/optimum_quick.py BUDGET SEED(S) ASK(S) UPDATE(S) NOISE(S) [EVIDENCE(S) [NOISE_KIND]]
     # e.g. 300 0,1,2 verdict ppo,optimum 0,0.1 hard,posterior slip
+    python bench/optimum_quick.py 300 0,1,2 verdict baseline 0     # complementary labels on the same split
     python bench/optimum_quick.py 300 0,1,2 verdict optimum 0 --set update_epochs=1 --set rm_steps=1 --jobs 2
 
 Prints one JSON line per cell: the policy's and its reward model's accuracy on the tuning split's held-out
@@ -23,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from dataset import ImagePool
-from label_efficiency import split_folder
+from label_efficiency import run_supervised, split_folder
 from run_config import PPOConfig, RewardModelConfig, RunConfig, parser_type
-from verdict_efficiency import DIGITS, run_tool
+from verdict_efficiency import DIGITS, run_complementary, run_tool
 
 
 def overrides(pairs):
@@ -56,9 +57,13 @@ def one_cell(task):
         val = ImagePool(os.path.join(tmp, "tune", "val"), 32, ds.class_names)
         args = types.SimpleNamespace(epochs=3, image_size=32, weights="none", device="cpu")
         t = time.time()
-        acc, given, rm = run_tool(ds, val, None, "random", args, seed, budget, noise, ask=ask, noise_kind=kind,
-                                  ppo=PPOConfig(policy_update=update, **sets["ppo"]),
-                                  rm=RewardModelConfig(verdict_evidence=evidence, **sets["rm"]), **sets["run"])
+        if update == "baseline":  # the grid's cross-entropy learner, in updates shaped as the tool's
+            baseline = run_complementary if ask == "verdict" else run_supervised
+            acc, given, rm = baseline(ds, val, None, args, seed, budget, noise)
+        else:
+            acc, given, rm = run_tool(ds, val, None, "random", args, seed, budget, noise, ask=ask, noise_kind=kind,
+                                      ppo=PPOConfig(policy_update=update, **sets["ppo"]),
+                                      rm=RewardModelConfig(verdict_evidence=evidence, **sets["rm"]), **sets["run"])
         return json.dumps({"ask": ask, "update": update, "evidence": evidence, "noise": noise, "kind": kind,
                            "budget": budget, "seed": seed, "set": {k: v for s in sets.values() for k, v in s.items()},
                            "acc": acc, "rm_acc": rm, "given": given, "s": round(time.time() - t)})
@@ -69,7 +74,8 @@ def main():
     p.add_argument("budget", type=int, help="answers (or verdicts) the run may ask")
     p.add_argument("seeds", help="comma-separated seeds")
     p.add_argument("asks", help="comma-separated --ask values (label, verdict)")
-    p.add_argument("updates", help="comma-separated --policy-update values (optimum, ppo)")
+    p.add_argument("updates", help="comma-separated --policy-update values (optimum, ppo), or baseline: the grid's "
+                   "cross-entropy learner (complementary labels on verdicts, supervised on labels)")
     p.add_argument("noises", help="comma-separated --feedback-noise values")
     p.add_argument("evidences", nargs="?", default="posterior", help="comma-separated --verdict-evidence values")
     p.add_argument("kind", nargs="?", default="persistent", help="--noise-kind")

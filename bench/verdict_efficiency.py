@@ -11,9 +11,11 @@ finished cell is appended to OUT/cells.jsonl, and a later sitting with the same 
 missing there, so a grid cut short (or split between machines) is continued rather than restarted.
 
 Every method sees the same simulated person (yes when the proposal is the folder's class, flipped with
---noise on the noisy rows), the same images, the same number of passes (--epochs) and gradient steps per
-batch of 8 answers (the tool's default --update-epochs; the complementary learner takes as many Adam steps), and
-is scored on a held-out validation folder (by default every fifth image of each class of the shared digits).
+--noise on the noisy rows), the same images and number of passes (--epochs), and is scored on a held-out
+validation folder (by default every fifth image of each class of the shared digits). The complementary learner
+makes about the tool's updates (one per 8 verdicts, one per 8 unsettled images left over), each with the tool's
+default --update-epochs in Adam steps on its new verdicts topped up with replayed ones to --rm-batch-size rows,
+as the tool's policy takes its answers; the tool's policy learns from its reward model on unsettled images besides.
 Methods:
   rlhf_verdict_sample   this tool, --ask verdict --propose sample (a draw from the policy)
   rlhf_verdict_greedy   this tool, --ask verdict --propose greedy (its likeliest class, 10% explored)
@@ -38,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import ImagePool
 from ddp import Ranks
-from label_efficiency import common_flags, plot, split_folder, summarize, val_accuracy
+from label_efficiency import common_flags, plot, split_folder, summarize, val_accuracy, with_replay
 from learner import adam, reward_model_loss
 from models import PolicyModel, resolve_backbone_weights
 from rlhf_run import open_run, run_headless
@@ -68,36 +70,51 @@ def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
 
 
 def run_complementary(ds, val, backbone, args, seed, budget, noise):
-    """Supervised learning from complementary labels on `budget` verdicts (see the module docstring)."""
+    """Supervised learning from complementary labels on `budget` verdicts (see the module docstring), in updates
+    shaped as the tool's: each pass its verdicts so far again, BATCH per update, then its unsettled images (no
+    yes, a class left), BATCH per update, each asked a verdict while the budget lasts; every update
+    STEPS_PER_BATCH steps on its rows topped up with replayed verdicts (label_efficiency.with_replay)."""
     torch.manual_seed(seed)
     policy = PolicyModel(ds.num_classes, backbone).to(args.device)
     opt = adam(policy.parameters(), 3e-4, args.device)
     labeler, rng = FolderLabeler(ds, noise, 0.0, seed), random.Random(seed)
-    rejected, verdicts, pool = {}, [], list(range(len(ds)))
+    rejected, settled, verdicts, pool = {}, set(), [], list(range(len(ds)))
     rng.shuffle(pool)
-    for _ in range(args.epochs):
-        for start in range(0, len(pool), BATCH):  # new verdicts while the budget lasts, then the stored ones
-            batch = []
-            for i in pool[start:start + BATCH]:
-                if len(verdicts) >= budget or len(rejected.get(i, ())) >= ds.num_classes - 1:
-                    continue
-                with torch.no_grad():
-                    policy.eval()
-                    p = torch.softmax(policy(ds.batch([i]).to(args.device)), dim=1)[0].cpu()
-                allowed = [c for c in range(ds.num_classes) if c not in rejected.get(i, ())]
-                c = rng.choices(allowed, weights=[float(p[k]) + 1e-9 for k in allowed])[0]
-                v = labeler.verdict(i, c)
-                rejected.setdefault(i, set()).update(() if v else (c,))
-                verdicts.append((i, c, v))
-                batch.append((i, c, v))
-            if batch:
-                train_steps(policy, opt, ds, batch, args.device)
-        if len(verdicts) >= budget:  # later passes: the stored verdicts again, in batches
-            order = verdicts[:]
-            rng.shuffle(order)
-            for start in range(0, len(order), BATCH):
-                train_steps(policy, opt, ds, order[start:start + BATCH], args.device)
+
+    def learn(new, seen):
+        rows = with_replay(new, seen, rng)
+        if rows:
+            train_steps(policy, opt, ds, [verdicts[k] for k in rows], args.device)
+
+    for epoch in range(args.epochs):
+        again = rng.sample(range(len(verdicts)), len(verdicts))
+        for start in range(0, len(again), BATCH):
+            learn(again[start:start + BATCH], range(len(verdicts)))
+        open_images = [i for i in pool if i not in settled and len(rejected.get(i, ())) < ds.num_classes - 1]
+        covered = len(again)  # the tool's updates on its verdicts also take its unsettled images, BATCH each
+        for start in range(0, len(open_images), BATCH):
+            new = [ask_verdict(policy, ds, labeler, rng, i, rejected, settled, verdicts, args.device)
+                   for i in open_images[start:start + BATCH] if len(verdicts) < budget]
+            covered -= BATCH
+            if new or covered < 0:
+                learn(new, range(len(verdicts) - len(new)))
     return val_accuracy(policy, val), len(verdicts), None
+
+
+def ask_verdict(policy, ds, labeler, rng, i, rejected, settled, verdicts, device):
+    """A verdict on image i about a class drawn from the policy (never one already rejected); its row's index."""
+    with torch.no_grad():
+        policy.eval()
+        p = torch.softmax(policy(ds.batch([i]).to(device)), dim=1)[0].cpu()
+    allowed = [c for c in range(ds.num_classes) if c not in rejected.get(i, ())]
+    c = rng.choices(allowed, weights=[float(p[k]) + 1e-9 for k in allowed])[0]
+    v = labeler.verdict(i, c)
+    if v:
+        settled.add(i)
+    else:
+        rejected.setdefault(i, set()).add(c)
+    verdicts.append((i, c, v))
+    return len(verdicts) - 1
 
 
 def train_steps(policy, opt, ds, batch, device="cpu"):
