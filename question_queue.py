@@ -44,7 +44,7 @@ class QuestionQueue:
     def __init__(self, pool_size, seed, order):
         self.pool_size, self.seed, self.order_rule = pool_size, seed, order
         self.lock = threading.RLock()
-        self.unasked, self.slot, self.outstanding, self.confirm = [], {}, set(), set()
+        self.unasked, self.slot, self.outstanding, self.confirm, self.follow_up = [], {}, set(), set(), []
 
     def begin_epoch(self, epoch, answered):
         """The epoch's order, its unasked images (not in `answered`) and its seeded draws."""
@@ -55,13 +55,18 @@ class QuestionQueue:
             self.order_head, self.ranking, self.ranking_head = 0, None, 0
             self.outstanding = set()   # handed out to be asked, no answer yet
             self.confirm = set()       # answered yes, asked again until its posterior is sure
+            self.follow_up = []        # asked again next (--reask now), before any other
             self.ask_rng = random.Random(f"{self.seed}:ask:{epoch}")
             self.rank_rng = random.Random(f"{self.seed}:rank:{epoch}")
             self.propose_rng = random.Random(f"{self.seed}:propose:{epoch}")
 
     def pick(self, explore):
-        """The next image to ask: from the newest ranking, or (a share `explore` of the time, once ranked) any
-        unasked image at random."""
+        """The next image to ask: a follow-up, else from the newest ranking, or (a share `explore` of the time, once
+        ranked) any unasked image at random."""
+        while self.follow_up:
+            index = self.follow_up.pop(0)
+            if index in self.slot:
+                return index
         if self.ranking is not None and self.ask_rng.random() < explore:
             return self.ask_rng.choice(self.unasked)
         for queue_name, head_name in (("ranking", "ranking_head"), ("order", "order_head")):

@@ -480,11 +480,14 @@ def evidence_of(ledger, images):
 def ask_again(run, index):
     """After a verdict: put image `index` back among this epoch's questions while it is not settled. Hard
     verdicts: until a yes or the last class left. Posterior: until its posterior gives one class
-    --verdict-confidence, or it had --verdicts-per-image verdicts; an image with a yes is then asked to confirm."""
+    --verdict-confidence, or it had --verdicts-per-image verdicts; an image with a yes is then asked to confirm,
+    one with no's alone asked next (--reask now) or when its turn comes (later)."""
     ledger, questions, cfg = run.ledger, run.questions, run.cfg
     if not run.posterior_mode():
         if index not in run.answer_of and len(ledger.allowed(index)) > 1:
             questions.put_back(index)
+            if cfg.reask == "now":
+                questions.follow_up.append(index)
         return
     questions.confirm.discard(index)
     prior = run.prior_of.get(index) or [1.0] * ledger.num_classes
@@ -494,6 +497,8 @@ def ask_again(run, index):
     if index in run.answer_of:
         questions.confirm.add(index)
     questions.put_back(index)
+    if cfg.reask == "now" and index not in run.answer_of:
+        questions.follow_up.append(index)  # a no: its next likeliest class, before any other image
 
 
 def remeasure_reward_model(run):

@@ -143,6 +143,9 @@ class RunConfig:
                                         "policy's guess times the verdicts' evidence) gives one class this "
                                         "much (0: a yes settles it, as before)", lo=0.0, hi=1.0)
     verdicts_per_image: int = setting(4, "--ask verdict: most verdicts asked about one image in an epoch", lo=1)
+    reask: str = setting("now", "--ask verdict: an image a no left unsettled is handed out again before any "
+                         "other, about the class its posterior now favours (now), or when the ranking or the "
+                         "epoch's order reaches it again (later, as before)", choices=("now", "later"))
     recheck: float = setting(0.02, "--ask label: after each update, ask again about the answers the models "
                              "disagree with most (scored by reward models fitted without them), at most this "
                              "share of the questions asked so far (0: never)", lo=0.0, hi=1.0)

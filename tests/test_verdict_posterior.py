@@ -138,6 +138,24 @@ def test_a_no_to_the_class_the_model_is_sure_of_can_be_proposed_again(tmp_path, 
     assert run.propose(index, sure) == (0, pytest.approx(1.0))  # a slip is likelier: asked about 0 again
 
 
+@pytest.mark.parametrize("reask", ["now", "later"])
+def test_an_image_a_no_left_unsettled_is_asked_next_unless_reask_is_later(tmp_path, digits, reask):
+    run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", order="sequential", reask=reask,
+                   propose="greedy", propose_explore=0.0, rm=RewardModelConfig(verdict_flip_rate=0.05))
+    first, second = run.next_questions(2)
+    guess = torch.tensor([0.5, 0.3, 0.2])
+    assert run.propose(first, guess)[0] == 0
+    run.record_verdict(first, 0, 1.0, 0, 0)
+    settled = torch.tensor([0.9, 0.05, 0.05])
+    run.propose(second, settled)
+    run.record_verdict(second, 0, 1.0, 1, 0)  # a sure yes: settled, never a follow-up
+    following = run.next_question()
+    if reask == "now":
+        assert following == first and run.propose(first, guess)[0] == 1  # the class the no left likeliest
+    else:
+        assert following not in (first, second)  # the epoch's order goes on
+
+
 def test_confidence_zero_settles_an_image_with_its_first_yes(tmp_path, digits):
     run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", order="sequential",
                    verdict_confidence=0.0)
