@@ -357,7 +357,7 @@ class Learner:
         k, weight = self.num_classes, self.rm_reliability()
         xs, rewards = [batch.x_new], [one_hot_rewards(batch.answers_new, k)]
         stats = {"rm_weight": weight, "replay_images": 0}
-        if self.ppo_cfg.policy_replay and batch.x_replay is not None and batch.x_replay.shape[0]:
+        if self.replays_to_policy(batch):
             xs.append(batch.x_replay)  # as in optimum_rows: the policy meets an answer as often as the reward model
             rewards.append(one_hot_rewards(batch.answers_replay, k))
             stats["replay_images"] = int(batch.x_replay.shape[0])
@@ -379,6 +379,10 @@ class Learner:
                                    rm_rewards=torch.cat([torch.zeros(before, k), self.predicted_rewards(no.x)]))
             stats["verdict_no_images"] = int(len(no.proposed))
         return torch.cat(xs), torch.cat(rewards), logged, stats
+
+    def replays_to_policy(self, batch):
+        """Whether this update trains the policy on the batch's replayed answers too (--policy-replay)."""
+        return self.ppo_cfg.policy_replay and batch.x_replay is not None and batch.x_replay.shape[0] > 0
 
     def answer_rewards(self, x, answers, yes=None, evidence=None):
         """r of answered rows for pi*: the +1/-1 rule over --optimum-beta (a label), or, read as evidence, the log
@@ -472,7 +476,7 @@ def optimum_rows(learner, batch):
     images, each weighted by how sure the reward model is there (see optimum_fit.py). A replayed "no" is not
     fitted again: beside one class ruled out its target is the reward model's guess, which the unanswered
     images already teach, weighted by its confidence rather than in full."""
-    no, replay = batch.no, learner.ppo_cfg.policy_replay
+    no = batch.no
 
     def ones(x):
         return torch.ones(x.shape[0])
@@ -480,7 +484,7 @@ def optimum_rows(learner, batch):
     parts = [(batch.x_new, learner.answer_rewards(batch.x_new, batch.answers_new, batch.yes_new, batch.evidence_new),
               ones(batch.x_new))]
     stats = {"rm_weight": learner.rm_reliability(), "rm_images": 0, "replay_images": 0}
-    if replay and batch.x_replay is not None and batch.x_replay.shape[0]:  # an answer's target never goes stale
+    if learner.replays_to_policy(batch):  # an answer's target never goes stale
         parts.append((batch.x_replay, learner.answer_rewards(batch.x_replay, batch.answers_replay, batch.yes_replay,
                                                              batch.evidence_replay), ones(batch.x_replay)))
         stats["replay_images"] = int(batch.x_replay.shape[0])

@@ -85,11 +85,14 @@ class QuestionQueue:
             if last != index:
                 self.unasked[k], self.slot[last] = last, k
 
-    def put_back(self, index):
-        """Askable again (a "no" leaves other classes to propose); reached by the next ranking or the order."""
+    def put_back(self, index, follow_up=False):
+        """Askable again (a "no" leaves other classes to propose); reached by the next ranking or the order, or
+        with follow_up handed out before any other (--reask now)."""
         if index not in self.slot:
             self.slot[index] = len(self.unasked)
             self.unasked.append(index)
+        if follow_up:
+            self.follow_up.append(index)
 
     def set_ranking(self, ranking):
         with self.lock:

@@ -485,9 +485,7 @@ def ask_again(run, index):
     ledger, questions, cfg = run.ledger, run.questions, run.cfg
     if not run.posterior_mode():
         if index not in run.answer_of and len(ledger.allowed(index)) > 1:
-            questions.put_back(index)
-            if cfg.reask == "now":
-                questions.follow_up.append(index)
+            questions.put_back(index, follow_up=cfg.reask == "now")
         return
     questions.confirm.discard(index)
     prior = run.prior_of.get(index) or [1.0] * ledger.num_classes
@@ -496,9 +494,8 @@ def ask_again(run, index):
         return
     if index in run.answer_of:
         questions.confirm.add(index)
-    questions.put_back(index)
-    if cfg.reask == "now" and index not in run.answer_of:
-        questions.follow_up.append(index)  # a no: its next likeliest class, before any other image
+    # a no alone: its next likeliest class, before any other image (a yes waits its turn to be confirmed)
+    questions.put_back(index, follow_up=cfg.reask == "now" and index not in run.answer_of)
 
 
 def remeasure_reward_model(run):
