@@ -75,6 +75,8 @@ class UpdateBatch:
     evidence_new: Optional[torch.Tensor] = None  # (N, K) yes minus no per class of those images
     yes_replay: Optional[torch.Tensor] = None   # (M,) bool: replayed answers that are a yes
     evidence_replay: Optional[torch.Tensor] = None  # (M, K) yes minus no per class of those images
+    policy_probs_new: Optional[torch.Tensor] = None  # (N, K) the policy's probabilities of the new answers' images,
+    rm_rewards_new: Optional[torch.Tensor] = None    # and the reward model's rewards, when already known
 
 
 def one_hot_rewards(answers, num_classes):
@@ -212,6 +214,7 @@ class Learner:
         self.rm_ddp = wrap_ddp(self.rm_net, self.ranks)
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0  # policy updates so far: recorded with each answer
+        self.changes = 0  # bumped after every change to either model: what score_cache.ScoreCache keys on
         self.rm_record = []  # (hit 1/0, answer) for each new answer the reward model predicted before fitting it
         self.verdict_record = []  # (yes 1/0, 1 / behaviour) for each fresh verdict on its top class
         self.flip_scores = []  # (its P(proposed), verdict) for each fresh verdict: what the flip rate is read from
@@ -268,14 +271,16 @@ class Learner:
         """rm_steps reward-model steps on inputs x with answers (the first rows first; rejected: rows the
         person said no to; verdict: rows from a yes or a no); returns the loss."""
         eps = self.flip_rate() if self.bounded_verdicts() else 0.0
-        return reward_model_update(self.rm_ddp, self.rm_opt, x.to(self.device), answers.to(self.device),
+        loss = reward_model_update(self.rm_ddp, self.rm_opt, x.to(self.device), answers.to(self.device),
                                    self.rm_cfg.rm_steps, self.rm_cfg.rm_batch_size, self.generator, self.ranks,
                                    rejected, verdict, eps)
+        self.changes += 1
+        return loss
 
-    def score_reward_model(self, x_new, answers_new, fresh):
-        """Record whether the reward model predicts the fresh new answers (before it is fitted on them);
-        returns their accuracy, or None when none is fresh."""
-        rewards = self.predicted_rewards(x_new)
+    def score_reward_model(self, x_new, answers_new, fresh, rewards=None):
+        """Record whether the reward model predicts the fresh new answers (before it is fitted on them; rewards:
+        its reward vectors for them, when already known); returns their accuracy, or None when none is fresh."""
+        rewards = self.predicted_rewards(x_new) if rewards is None else rewards
         self.new_answer_probs = ((rewards.float().cpu() + 1.0) / 2.0)  # read by --recheck: scored before the fit
         rm_pred = rewards.argmax(dim=1)
         hits = (rm_pred == answers_new.to(rm_pred.device))[fresh.to(rm_pred.device)].tolist()
@@ -283,7 +288,7 @@ class Learner:
             return None
         return self.remember(hits, answers_new[fresh].tolist())
 
-    def score_verdicts(self, x, proposed, verdicts, behaviour=None):
+    def score_verdicts(self, x, proposed, verdicts, behaviour=None, rewards=None):
         """Score the reward model on fresh verdicts before it is fitted on them; returns the share of them it
         predicts (yes when its P(yes) = p(proposed) is at least 1/2), or None for none.
 
@@ -294,7 +299,7 @@ class Learner:
         are not recorded. A yes/no score would have to beat the share of no's to earn any trust."""
         if not x.shape[0]:
             return None
-        rewards = self.predicted_rewards(x)
+        rewards = self.predicted_rewards(x) if rewards is None else rewards
         p = (rewards.gather(1, proposed[:, None]).squeeze(1) + 1.0) / 2.0
         said_yes, top = verdicts.bool(), rewards.argmax(1) == proposed
         settled = said_yes | top
@@ -344,10 +349,11 @@ class Learner:
         agreement with all of them."""
         stats = {}
         fresh = torch.ones(len(batch.answers_new), dtype=torch.bool) if batch.fresh is None else batch.fresh
-        acc = self.score_reward_model(batch.x_new, batch.answers_new, fresh)
+        acc = self.score_reward_model(batch.x_new, batch.answers_new, fresh, batch.rm_rewards_new)
         if acc is not None:
             stats["rm_acc"] = acc
-        stats["agreement"] = (self.policy_probs(batch.x_new).argmax(1) == batch.answers_new).float().mean().item()
+        probs = self.policy_probs(batch.x_new) if batch.policy_probs_new is None else batch.policy_probs_new
+        stats["agreement"] = (probs.argmax(1) == batch.answers_new).float().mean().item()
         return stats
 
     def policy_rows(self, batch):
@@ -421,6 +427,7 @@ class Learner:
         stats = optimum_update(self.policy_ddp, self.policy_opt, x.to(self.device), targets.to(self.device),
                                weights.to(self.device), self.ppo_cfg, generator=self.generator, ranks=self.ranks)
         self.version += 1
+        self.changes += 1
         return stats
 
     def ppo_step(self, x, rewards, logged=None):
@@ -430,6 +437,7 @@ class Learner:
                            self.ppo_cfg, reference=self.reference_net, generator=self.generator, ranks=self.ranks,
                            logged=None if logged is None else logged.to(self.device))
         self.version += 1
+        self.changes += 1
         return stats
 
     def has_batchnorm(self):
@@ -445,6 +453,7 @@ class Learner:
         for net in (self.policy_net, self.rm_net):
             torch.optim.swa_utils.update_bn(batches, net)
             net.eval()
+        self.changes += 1
 
     def state_dict(self):
         return {"policy": self.policy.state_dict(), "reward_model": self.reward_model.state_dict(),
@@ -459,6 +468,7 @@ class Learner:
         self.reward_model.load_state_dict(state["reward_model"])
         self.policy_opt.load_state_dict(state["policy_opt"])
         self.rm_opt.load_state_dict(state["reward_opt"])
+        self.changes += 1
         self.generator.set_state(state["generator"])
         self.version = int(state["version"])
         if "rm_record" in state:

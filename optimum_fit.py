@@ -38,14 +38,16 @@ def confidence(rm_probs):
 def optimum_update(policy, optimizer, x, targets, weights, cfg, generator=None, ranks=None):
     """cfg.passes() passes of weighted cross-entropy from the policy to the target distributions (N, K),
     over the same shuffled minibatches as ppo_update (BatchNorm in train mode, one image in eval mode);
-    returns the mean loss and the KL from the targets after the passes."""
+    returns the mean loss and the weighted KL from the targets as the last pass found it (read from that
+    pass's own forwards, before each of its steps: a forward more would cost as much as a step's)."""
     ranks = ranks or Ranks()
-    n = x.shape[0]
-    parts, mine = minibatches(n, cfg, generator, ranks, x.device)
+    parts, mine = minibatches(x.shape[0], cfg, generator, ranks, x.device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total = weights.sum().clamp_min(1e-12)
-    losses = []  # each minibatch's loss: its weighted mean cross-entropy (DDP averages the processes' blocks)
-    for _ in range(cfg.passes()):
+    log_targets = torch.log(targets.clamp_min(1e-12))
+    losses, kl = [], 0.0  # each minibatch's loss: its weighted mean cross-entropy (DDP averages the processes' blocks)
+    passes = cfg.passes()
+    for epoch in range(passes):
         for j in torch.randperm(len(parts), generator=generator).tolist():
             rows = mine[j]
             policy.train(len(parts[j]) > 1)
@@ -53,15 +55,14 @@ def optimum_update(policy, optimizer, x, targets, weights, cfg, generator=None, 
             per_row = -(targets[rows] * logp).sum(dim=-1)
             share = weights[parts[j].to(weights.device)].sum().clamp_min(1e-12)
             loss = (weights[rows] * per_row).sum() / (share / ranks.world)
+            if epoch == passes - 1:
+                with torch.no_grad():
+                    kl += float((weights[rows] * (targets[rows] * (log_targets[rows] - logp)).sum(dim=-1)).sum())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
     policy.eval()
-    with torch.no_grad():
-        logp = F.log_softmax(policy(x).to(targets.dtype), dim=-1)
-        kl = (targets * (torch.log(targets.clamp_min(1e-12)) - logp)).sum(dim=-1)
-        kl = (weights * kl).sum() / total
     return {"policy_loss": sum(ranks.sum_floats(losses)) / ranks.world / max(1, len(losses)),
-            "kl_to_optimum": float(kl), "update_epochs_run": cfg.passes()}
+            "kl_to_optimum": sum(ranks.sum_floats([kl])) / float(total), "update_epochs_run": passes}

@@ -107,9 +107,10 @@ class QuestionQueue:
         return allowed[k], float(rule[k] / rule.sum())
 
 
-def rank_unasked(unasked, learner, inputs, cfg, rng, cached=None):
+def rank_unasked(unasked, learner, inputs, cfg, rng, cached=None, scores=None):
     """Score a sample of the unasked images with the current models; most informative first. cached(i): the
-    image's frozen-layer features are cached (then every cached one is scored, plus a bounded sample)."""
+    image's frozen-layer features are cached (then every cached one is scored, plus a bounded sample);
+    scores: a score_cache.ScoreCache that keeps what the models said about them."""
     if cached is not None and not cfg.score_pool:
         # frozen features: every image whose features are cached costs a matrix product, the others a
         # forward pass through the frozen layers, so a bounded sample of those joins each ranking
@@ -121,13 +122,15 @@ def rank_unasked(unasked, learner, inputs, cfg, rng, cached=None):
         limit = cfg.score_pool or DEFAULT_SCORE_POOL
         pool = unasked if len(unasked) <= limit else rng.sample(unasked, limit)
     trust = 0.0 if cfg.no_reward_model else learner.rm_reliability()
-    probs, disagree = [], []
+    probs, disagree, stamp = [], [], learner.changes
     for start in range(0, len(pool), cfg.score_batch):
         x = inputs(pool[start:start + cfg.score_batch])
         p = learner.policy_probs(x)
         probs.append(p)
-        rm = learner.predicted_rewards(x).argmax(1) if trust > 0 else p.argmax(1)
-        disagree.append(rm != p.argmax(1))
+        rewards = learner.predicted_rewards(x) if trust > 0 else None
+        if scores is not None:
+            scores.put(stamp, pool[start:start + cfg.score_batch], probs=p, rewards=rewards)
+        disagree.append((p if rewards is None else rewards).argmax(1) != p.argmax(1))
     probs, disagree = torch.cat(probs), torch.cat(disagree)
     top2 = probs.topk(2, dim=1).values
     return question_order(pool, (top2[:, 0] - top2[:, 1]).tolist(), disagree.tolist(), DISAGREE_BONUS * trust)

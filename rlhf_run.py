@@ -32,6 +32,7 @@ from label_transfer import import_labels
 from learner import Learner, UpdateBatch, VerdictBatch, evaluate_accuracy
 from question_queue import QuestionQueue, rank_unasked
 from run_folder import RunFiles
+from score_cache import ScoreCache
 from training_queue import TrainingQueue
 from verdict_posterior import posterior
 
@@ -61,6 +62,7 @@ class RLHFRun:
         self.epoch, self.asked_this_run, self.episodes = 0, 0, []  # episodes: per epoch, for training_data.json
         self.saved_at, self.saved_state = time.monotonic(), None
         self.cache = None
+        self.scores = ScoreCache()  # what the models said about images since either last changed
         if learner.finetune != "all":
             key = f"{learner.finetune}-{dataset.image_size}-{weights_digest(learner.encoder)}"
             self.cache = FeatureCache(run_dir, learner.encode, key)
@@ -164,11 +166,13 @@ class RLHFRun:
     def rank_questions(self, unasked, rng):
         """Score a sample of the unasked images with the current models; most informative first."""
         cached = None if self.cache is None else (lambda i: self.cache.has(self.ds, i))
-        return rank_unasked(unasked, self.learner, self.inputs, self.cfg, rng, cached)
+        return rank_unasked(unasked, self.learner, self.inputs, self.cfg, rng, cached, self.scores)
 
     def guess(self, indices):
-        """The current policy's class probabilities for pool images (what the person is shown)."""
-        return self.learner.policy_probs(self.inputs(indices))
+        """The current policy's class probabilities for pool images (what the person is shown); those the last
+        ranking scored with the same policy are not computed again."""
+        return self.scores.policy_probs(self.learner.changes, list(indices),
+                                        lambda missing: self.learner.policy_probs(self.inputs(missing)))
 
     def propose(self, index, probs):
         """(class to propose for image `index`, the probability the --propose rule gave it), drawn from the
@@ -273,6 +277,9 @@ class RLHFRun:
         shown += [1.0 if ledger.verdicts[k].verdict else -1.0 for k in fresh_verdicts]
         stats = score_fresh_verdicts(self, fresh_verdicts)
         batch = UpdateBatch(self.inputs(new), self.labels(new), None, self.inputs(replay), self.labels(replay))
+        stamp = self.learner.changes  # what the guesses and the ranking said of the new answers' images still holds
+        batch.policy_probs_new = self.scores.policy_probs(stamp, new)
+        batch.rm_rewards_new = self.scores.rewards(stamp, new)
         batch.x_unanswered = self.inputs(take) if (take and self.reward_model_ready()) else None
         batch.fresh, batch.no = torch.tensor(fresh, dtype=torch.bool), verdict_batch(self, nos, no_replay)
         if self.posterior_mode() and ledger.verdicts:
@@ -356,9 +363,10 @@ def score_fresh_verdicts(run, keys):
     if not keys:
         return {}
     vs = [run.ledger.verdicts[k] for k in keys]
+    images = [v.image for v in vs]
     return {"rm_verdict_acc": run.learner.score_verdicts(
-        run.inputs([v.image for v in vs]), torch.tensor([v.proposed for v in vs]),
-        torch.tensor([v.verdict for v in vs]), torch.tensor([v.behaviour for v in vs]))}
+        run.inputs(images), torch.tensor([v.proposed for v in vs]), torch.tensor([v.verdict for v in vs]),
+        torch.tensor([v.behaviour for v in vs]), run.scores.rewards(run.learner.changes, images))}
 
 
 def record_recheck(run, index, answer):

@@ -247,3 +247,35 @@ def test_answers_whose_hashes_arrive_late_are_linked_and_never_asked_again(tmp_p
     rejected = {v.image: run.ledger.rejected(v.image) for v in run.ledger.live_verdicts()}
     assert rejected == {i: {(ds.labels[i] + 1) % 3} for i in said_no} and set(said_no) <= set(rest)  # asked on
     assert run.training.rm_fitted == set(asked) and len(run.training.no_fitted) == 2
+
+
+def test_guesses_and_scores_of_new_answers_reuse_the_ranking_until_a_model_changes(tmp_path, digits):
+    run = make_run(tmp_path, digits, batch_size=4, order="uncertain", recheck=0.0)
+    run.learner.rm_record = [(1, a) for a in [0, 1] * 32]  # trusted: the ranking asks the reward model too
+    answer(run, 4)
+    run.update()                                           # ends with a ranking of the unasked by both models
+    learner, shapes = run.learner, []
+    policy_probs = learner.policy_probs
+
+    def counted(x):
+        shapes.append(x.shape[0])
+        return policy_probs(x)
+
+    learner.policy_probs = counted
+    asked = run.next_questions(4)
+    guess = run.guess(asked)
+    assert shapes == []                                    # the ranking's forward, not another
+    fresh = policy_probs(run.inputs(asked))
+    assert torch.allclose(guess, fresh, atol=1e-5)
+    labels = torch.tensor([run.ds.labels[i] for i in asked])
+    agreement = (fresh.argmax(1) == labels).float().mean().item()
+    rm_acc = (learner.predicted_rewards(run.inputs(asked)).argmax(1) == labels).float().mean().item()
+    for index, p in zip(asked, guess):
+        give_answer(run, index, run.ds.labels[index], p)
+    metrics = run.update()
+    assert metrics["agreement"] == agreement and metrics["rm_acc"] == rm_acc  # as fresh forwards would score
+    assert len(asked) not in shapes                        # and the new answers were not scored again
+    shapes.clear()
+    learner.recompute_batchnorm([run.inputs(asked)])       # a model changed: what it said before is gone
+    run.guess(run.next_questions(2))
+    assert shapes == [2]
