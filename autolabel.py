@@ -369,7 +369,7 @@ def served_rows(run, indices, threshold):
     rows = []
     for start in range(0, len(indices), CHUNK):
         chunk = indices[start:start + CHUNK]
-        probs = run.learner.policy_probs(run.inputs(chunk))
+        probs = run.learner.served_probs(run.inputs(chunk))
         for i, q in zip(chunk, probs):
             top, p, sha1 = int(q.argmax()), float(q.max()), run.ds.hashes[i]
             if p >= threshold and i not in run.ds.unreadable and top not in run.ledger.rejected(sha1):

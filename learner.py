@@ -30,6 +30,7 @@ from ddp import Ranks, wrap_ddp
 from global_batchnorm import use_global_batchnorm
 from models import PolicyModel, RewardModel, frozen_part, set_finetune, trainable_part
 from optimum_fit import confidence, optimum_targets, optimum_update, reward_model_log_rewards
+from policy_average import PolicyAverage
 from ppo import LoggedActions, ppo_update
 from run_config import PPOConfig, RewardModelConfig
 from verdict_posterior import (
@@ -200,6 +201,7 @@ class Learner:
             use_global_batchnorm(self.policy), use_global_batchnorm(self.reward_model)
         backbone = {k: v for k, v in self.policy.state_dict().items() if not k.startswith("model.fc.")}
         self.reward_model.load_state_dict(backbone, strict=False)  # same start, so frozen layers are shared
+        self.average = PolicyAverage(self.policy, self.ppo_cfg.policy_ema)  # the served model (--policy-ema)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
         for m in self.reference.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -235,10 +237,17 @@ class Learner:
 
     @torch.no_grad()
     def image_probs(self, images):
-        """Class probabilities of the whole policy (eval mode) for normalised images, whatever --finetune."""
-        self.policy.eval()
-        return self.ranks.map_rows(lambda x: torch.softmax(self.policy(x.to(self.device)).float(), dim=-1).cpu(),
-                                   images)
+        """Class probabilities of the whole served model (the policy's average, eval mode) for normalised images,
+        whatever --finetune."""
+        served = self.average.served().eval()
+        return self.ranks.map_rows(lambda x: torch.softmax(served(x.to(self.device)).float(), dim=-1).cpu(), images)
+
+    @torch.no_grad()
+    def served_probs(self, inputs):
+        """Class probabilities of the served model (see `image_probs`) for a batch of inputs."""
+        served = self.average.served().eval()
+        net = trainable_part(served, self.finetune)
+        return self.ranks.map_rows(lambda x: torch.softmax(net(x.to(self.device)).float(), dim=-1).cpu(), inputs)
 
     @torch.no_grad()
     def predicted_rewards(self, inputs):
@@ -428,6 +437,7 @@ class Learner:
                                weights.to(self.device), self.ppo_cfg, generator=self.generator, ranks=self.ranks)
         self.version += 1
         self.changes += 1
+        self.average.update(self.policy)
         return stats
 
     def ppo_step(self, x, rewards, logged=None):
@@ -438,6 +448,7 @@ class Learner:
                            logged=None if logged is None else logged.to(self.device))
         self.version += 1
         self.changes += 1
+        self.average.update(self.policy)
         return stats
 
     def has_batchnorm(self):
@@ -453,10 +464,16 @@ class Learner:
         for net in (self.policy_net, self.rm_net):
             torch.optim.swa_utils.update_bn(batches, net)
             net.eval()
+        self.average.recompute_batchnorm(batches, lambda model: trainable_part(model, self.finetune))
         self.changes += 1
 
     def state_dict(self):
-        return {"policy": self.policy.state_dict(), "reward_model": self.reward_model.state_dict(),
+        """"policy" is the served model (--policy-ema's average); "policy_trained" the policy that learns, when it
+        differs: inference, export and auto-labels read the first, a resumed run the second."""
+        served = self.average.served()
+        trained = {} if served is self.policy else {"policy_trained": self.policy.state_dict()}
+        return {"policy": served.state_dict(), **trained, "policy_average": self.average.state_dict(),
+                "reward_model": self.reward_model.state_dict(),
                 "policy_opt": self.policy_opt.state_dict(),
                 "reward_opt": self.rm_opt.state_dict(), "generator": self.generator.get_state(),
                 "version": self.version, "rm_record": [list(r) for r in self.rm_record],
@@ -464,7 +481,8 @@ class Learner:
                 "flip_scores": [list(r) for r in self.flip_scores]}
 
     def load_state_dict(self, state):
-        self.policy.load_state_dict(state["policy"])
+        self.policy.load_state_dict(state.get("policy_trained") or state["policy"])
+        self.average.load(state["policy"], state.get("policy_average"))
         self.reward_model.load_state_dict(state["reward_model"])
         self.policy_opt.load_state_dict(state["policy_opt"])
         self.rm_opt.load_state_dict(state["reward_opt"])

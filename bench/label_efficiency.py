@@ -98,8 +98,8 @@ def run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
         run_headless(run, FolderLabeler(ds, noise, 0.0, seed))
         run.store.close()
         asked = [i for i, answer in run.answer_of.items() if answer is not None]
-        return (val_accuracy(run.learner.policy, val), len(run.answer_of), val_accuracy(run.learner.reward_model, val),
-                asked)
+        return (val_accuracy(run.learner.average.served(), val), len(run.answer_of),
+                val_accuracy(run.learner.reward_model, val), asked)
 
 
 def baseline_start(ds, backbone, seed, budget, noise):

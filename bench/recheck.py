@@ -50,7 +50,7 @@ def one_run(ds, val, seed, fraction, noise, passes, out):
         "wrong_first": sum(a != truth[i] for i, a in first.items()) / len(first),
         "rechecks": len(rechecked), "slips_found": sum(first[i] != truth[i] for i in rechecked),
         "fixed": sum(ledger.kind_of.get(i) == RECHECK and ledger.label_of[i] == truth[i] for i in rechecked),
-        "acc": val_accuracy(run.learner.policy, val), "s": round(time.time() - t)}
+        "acc": val_accuracy(run.learner.average.served(), val), "s": round(time.time() - t)}
     run.store.close()
     return figures
 

@@ -66,7 +66,7 @@ def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
         run_headless(run, FolderLabeler(ds, noise, 0.0, seed, noise_kind=config.noise_kind))
         given = run.ledger.given()
         run.store.close()
-        return val_accuracy(run.learner.policy, val), given, val_accuracy(run.learner.reward_model, val)
+        return val_accuracy(run.learner.average.served(), val), given, val_accuracy(run.learner.reward_model, val)
 
 
 def run_complementary(ds, val, backbone, args, seed, budget, noise):

@@ -164,3 +164,49 @@ def test_recomputed_batchnorm_statistics_are_those_of_the_images_given():
     assert torch.allclose(model.bn1.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-4)
     assert torch.allclose(model.bn1.running_var, conv.var(dim=(0, 2, 3)), rtol=0.05)
     assert not learner.policy.training and not learner.reward_model.training
+    served = learner.average.served().model                         # the served average's, over the same images
+    with torch.no_grad():
+        conv = served.conv1(x)
+    assert served is not model and torch.allclose(served.bn1.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-4)
+
+
+def head_weights(model):
+    return model.model.fc.weight.detach().clone()
+
+
+def test_the_served_model_is_the_moving_average_of_the_policys_weights_and_resumes_with_it():
+    torch.manual_seed(0)
+    cfg = PPOConfig(policy_ema=0.5, learning_rate=1e-2)
+    learner = Learner(3, None, "head", cfg, seed=0)
+    x, labels = torch.randn(6, 512), torch.tensor([0, 1, 2, 0, 1, 2])
+    trail = []
+    for _ in range(3):
+        learner.update(UpdateBatch(x, labels))
+        trail.append(head_weights(learner.policy))
+    expected = trail[0]                                             # the first update is copied, then folded in
+    for w in trail[1:]:
+        expected = 0.5 * expected + 0.5 * w
+    state = learner.state_dict()
+    assert torch.allclose(state["policy"]["model.fc.weight"], expected, atol=1e-6)
+    assert torch.equal(state["policy_trained"]["model.fc.weight"], trail[-1])
+    assert not torch.allclose(expected, trail[-1], atol=1e-4)       # the served model is not the last update's
+    again = Learner(3, None, "head", cfg, seed=1)
+    again.load_state_dict(state)
+    assert torch.equal(head_weights(again.policy), trail[-1])
+    assert torch.allclose(head_weights(again.average.served()), expected, atol=1e-6)
+    again.update(UpdateBatch(x, labels))                            # and the average goes on from where it was
+    assert torch.allclose(head_weights(again.average.served()),
+                          0.5 * expected + 0.5 * head_weights(again.policy), atol=1e-6)
+
+
+def test_without_an_average_or_from_an_older_checkpoint_the_policy_itself_is_served():
+    x, labels = torch.randn(6, 512), torch.tensor([0, 1, 2, 0, 1, 2])
+    plain = Learner(3, None, "head", PPOConfig(policy_ema=0.0), seed=0)
+    plain.update(UpdateBatch(x, labels))
+    state = plain.state_dict()
+    assert "policy_trained" not in state and torch.equal(state["policy"]["model.fc.weight"], head_weights(plain.policy))
+    older = {k: v for k, v in state.items() if k != "policy_average"}  # a checkpoint from before the average
+    resumed = Learner(3, None, "head", PPOConfig(policy_ema=0.9), seed=1)
+    resumed.load_state_dict(older)
+    assert resumed.average.served() is resumed.policy and torch.equal(head_weights(resumed.policy),
+                                                                      head_weights(plain.policy))
