@@ -1,7 +1,7 @@
 """The model a person takes home: an exponential moving average of the policy's weights over its updates
 (`--policy-ema`, Polyak averaging), not the last update's weights, which carry the noise of the last few batches.
 
-    average = PolicyAverage(policy, decay=0.95)   # decay 0: the policy itself is served
+    average = PolicyAverage(policy, decay=0.98)   # decay 0: the policy itself is served
     average.update(policy)                        # after every policy update
     average.served()                              # the model checkpoint.pt's "policy", inference and export use
 

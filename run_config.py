@@ -63,7 +63,7 @@ class PPOConfig:
     policy_replay: bool = field(default=True, metadata={
         "help": "each update also trains the policy on the answers it replays to the reward model, not on the new "
                 "ones alone (either --policy-update; false: as before)"})
-    policy_ema: float = field(default=0.95, metadata={
+    policy_ema: float = field(default=0.98, metadata={
         "help": "the model served (checkpoint.pt's policy: inference, export, auto-labels, val_acc) is an exponential "
                 "moving average of the policy's weights over its updates, with this decay per update (0: the policy "
                 "as the last update left it)", "lo": 0.0, "hi": 1.0, "open_hi": True})
