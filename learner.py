@@ -347,7 +347,7 @@ class Learner:
             if x.shape[0]:
                 stats.update(self.optimum_step(x, targets, weights))
             return stats
-        x, rewards, logged, extra = self.policy_rows(batch)
+        x, rewards, logged, extra = ppo_rows(self, batch)
         stats.update(extra)
         if x.shape[0]:
             stats.update(self.ppo_step(x, rewards, logged))
@@ -364,36 +364,6 @@ class Learner:
         probs = self.policy_probs(batch.x_new) if batch.policy_probs_new is None else batch.policy_probs_new
         stats["agreement"] = (probs.argmax(1) == batch.answers_new).float().mean().item()
         return stats
-
-    def policy_rows(self, batch):
-        """(inputs, reward vectors (N, K), LoggedActions or None, statistics) of one PPO step: the answers (new, and
-        with --policy-replay those replayed to the reward model), the unanswered images with the reward model's
-        rewards (when it is trusted), the verdicts "no"."""
-        k, weight = self.num_classes, self.rm_reliability()
-        xs, rewards = [batch.x_new], [one_hot_rewards(batch.answers_new, k)]
-        stats = {"rm_weight": weight, "replay_images": 0}
-        if self.replays_to_policy(batch):
-            xs.append(batch.x_replay)  # as in optimum_rows: the policy meets an answer as often as the reward model
-            rewards.append(one_hot_rewards(batch.answers_replay, k))
-            stats["replay_images"] = int(batch.x_replay.shape[0])
-        unanswered = batch.x_unanswered
-        use_rm = unanswered is not None and unanswered.shape[0] > 0 and weight > 0
-        if use_rm:
-            xs.append(unanswered)
-            rewards.append(weight * self.predicted_rewards(unanswered))
-        stats["rm_images"] = int(unanswered.shape[0]) if use_rm else 0
-        logged = None
-        no = batch.no
-        if no is not None and no.x.shape[0]:  # each "no" on its logged class: reward -1 there
-            before = sum(len(r) for r in rewards)
-            xs.append(no.x)
-            rewards.append(-torch.ones(len(no.proposed), k))
-            logged = LoggedActions(rows=torch.arange(before + len(no.proposed)) >= before,
-                                   action=torch.cat([torch.zeros(before, dtype=torch.long), no.proposed]),
-                                   behaviour=torch.cat([torch.ones(before), no.behaviour.float()]),
-                                   rm_rewards=torch.cat([torch.zeros(before, k), self.predicted_rewards(no.x)]))
-            stats["verdict_no_images"] = int(len(no.proposed))
-        return torch.cat(xs), torch.cat(rewards), logged, stats
 
     def replays_to_policy(self, batch):
         """Whether this update trains the policy on the batch's replayed answers too (--policy-replay)."""
@@ -496,6 +466,37 @@ class Learner:
         self.verdict_record = [(int(y), float(w)) for y, w in state.get("verdict_record", [])]
         self.flip_scores = [(float(q), int(v)) for q, v in state.get("flip_scores", [])]
         self.estimated_flip_rate = estimate_flip_rate(self.flip_scores) if self.flip_scores else DEFAULT_FLIP_RATE
+
+
+def ppo_rows(learner, batch):
+    """(inputs, reward vectors (N, K), LoggedActions or None, statistics) of one PPO step: the answers (new, and
+    with --policy-replay those replayed to the reward model), the unanswered images with the reward model's
+    rewards (when it is trusted), the verdicts "no"."""
+    k, weight = learner.num_classes, learner.rm_reliability()
+    xs, rewards = [batch.x_new], [one_hot_rewards(batch.answers_new, k)]
+    stats = {"rm_weight": weight, "replay_images": 0}
+    if learner.replays_to_policy(batch):
+        xs.append(batch.x_replay)  # as in optimum_rows: the policy meets an answer as often as the reward model
+        rewards.append(one_hot_rewards(batch.answers_replay, k))
+        stats["replay_images"] = int(batch.x_replay.shape[0])
+    unanswered = batch.x_unanswered
+    use_rm = unanswered is not None and unanswered.shape[0] > 0 and weight > 0
+    if use_rm:
+        xs.append(unanswered)
+        rewards.append(weight * learner.predicted_rewards(unanswered))
+    stats["rm_images"] = int(unanswered.shape[0]) if use_rm else 0
+    logged = None
+    no = batch.no
+    if no is not None and no.x.shape[0]:  # each "no" on its logged class: reward -1 there
+        before = sum(len(r) for r in rewards)
+        xs.append(no.x)
+        rewards.append(-torch.ones(len(no.proposed), k))
+        logged = LoggedActions(rows=torch.arange(before + len(no.proposed)) >= before,
+                               action=torch.cat([torch.zeros(before, dtype=torch.long), no.proposed]),
+                               behaviour=torch.cat([torch.ones(before), no.behaviour.float()]),
+                               rm_rewards=torch.cat([torch.zeros(before, k), learner.predicted_rewards(no.x)]))
+        stats["verdict_no_images"] = int(len(no.proposed))
+    return torch.cat(xs), torch.cat(rewards), logged, stats
 
 
 def optimum_rows(learner, batch):
