@@ -169,15 +169,13 @@ class RLHFRun:
         return rank_unasked(unasked, self.learner, self.inputs, self.cfg, rng, cached, self.scores)
 
     def guess(self, indices):
-        """The current policy's class probabilities for pool images (what the person is shown); those the last
-        ranking scored with the same policy are not computed again."""
+        """The current policy's class probabilities for pool images (what the person is shown), kept or computed."""
         return self.scores.policy_probs(self.learner.changes, list(indices),
                                         lambda missing: self.learner.policy_probs(self.inputs(missing)))
 
     def propose(self, index, probs):
-        """(class to propose for image `index`, the probability the --propose rule gave it), drawn from the
-        posterior given its verdicts (--verdict-evidence hard: never a class the person rejected); the
-        probability is logged with the verdict, so the update corrects for it."""
+        """(class to propose for image `index`, the probability the --propose rule gave it: logged, so the update
+        corrects for it), drawn from its verdicts' posterior (--verdict-evidence hard: never a rejected class)."""
         if not self.posterior_mode():
             return self.questions.propose(probs, self.ledger.allowed(index), self.cfg.propose, self.cfg.propose_explore)
         self.prior_of[index] = [float(p) for p in probs]
@@ -272,14 +270,10 @@ class RLHFRun:
             new, nos, lambda i: self.answer_of.get(i, SKIP) is not SKIP, lambda k: ledger.verdicts[k] is not None,
             self.learner.rm_cfg.rm_batch_size - len(new) - len(nos))
         fresh, fresh_verdicts = self.training.fresh(new, nos, ledger)
-        shown = [1.0 if self.shown_of[i] == self.answer_of[i] else -1.0
-                 for i, f in zip(new, fresh) if f and i in self.shown_of]
-        shown += [1.0 if ledger.verdicts[k].verdict else -1.0 for k in fresh_verdicts]
+        shown = shown_rewards(self, new, fresh, fresh_verdicts)
         stats = score_fresh_verdicts(self, fresh_verdicts)
-        batch = UpdateBatch(self.inputs(new), self.labels(new), None, self.inputs(replay), self.labels(replay))
-        stamp = self.learner.changes  # what the guesses and the ranking said of the new answers' images still holds
-        batch.policy_probs_new = self.scores.policy_probs(stamp, new)
-        batch.rm_rewards_new = self.scores.rewards(stamp, new)
+        batch = UpdateBatch(self.inputs(new), self.labels(new), None, self.inputs(replay), self.labels(replay),
+                            **known_scores(self, new))
         batch.x_unanswered = self.inputs(take) if (take and self.reward_model_ready()) else None
         batch.fresh, batch.no = torch.tensor(fresh, dtype=torch.bool), verdict_batch(self, nos, no_replay)
         if self.posterior_mode() and ledger.verdicts:
@@ -356,6 +350,20 @@ class RLHFRun:
         if "rm_fitted" in ckpt:  # format 1 checkpoints were written after every update: all answers fitted
             self.training.restore_fitted(ckpt["rm_fitted"], ckpt["no_fitted"], self.ds.hashes, self.ledger)
         self.begin_epoch()
+
+
+def shown_rewards(run, new, fresh, fresh_verdicts):
+    """The rewards of what the person was shown: +1/-1 for each fresh answer's guess, and for each fresh verdict."""
+    shown = [1.0 if run.shown_of[i] == run.answer_of[i] else -1.0
+             for i, f in zip(new, fresh) if f and i in run.shown_of]
+    return shown + [1.0 if run.ledger.verdicts[k].verdict else -1.0 for k in fresh_verdicts]
+
+
+def known_scores(run, new):
+    """UpdateBatch's policy_probs_new and rm_rewards_new: what the guesses and the ranking said of the new answers'
+    images, where the models have not changed since (None where any is missing)."""
+    stamp = run.learner.changes
+    return {"policy_probs_new": run.scores.policy_probs(stamp, new), "rm_rewards_new": run.scores.rewards(stamp, new)}
 
 
 def score_fresh_verdicts(run, keys):

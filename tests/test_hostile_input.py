@@ -106,7 +106,7 @@ def test_a_disk_full_at_the_start_leaves_no_half_made_run_folder(tmp_path, pool,
 
 
 def test_a_disk_full_at_the_second_checkpoint_keeps_the_store_and_the_last_good_checkpoint(tmp_path, pool, tmpfs):
-    out = tmpfs("340m") / "run"
+    out = tmpfs("400m") / "run"
     proc = run_cli("train_rlhf.py", "--images", pool, "--out", out, "--epochs", "1", "--checkpoint-seconds", "0",
                    *TINY)
     assert_user_error(proc, "checkpoint.pt", "free space", "--resume")
