@@ -407,7 +407,7 @@ class Learner:
                                weights.to(self.device), self.ppo_cfg, generator=self.generator, ranks=self.ranks)
         self.version += 1
         self.changes += 1
-        self.average.update(self.policy)
+        self.average.update()
         return stats
 
     def ppo_step(self, x, rewards, logged=None):
@@ -418,7 +418,7 @@ class Learner:
                            logged=None if logged is None else logged.to(self.device))
         self.version += 1
         self.changes += 1
-        self.average.update(self.policy)
+        self.average.update()
         return stats
 
     def has_batchnorm(self):
@@ -427,14 +427,16 @@ class Learner:
 
     @torch.no_grad()
     def recompute_batchnorm(self, batches):
-        """The BatchNorm running statistics of the policy's and the reward model's trainable layers recomputed
-        over these input batches (torch.optim.swa_utils.update_bn): in eval mode the models then see the
-        pool's statistics, not a momentum average of the last few minibatches."""
+        """The BatchNorm running statistics of the policy's, the served average's and the reward model's trainable
+        layers recomputed over these input batches (torch.optim.swa_utils.update_bn): in eval mode the models then
+        see the pool's statistics, not a momentum average of the last few minibatches."""
         batches = [b.to(self.device) for b in batches]
-        for net in (self.policy_net, self.rm_net):
+        nets = [self.policy_net, self.rm_net]
+        if self.average.served() is not self.policy:
+            nets.append(trainable_part(self.average.served(), self.finetune))
+        for net in nets:
             torch.optim.swa_utils.update_bn(batches, net)
             net.eval()
-        self.average.recompute_batchnorm(batches, lambda model: trainable_part(model, self.finetune))
         self.changes += 1
 
     def state_dict(self):

@@ -2,13 +2,12 @@
 (`--policy-ema`, Polyak averaging), not the last update's weights, which carry the noise of the last few batches.
 
     average = PolicyAverage(policy, decay=0.98)   # decay 0: the policy itself is served
-    average.update(policy)                        # after every policy update
+    average.update()                              # after every policy update
     average.served()                              # the model checkpoint.pt's "policy", inference and export use
 
 BatchNorm buffers are averaged with the weights (so a checkpoint written mid-epoch holds sane statistics) and are
 recomputed over the pool at every epoch end with the policy's (Learner.recompute_batchnorm).
 """
-import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
@@ -16,16 +15,15 @@ class PolicyAverage:
     """An exponential moving average of a policy's weights and BatchNorm buffers, or the policy itself (decay 0)."""
 
     def __init__(self, policy, decay):
-        self.policy, self.decay = policy, float(decay)
-        self.average = None
-        if self.decay > 0:
-            self.average = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        self.policy, self.average = policy, None
+        if decay > 0:
+            self.average = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True)
             self.average.requires_grad_(False).eval()
 
-    def update(self, policy):
+    def update(self):
         """Fold the policy's weights after an update into the average (the first update is copied)."""
         if self.average is not None:
-            self.average.update_parameters(policy)
+            self.average.update_parameters(self.policy)
 
     def served(self):
         """The model to serve: the average once it has seen an update, else the policy."""
@@ -35,7 +33,7 @@ class PolicyAverage:
 
     def state_dict(self):
         """What a checkpoint keeps beside the served weights: how many updates the average holds."""
-        return {"decay": self.decay, "n_averaged": 0 if self.average is None else int(self.average.n_averaged)}
+        return {"n_averaged": 0 if self.average is None else int(self.average.n_averaged)}
 
     def load(self, served_state, state):
         """Resume the average from a checkpoint's served weights and its state_dict(); an older checkpoint (no
@@ -45,12 +43,3 @@ class PolicyAverage:
         self.average.module.load_state_dict(served_state)
         self.average.n_averaged.fill_(int(state["n_averaged"]))
 
-    @torch.no_grad()
-    def recompute_batchnorm(self, batches, trainable):
-        """The served average's BatchNorm statistics recomputed over these input batches; trainable(model): the
-        layers that take these inputs (the whole model with --finetune all)."""
-        if self.average is None or int(self.average.n_averaged) == 0:
-            return
-        net = trainable(self.average.module)
-        torch.optim.swa_utils.update_bn(batches, net)
-        net.eval()
