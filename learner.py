@@ -78,6 +78,7 @@ class UpdateBatch:
     evidence_replay: Optional[torch.Tensor] = None  # (M, K) yes minus no per class of those images
     policy_probs_new: Optional[torch.Tensor] = None  # (N, K) the policy's probabilities of the new answers' images,
     rm_rewards_new: Optional[torch.Tensor] = None    # and the reward model's rewards, when already known
+    images: Optional[dict] = None  # pool images of the rows of x_new, x_replay, x_unanswered and no.x, by those names
 
 
 def one_hot_rewards(answers, num_classes):
@@ -221,6 +222,7 @@ class Learner:
         self.verdict_record = []  # (yes 1/0, 1 / behaviour) for each fresh verdict on its top class
         self.flip_scores = []  # (its P(proposed), verdict) for each fresh verdict: what the flip rate is read from
         self.estimated_flip_rate = DEFAULT_FLIP_RATE
+        self.reference_kept = {}  # pool image -> log pi_ref: the reference never changes
 
     @torch.no_grad()
     def encode(self, images):
@@ -391,11 +393,19 @@ class Learner:
         return reward_model_log_rewards(self.rm_probs(x)) + llr * evidence.float()
 
     @torch.no_grad()
-    def reference_logprobs(self, inputs):
-        """log pi_ref of the reference policy (the run's start), eval mode, for a batch of inputs."""
+    def reference_logprobs(self, inputs, images=None):
+        """log pi_ref of the reference policy (the run's start), eval mode, for a batch of inputs (images: their pool
+        images, whose rows are then computed once a run)."""
         self.reference.eval()
-        return self.ranks.map_rows(
-            lambda x: torch.log_softmax(self.reference_net(x.to(self.device)).float(), dim=-1).cpu(), inputs)
+
+        def forward(x):
+            return torch.log_softmax(self.reference_net(x.to(self.device)).float(), dim=-1).cpu()
+        if images is None or not len(images):
+            return self.ranks.map_rows(forward, inputs)
+        missing = [j for j, i in enumerate(images) if i not in self.reference_kept]
+        if missing:
+            self.reference_kept.update(zip([images[j] for j in missing], self.ranks.map_rows(forward, inputs[missing])))
+        return torch.stack([self.reference_kept[i] for i in images])
 
     def rm_probs(self, inputs):
         """The reward model's class probabilities q (N, K): P(the person answers that class)."""
@@ -512,23 +522,26 @@ def optimum_rows(learner, batch):
     def ones(x):
         return torch.ones(x.shape[0])
 
+    images = batch.images or {}
     parts = [(batch.x_new, learner.answer_rewards(batch.x_new, batch.answers_new, batch.yes_new, batch.evidence_new),
-              ones(batch.x_new))]
+              ones(batch.x_new), images.get("new"))]
     stats = {"rm_weight": learner.rm_reliability(), "rm_images": 0, "replay_images": 0}
     if learner.replays_to_policy(batch):  # an answer's target never goes stale
         parts.append((batch.x_replay, learner.answer_rewards(batch.x_replay, batch.answers_replay, batch.yes_replay,
-                                                             batch.evidence_replay), ones(batch.x_replay)))
+                                                             batch.evidence_replay), ones(batch.x_replay),
+                      images.get("replay")))
         stats["replay_images"] = int(batch.x_replay.shape[0])
     unanswered = batch.x_unanswered
     if unanswered is not None and unanswered.shape[0]:  # weighted by how sure it is there, not gated
         q = learner.rm_probs(unanswered)
-        parts.append((unanswered, reward_model_log_rewards(q), confidence(q)))
+        parts.append((unanswered, reward_model_log_rewards(q), confidence(q), images.get("unanswered")))
         stats["rm_images"] = int(unanswered.shape[0])
     if no is not None and no.x.shape[0]:
-        parts.append((no.x, learner.no_rewards(no.x, no.proposed, no.evidence), ones(no.x)))
+        parts.append((no.x, learner.no_rewards(no.x, no.proposed, no.evidence), ones(no.x), images.get("no")))
         stats["verdict_no_images"] = int(len(no.proposed))
     x = torch.cat([p[0] for p in parts])
-    targets = optimum_targets(learner.reference_logprobs(x), torch.cat([p[1] for p in parts]), 1.0)
+    keys = None if any(p[3] is None for p in parts) else [i for p in parts for i in p[3]]
+    targets = optimum_targets(learner.reference_logprobs(x, keys), torch.cat([p[1] for p in parts]), 1.0)
     return x, targets, torch.cat([p[2] for p in parts]), stats
 
 

@@ -272,12 +272,7 @@ class RLHFRun:
         fresh, fresh_verdicts = self.training.fresh(new, nos, ledger)
         shown = shown_rewards(self, new, fresh, fresh_verdicts)
         stats = score_fresh_verdicts(self, fresh_verdicts)
-        batch = UpdateBatch(self.inputs(new), self.labels(new), None, self.inputs(replay), self.labels(replay),
-                            **known_scores(self, new))
-        batch.x_unanswered = self.inputs(take) if (take and self.reward_model_ready()) else None
-        batch.fresh, batch.no = torch.tensor(fresh, dtype=torch.bool), verdict_batch(self, nos, no_replay)
-        if self.posterior_mode() and ledger.verdicts:
-            add_evidence(batch, ledger, new, replay)
+        batch = update_batch(self, new, replay, take, fresh, nos, no_replay)
         stats.update(self.learner.update(batch))
         self.rechecks.note_fresh(new, fresh, batch.answers_new, self.learner)
         self.training.fitted(new, nos)
@@ -465,6 +460,20 @@ def link_stored(run, pairs):
             run.training.rm_fitted.add(i)
         if i in run.answer_of:
             run.questions.take(i)
+
+
+def update_batch(run, new, replay, take, fresh, nos, no_replay):
+    """The UpdateBatch of one update: new and replayed answers (pool images), unanswered images to learn from the
+    reward model (when ready), the fresh ones among the new, and verdicts "no" (ledger keys) new and replayed."""
+    ledger = run.ledger
+    batch = UpdateBatch(run.inputs(new), run.labels(new), torch.tensor(fresh, dtype=torch.bool), run.inputs(replay),
+                        run.labels(replay), **known_scores(run, new))
+    batch.x_unanswered = run.inputs(take) if (take and run.reward_model_ready()) else None
+    batch.no = verdict_batch(run, nos, no_replay)
+    if run.posterior_mode() and ledger.verdicts:
+        add_evidence(batch, ledger, new, replay)
+    batch.images = {"new": new, "replay": replay, "unanswered": take, "no": [ledger.verdicts[k].image for k in nos]}
+    return batch
 
 
 def verdict_batch(run, nos, no_replay):

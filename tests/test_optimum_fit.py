@@ -106,3 +106,24 @@ def test_each_updater_takes_its_own_passes_unless_update_epochs_is_given():
     assert PPOConfig(update_epochs=4).passes() == 4               # given: as given, for either updater
     # a run made before keeps the passes its config.json holds
     assert RunConfig.from_flat({**RunConfig().to_flat(), "update_epochs": 4}).ppo.passes() == 4
+
+
+def test_the_reference_is_asked_about_each_pool_image_once_and_says_the_same():
+    learner = Learner(3, None, "head", PPOConfig(policy_update="optimum"), seed=0)
+    x = torch.randn(6, 512)
+    forwards = []
+    learner.reference_net.register_forward_hook(lambda m, i, o: forwards.append(i[0].shape[0]))
+    fresh = learner.reference_logprobs(x)
+    assert torch.equal(learner.reference_logprobs(x[:4], images=[10, 11, 12, 13]), fresh[:4])
+    # two rows kept, two new: only the new ones go through the network
+    assert torch.equal(learner.reference_logprobs(x[2:], images=[12, 13, 14, 15]), fresh[2:])
+    assert forwards == [6, 4, 2]
+    # an update given its rows' pool images learns exactly what it learns without them
+    twin = Learner(3, None, "head", PPOConfig(policy_update="optimum"), seed=0)
+    labels = torch.tensor([0, 1, 2, 0])
+    for _ in range(2):
+        learner.update(UpdateBatch(x[:4], labels, x_unanswered=x[4:],
+                                   images={"new": [10, 11, 12, 13], "replay": [], "unanswered": [14, 15], "no": []}))
+        twin.update(UpdateBatch(x[:4], labels, x_unanswered=x[4:]))
+    assert torch.equal(learner.policy_probs(x), twin.policy_probs(x))
+    assert forwards == [6, 4, 2]  # every row of both updates was kept
