@@ -9,6 +9,7 @@ import socket
 import warnings
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -22,11 +23,33 @@ class WeightsError(UserError):
     """Weights that cannot be loaded; the message names the file and the fix."""
 
 
+class OnePixelConv2d(nn.Conv2d):
+    """nn.Conv2d that computes an output of one pixel as one matrix product with the kernel taps the input meets.
+
+    At 32 px ResNet18's layer4 maps are 1x1, and on some CPUs oneDNN's backward of those 3x3 convolutions costs
+    many times their forward (docs/benchmarks.md); the same sum as a matrix product does not. Same parameters,
+    same state dict; exports and every other shape take nn.Conv2d's own path."""
+
+    def forward(self, x):
+        (h, w), (kh, kw), (sh, sw) = x.shape[-2:], self.kernel_size, self.stride
+        ph, pw = (self.padding if isinstance(self.padding, tuple) else (-1, -1))
+        one_pixel = 0 <= h + 2 * ph - kh < sh and 0 <= w + 2 * pw - kw < sw
+        if (not one_pixel or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros"
+                or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()):
+            return super().forward(x)
+        h, w = min(h, kh - ph), min(w, kw - pw)  # input rows (columns) that the one output's window covers
+        weight = self.weight[:, :, ph:ph + h, pw:pw + w].reshape(self.out_channels, -1)
+        return F.linear(x[:, :, :h, :w].reshape(x.shape[0], -1), weight, self.bias)[:, :, None, None]
+
+
 def _resnet18(num_outputs, backbone_state):
     net = torchvision.models.resnet18(weights=None)
     if backbone_state is not None:
         net.load_state_dict(backbone_state)
     net.fc = nn.Linear(net.fc.in_features, num_outputs)
+    for conv in net.modules():
+        if type(conv) is nn.Conv2d:
+            conv.__class__ = OnePixelConv2d
     return net
 
 

@@ -1,0 +1,43 @@
+"""OnePixelConv2d: the same outputs and gradients as nn.Conv2d where its output is one pixel."""
+import pytest
+import torch
+
+from models import OnePixelConv2d, PolicyModel
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding", [
+    (1, 3, 1, 1),   # layer4's 3x3 convolutions at 32 px
+    (2, 3, 2, 1),   # layer4's first, from layer3's 2x2 maps
+    (2, 1, 2, 0),   # layer4's downsample
+    (3, 3, 1, 0),   # a valid window that covers the whole input
+    (5, 3, 2, 1),   # an output of 3x3: nn.Conv2d's own path
+])
+def test_outputs_and_gradients_match_nn_conv2d(size, kernel, stride, padding):
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(6, 5, kernel, stride, padding, bias=True)
+    fast = OnePixelConv2d(6, 5, kernel, stride, padding, bias=True)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 6, size, size, requires_grad=True)
+    x_fast = x.detach().clone().requires_grad_(True)
+    out, out_fast = plain(x), fast(x_fast)
+    assert out_fast.shape == out.shape
+    assert torch.allclose(out_fast, out, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_fast.backward(grad)
+    assert torch.allclose(x_fast.grad, x.grad, atol=1e-5)
+    assert torch.allclose(fast.weight.grad, plain.weight.grad, atol=1e-5)
+    assert torch.allclose(fast.bias.grad, plain.bias.grad, atol=1e-5)
+
+
+def test_the_networks_use_it_and_keep_torchvisions_state_dict():
+    policy = PolicyModel(3)
+    convs = [m for m in policy.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(type(m) is OnePixelConv2d for m in convs)
+    plain = PolicyModel(3)
+    for m in plain.modules():
+        if type(m) is OnePixelConv2d:
+            m.__class__ = torch.nn.Conv2d
+    plain.load_state_dict(policy.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(policy.eval()(x), plain.eval()(x), atol=1e-5)
