@@ -89,7 +89,8 @@ def floor_app(args):
     from first_images import FirstImages, open_root
     from run_config import RunConfig
     cfg = RunConfig(images=args.images, image_size=args.image_size, weights="none")
-    work = tempfile.mkdtemp(prefix="first-image-floor-")
+    work = args.floor_app  # inside the bench's own temporary folder: this process is killed, it cannot clean up
+    os.makedirs(work, exist_ok=True)
     idle = threading.Thread(target=threading.Event().wait, daemon=True)  # never done: the app is killed
     FirstImages(open_root(), cfg, work).wait(type("Idle", (), {"start": idle.start, "is_alive": idle.is_alive})())
 
@@ -128,7 +129,7 @@ def import_seconds():
 
 def main():
     parser = bench_parser(__doc__, images=DEFAULT_IMAGES, image_size=224, rounds=5)
-    parser.add_argument("--floor-app", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-app", metavar="DIR", help=argparse.SUPPRESS)
     args = parse_bench_args(parser)
     if args.baseline_app:
         return original_app(args)
@@ -151,8 +152,9 @@ def main():
             times["import torch, torchvision"].append(import_seconds())
             loading += keys_while_loading(window[:-1] + [os.path.join(work, f"k{r}")], xvfb.display,
                                           os.path.join(work, f"k{r}.jsonl"))
-            floor += keys_while_loading([sys.executable, os.path.abspath(__file__), "--floor-app", "--images",
-                                         args.images, "--image-size", str(args.image_size)], xvfb.display,
+            floor += keys_while_loading([sys.executable, os.path.abspath(__file__), "--floor-app",
+                                         os.path.join(work, f"floor{r}"), "--images", args.images, "--image-size",
+                                         str(args.image_size)], xvfb.display,
                                         os.path.join(work, f"f{r}.jsonl"))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
