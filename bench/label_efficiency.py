@@ -90,7 +90,9 @@ def answered_subset(ds, budget, seed):
 def run_rlhf(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
     """This tool, headless: (val accuracy, images asked, its reward model's val accuracy, the images it asked
     and answered, in order)."""
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run")  # its `latest` link is made beside it: inside the temporary folder
+        os.makedirs(out)
         config = RunConfig(images=ds.root, feedback="folder", epochs=args.epochs, image_size=args.image_size,
                            weights=args.weights, finetune=args.finetune, seed=seed, max_answers=budget,
                            feedback_noise=noise, checkpoint_every=0, val_every=0, out=out, **cfg)

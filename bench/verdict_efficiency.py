@@ -58,7 +58,9 @@ BATCH = 8
 def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
     """This tool, headless, with the simulated person; (val accuracy, verdicts or answers given, the reward
     model's own val accuracy)."""
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run")  # its `latest` link is made beside it: inside the temporary folder
+        os.makedirs(out)
         config = RunConfig(images=ds.root, feedback="folder", epochs=args.epochs, image_size=args.image_size,
                            weights=args.weights, seed=seed, max_answers=budget, feedback_noise=noise,
                            checkpoint_every=0, val_every=0, out=out, batch_size=BATCH, **cfg)
