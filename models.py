@@ -31,11 +31,11 @@ class OnePixelConv2d(nn.Conv2d):
     same state dict; exports and every other shape take nn.Conv2d's own path."""
 
     def forward(self, x):
-        (h, w), (kh, kw), (sh, sw) = x.shape[-2:], self.kernel_size, self.stride
-        ph, pw = (self.padding if isinstance(self.padding, tuple) else (-1, -1))
-        one_pixel = 0 <= h + 2 * ph - kh < sh and 0 <= w + 2 * pw - kw < sw
-        if (not one_pixel or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros"
-                or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()):
+        if (isinstance(self.padding, str) or self.groups != 1 or self.dilation != (1, 1)
+                or self.padding_mode != "zeros" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            return super().forward(x)
+        (h, w), (kh, kw), (sh, sw), (ph, pw) = x.shape[-2:], self.kernel_size, self.stride, self.padding
+        if not (0 <= h + 2 * ph - kh < sh and 0 <= w + 2 * pw - kw < sw):  # an output of more than one pixel
             return super().forward(x)
         h, w = min(h, kh - ph), min(w, kw - pw)  # input rows (columns) that the one output's window covers
         weight = self.weight[:, :, ph:ph + h, pw:pw + w].reshape(self.out_channels, -1)

@@ -11,6 +11,8 @@ from models import OnePixelConv2d, PolicyModel
     (2, 1, 2, 0),   # layer4's downsample
     (3, 3, 1, 0),   # a valid window that covers the whole input
     (5, 3, 2, 1),   # an output of 3x3: nn.Conv2d's own path
+    (5, 3, 1, "valid"),  # padding by name: nn.Conv2d's own path
+    (3, 3, 1, "valid"),  # the same, where the output is one pixel
 ])
 def test_outputs_and_gradients_match_nn_conv2d(size, kernel, stride, padding):
     torch.manual_seed(0)
