@@ -201,8 +201,9 @@ def run_method(method, ds, val, backbone, origin, args, seed, budget, noise, unc
     return run_supervised(ds, val, backbone, args, seed, budget, noise)
 
 
-def summarize(results, budgets, labels):
-    """Markdown table: one row per method, mean ± standard deviation over seeds for each budget."""
+def summarize(results, budgets, labels, short_of_budget=False):
+    """Markdown table: one row per method, mean ± standard deviation over seeds for each budget; with
+    short_of_budget, the mean answers given where the runs gave fewer than the budget."""
     head = "| method | " + " | ".join(str(b) for b in labels) + " |"
     lines = [head, "|" + "---|" * (len(labels) + 1)]
     for name in results:
@@ -217,6 +218,8 @@ def summarize(results, budgets, labels):
             cell = f"{statistics.mean(accs):.3f} ± {spread:.3f}"
             if name.startswith("original"):
                 cell += f" ({asked:.0f} q)"
+            elif short_of_budget and asked < b:
+                cell += f" ({asked:.0f} given)"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -259,11 +262,13 @@ def write_results(results, budgets, n_train, n_val, args, origin, t0):
     return table, header
 
 
-def common_flags(p, methods, image_size):
-    """The flags every efficiency benchmark takes: seeds, methods, noise, epochs, size, weights, out."""
+def common_flags(p, methods, image_size, noise=True):
+    """The flags every efficiency benchmark takes: seeds, methods, noise (unless the bench has its own), epochs,
+    size, weights, out."""
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per cell")
     p.add_argument("--methods", nargs="+", choices=methods, default=list(methods), help="methods to run")
-    p.add_argument("--noise", type=float, default=0.1, help="labeler noise of the extra rows (0: none)")
+    if noise:
+        p.add_argument("--noise", type=float, default=0.1, help="labeler noise of the extra rows (0: none)")
     p.add_argument("--epochs", type=int, default=3, help="passes of every method")
     p.add_argument("--image-size", type=int, default=image_size, help="input size (small, so the table fits a CPU)")
     p.add_argument("--weights", default="none", help="backbone start: none|auto|imagenet|PATH")

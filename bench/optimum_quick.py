@@ -58,8 +58,10 @@ def one_cell(task):
         args = types.SimpleNamespace(epochs=3, image_size=32, weights="none", device="cpu")
         t = time.time()
         if update == "baseline":  # the grid's cross-entropy learner, in updates shaped as the tool's
-            baseline = run_complementary if ask == "verdict" else run_supervised
-            acc, given, rm = baseline(ds, val, None, args, seed, budget, noise)
+            if ask == "verdict":
+                acc, given, rm = run_complementary(ds, val, None, args, seed, budget, noise, kind)
+            else:
+                acc, given, rm = run_supervised(ds, val, None, args, seed, budget, noise)
         else:
             acc, given, rm = run_tool(ds, val, None, "random", args, seed, budget, noise, ask=ask, noise_kind=kind,
                                       ppo=PPOConfig(policy_update=update, **sets["ppo"]),

@@ -1,27 +1,31 @@
-"""Verdict efficiency: validation accuracy against the number of yes/no verdicts, for this tool and the honest
-competitor, supervised learning from complementary labels.
+"""Verdict efficiency, the level grid: held-out accuracy against the number of yes/no verdicts, for this tool,
+its PPO updater, and the honest competitor, supervised learning from complementary labels; full labels beside.
 
-    python bench/verdict_efficiency.py --out bench/out/verdicts-grid             # the README's table (digits)
-    python bench/verdict_efficiency.py --budgets 150 --seeds 0 --epochs 1 --out /tmp/ve   # a quick look
+    python bench/verdict_efficiency.py --jobs 2 --out bench/out/verdicts-grid       # the whole grid (digits)
+    python bench/verdict_efficiency.py --methods rlhf_verdict complementary --budgets 300 --noise-rows \
+        --out bench/out/verdicts-grid                                              # a part of it, clean only
     python bench/verdict_efficiency.py --jobs 12 --device cuda --out bench/out/verdicts-grid  # on a GPU
 
-Each cell (method, noise, budget, seed) is one independent run: --jobs runs that many at once in their own
-processes (one thread each); on a GPU (--device cuda) 12 at once ran 85 of the 90 cells in 8.5 min. Each
-finished cell is appended to OUT/cells.jsonl, and a later sitting with the same setting runs only the cells
-missing there, so a grid cut short (or split between machines) is continued rather than restarted.
+Each cell (method, noise, noise kind, budget, seed) is one independent run: --jobs runs that many at once in their
+own processes (one thread each). Each finished cell is appended to OUT/cells.jsonl, and a later sitting with the
+same setting runs only the cells missing there, so a grid cut short (or split between machines) is continued
+rather than restarted.
 
-Every method sees the same simulated person (yes when the proposal is the folder's class, flipped with
---noise on the noisy rows), the same images and number of passes (--epochs), and is scored on a held-out
-validation folder (by default every fifth image of each class of the shared digits). The complementary learner
-makes about the tool's updates (one per 8 verdicts, one per 8 unsettled images left over), each with the tool's
-default --update-epochs in Adam steps on its new verdicts topped up with replayed ones to --rm-batch-size rows,
-as the tool's policy takes its answers; the tool's policy learns from its reward model on unsettled images besides.
+Every method sees the same simulated person (yes when the proposal is the folder's class; on the noisy rows
+flipped with P(noise), either persistently, the same wrong answer when the same thing is asked again, or as an
+independent slip per asking), the same images and passes (--epochs), and is scored on a held-out validation folder
+(by default every fifth image of each class of the shared digits). The baselines make the tool's updates (one per
+8 answers, one per 8 unsettled images left over), each with the tool's default --update-epochs in Adam steps on
+the new answers topped up with replayed ones to --rm-batch-size rows, as the tool's policy takes its answers; the
+tool's policy learns from its reward model on unanswered images besides, which is the method being measured.
+A cell whose runs could not spend the whole budget says how many answers they gave.
 Methods:
-  rlhf_verdict_sample   this tool, --ask verdict --propose sample (a draw from the policy)
-  rlhf_verdict_greedy   this tool, --ask verdict --propose greedy (its likeliest class, 10% explored)
-  complementary         cross-entropy on a yes, -log(1 - p(proposed)) on a no, proposals drawn from its own
-                        softmax, never a class already rejected for the image
-  rlhf_label            this tool with full labels (--ask label) at the same number of answers: the reference
+  rlhf_verdict      this tool at its defaults, --ask verdict (the served model; its reward model in its own row)
+  rlhf_verdict_ppo  the same with --policy-update ppo, the original design's updater
+  complementary     cross-entropy on a yes, -log(1 - p(proposed)) on a no, proposals drawn from its own
+                    softmax, never a class already rejected for the image
+  rlhf_label        this tool with full labels (--ask label) at the same number of answers
+  supervised        cross-entropy on the labels of the images --order random asks first: the labels' baseline
 """
 import argparse
 import contextlib
@@ -40,7 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import ImagePool
 from ddp import Ranks
-from label_efficiency import common_flags, plot, split_folder, summarize, val_accuracy, with_replay
+from label_efficiency import common_flags, plot, run_supervised, split_folder, summarize, val_accuracy, with_replay
 from learner import adam, reward_model_loss
 from models import PolicyModel, resolve_backbone_weights
 from rlhf_run import open_run, run_headless
@@ -49,8 +53,10 @@ from simulated_labeler import FolderLabeler
 
 DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "data", "digits", "train")
-METHODS = ("rlhf_verdict_sample", "complementary", "rlhf_verdict_greedy", "rlhf_label")
-NOISY_METHODS = ("rlhf_verdict_sample", "complementary")
+METHODS = ("rlhf_verdict", "complementary", "rlhf_verdict_ppo", "rlhf_label", "supervised")
+NOISY_METHODS = ("rlhf_verdict", "complementary")
+NOISE_ROWS = ("0.1:persistent", "0.1:slip", "0.2:persistent")
+GRID = 2  # the level grid: cells of the earlier, unlevel grid (its baselines without replay) are not reused
 STEPS_PER_BATCH = PPOConfig().passes()  # the tool's passes per batch: the complementary learner's steps
 BATCH = 8
 
@@ -71,7 +77,7 @@ def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
         return val_accuracy(run.learner.average.served(), val), given, val_accuracy(run.learner.reward_model, val)
 
 
-def run_complementary(ds, val, backbone, args, seed, budget, noise):
+def run_complementary(ds, val, backbone, args, seed, budget, noise, noise_kind="persistent"):
     """Supervised learning from complementary labels on `budget` verdicts (see the module docstring), in updates
     shaped as the tool's: each pass its verdicts so far again, BATCH per update, then its unsettled images (no
     yes, a class left), BATCH per update, each asked a verdict while the budget lasts; every update
@@ -79,7 +85,7 @@ def run_complementary(ds, val, backbone, args, seed, budget, noise):
     torch.manual_seed(seed)
     policy = PolicyModel(ds.num_classes, backbone).to(args.device)
     opt = adam(policy.parameters(), 3e-4, args.device)
-    labeler, rng = FolderLabeler(ds, noise, 0.0, seed), random.Random(seed)
+    labeler, rng = FolderLabeler(ds, noise, 0.0, seed, noise_kind=noise_kind), random.Random(seed)
     rejected, settled, verdicts, pool = {}, set(), [], list(range(len(ds)))
     rng.shuffle(pool)
 
@@ -131,13 +137,16 @@ def train_steps(policy, opt, ds, batch, device="cpu"):
         opt.step()
 
 
-def run_method(method, ds, val, backbone, origin, args, seed, budget, noise):
+def run_method(method, ds, val, backbone, origin, args, seed, budget, noise, kind):
     if method == "complementary":
-        return run_complementary(ds, val, backbone, args, seed, budget, noise)
+        return run_complementary(ds, val, backbone, args, seed, budget, noise, kind)
+    if method == "supervised":
+        return run_supervised(ds, val, backbone, args, seed, min(budget, len(ds)), noise)
     if method == "rlhf_label":
-        return run_tool(ds, val, backbone, origin, args, seed, min(budget, len(ds)), noise, ask="label")
-    rule = method.rsplit("_", 1)[1]
-    return run_tool(ds, val, backbone, origin, args, seed, budget, noise, ask="verdict", propose=rule)
+        return run_tool(ds, val, backbone, origin, args, seed, min(budget, len(ds)), noise, ask="label",
+                        noise_kind=kind)
+    update = {"ppo": PPOConfig(policy_update="ppo")} if method == "rlhf_verdict_ppo" else {}
+    return run_tool(ds, val, backbone, origin, args, seed, budget, noise, ask="verdict", noise_kind=kind, **update)
 
 
 WORKER = {}  # per process: the split's datasets and the backbone, made once
@@ -155,12 +164,12 @@ def start_worker(train_dir, val_dir, args):
 
 
 def run_cell(cell):
-    """One cell (name, method, noise, budget, seed): (cell, val accuracy, given, reward model's, seconds)."""
-    w, (_, method, noise, budget, seed) = WORKER, cell
+    """One cell (name, method, noise, kind, budget, seed): (cell, val accuracy, given, reward model's, seconds)."""
+    w, (_, method, noise, kind, budget, seed) = WORKER, cell
     t0 = time.time()
     with contextlib.redirect_stdout(io.StringIO()):  # the runs' per-update lines would drown the table
         acc, given, rm_acc = run_method(method, w["ds"], w["val"], w["backbone"], w["origin"], w["args"], seed,
-                                        budget, noise)
+                                        budget, noise, kind)
     return cell, acc, given, rm_acc, time.time() - t0
 
 
@@ -170,38 +179,47 @@ def main(argv=None):
     p.add_argument("--budgets", nargs="+", type=int, default=[150, 300, 600, 1200, 2400], help="verdict budgets")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own one-thread process")
     p.add_argument("--device", default="cpu", help="where the models train: cpu, cuda, cuda:1 ...")
-    common_flags(p, METHODS, image_size=32)
+    p.add_argument("--noise-rows", nargs="*", default=list(NOISE_ROWS), metavar="NOISE:KIND",
+                   help="noisy rows of " + " and ".join(NOISY_METHODS) + ", each a flip rate and persistent (the "
+                   "default kind) or slip (default %(default)s; the flag alone: clean rows only)")
+    common_flags(p, METHODS, image_size=32, noise=False)
     args = p.parse_args(argv)
+    try:
+        noisy = [(float(rate), kind or "persistent") for rate, _, kind in (r.partition(":") for r in args.noise_rows)]
+    except ValueError:
+        p.error("--noise-rows takes NOISE:KIND pairs such as 0.1:slip")
+    if any(kind not in ("persistent", "slip") for _, kind in noisy):
+        p.error("--noise-rows: the kind is persistent or slip")
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train_dir, val_dir = split_folder(args.data, tmp)
         start_worker(train_dir, val_dir, args)
         ds, val, origin = WORKER["ds"], WORKER["val"], WORKER["origin"]
-        rows = [(m, 0.0) for m in args.methods]
-        rows += [(m, args.noise) for m in NOISY_METHODS if args.noise and m in args.methods]
+        rows = [(m, 0.0, "persistent") for m in args.methods]
+        rows += [(m, rate, kind) for rate, kind in noisy for m in NOISY_METHODS if rate and m in args.methods]
         cells, results = [], {}
-        for method, noise in rows:
-            name = method if not noise else f"{method} (noise {noise})"
+        for method, noise, kind in rows:
+            name = method if not noise else f"{method} ({noise:g} {kind})"
             results[name] = {b: [] for b in args.budgets}
-            if method != "complementary":
+            if method.startswith("rlhf"):
                 results[f"{name}: its reward model"] = {b: [] for b in args.budgets}
-            cells += [(name, method, noise, b, seed) for b in args.budgets for seed in args.seeds]
+            cells += [(name, method, noise, kind, b, seed) for b in args.budgets for seed in args.seeds]
         # seeds in turn, the longest runs first within each: a grid cut short has whole seeds, and its last
         # cells to finish are short ones
-        cells.sort(key=lambda c: (c[4], -c[3]))
+        cells.sort(key=lambda c: (c[5], -c[4]))
         cells_path, setting = os.path.join(args.out, "cells.jsonl"), settings(args)
         finished = {(r["name"], r["budget"], r["seed"]): r for r in read_cells(cells_path, setting)}
-        for name, _, _, b, seed in cells:  # cells an earlier sitting finished are not run again
+        for name, _, _, _, b, seed in cells:  # cells an earlier sitting finished are not run again
             if (name, b, seed) in finished:
                 r = finished[name, b, seed]
                 record(results, name, b, r["acc"], r["given"], r["rm_acc"])
-        cells = [c for c in cells if (c[0], c[3], c[4]) not in finished]
+        cells = [c for c in cells if (c[0], c[4], c[5]) not in finished]
         t0, header, ran = time.time(), None, 0
         pool = (multiprocessing.get_context("spawn").Pool(args.jobs, start_worker, (train_dir, val_dir, args))
                 if args.jobs > 1 and len(cells) > 1 else None)
         done = pool.imap_unordered(run_cell, cells) if pool else map(run_cell, cells)
-        for (name, _, _, b, seed), acc, given, rm_acc, seconds in done:
+        for (name, _, _, _, b, seed), acc, given, rm_acc, seconds in done:
             record(results, name, b, acc, given, rm_acc)
             ran += 1
             with open(cells_path, "a", encoding="utf-8") as f:
@@ -218,7 +236,7 @@ def main(argv=None):
             pool.close()
             pool.join()
     print(header)
-    print(summarize(results, args.budgets, [str(b) for b in args.budgets]))
+    print(summarize(results, args.budgets, [str(b) for b in args.budgets], short_of_budget=True))
     return 0
 
 
@@ -227,7 +245,7 @@ def settings(args):
     reused."""
     data = os.path.normpath(os.path.abspath(args.data)).split(os.sep)[-2:]  # the same set wherever it is copied
     return {"data": "/".join(data), "epochs": args.epochs, "image_size": args.image_size,
-            "weights": args.weights, "noise": args.noise}
+            "weights": args.weights, "grid": GRID}
 
 
 def read_cells(path, setting):
@@ -251,14 +269,15 @@ def describe(n_train, n_val, origin, args, t0, cells_path, ran):
     sitting = (f"; this sitting: {ran} cells in {(time.time() - t0) / 60:.1f} min wall, {args.jobs} at once on "
                f"{os.cpu_count()} CPU cores, device {args.device}" if ran else "")
     return (f"{n_train} training / {n_val} validation images, {args.image_size} px, {args.epochs} epochs, weights "
-            f"{origin}, seeds {args.seeds}; same images, passes and 4 steps per batch of {BATCH} for every method; "
-            f"mean ± std of val accuracy; {len(cells)} cells, {sum(r['seconds'] for r in cells) / 60:.0f} min of "
+            f"{origin}, seeds {args.seeds}; same images, passes, replay and {STEPS_PER_BATCH} steps per batch of "
+            f"{BATCH} for every method; mean ± std of val accuracy (answers given, where short of the budget); "
+            f"{len(cells)} cells, {sum(r['seconds'] for r in cells) / 60:.0f} min of "
             f"runs in all{sitting}")
 
 
 def write_table(results, args, header):
     """results.md and accuracy.png in args.out, from the cells finished so far."""
-    table = summarize(results, args.budgets, [str(b) for b in args.budgets])
+    table = summarize(results, args.budgets, [str(b) for b in args.budgets], short_of_budget=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(header + "\n\n" + table + "\n")
     plot(results, args.budgets, args.budgets, os.path.join(args.out, "accuracy.png"), header,

@@ -154,16 +154,23 @@ def test_verdict_benchmark_writes_its_table_and_plot(tmp_path, digits):
     assert verdict_efficiency.main(flags + ["--jobs", "2"]) == 0  # the cells in two processes
     table = (out / "results.md").read_text()
     cells = (out / "cells.jsonl").read_text().splitlines()
-    assert len(cells) == 6  # 4 methods and 2 noisy rows, one budget and one seed each
+    assert len(cells) == 11  # 5 methods and 3 noisy rows of 2 methods, one budget and one seed each
     # a second sitting (an interrupted grid continued) runs no finished cell again and writes the same table
     assert verdict_efficiency.main(flags) == 0
     assert (out / "cells.jsonl").read_text().splitlines() == cells
     assert (out / "results.md").read_text().split("\n\n", 1)[1] == table.split("\n\n", 1)[1]
-    for name in ("rlhf_verdict_sample", "rlhf_verdict_greedy", "complementary", "rlhf_label",
-                 "rlhf_verdict_sample (noise 0.1)", "complementary (noise 0.1)",
-                 "rlhf_verdict_sample: its reward model"):
+    for name in ("rlhf_verdict", "rlhf_verdict_ppo", "complementary", "rlhf_label", "supervised",
+                 "rlhf_verdict (0.1 persistent)", "rlhf_verdict (0.1 slip)", "complementary (0.2 persistent)",
+                 "rlhf_verdict: its reward model", "rlhf_verdict_ppo: its reward model",
+                 "rlhf_verdict (0.1 slip): its reward model"):
         assert f"| {name} |" in table
     assert "| method | 6 |" in table
+    assert "given)" not in table  # each run spent its budget
+    # a budget larger than the pool: the table says how many answers the runs gave
+    assert verdict_efficiency.main(flags[:2] + ["--budgets", "20", "--seeds", "0", "--epochs", "1", "--out",
+                                   str(out), "--methods", "supervised", "--noise-rows"]) == 0
+    table = (out / "results.md").read_text()
+    assert "| supervised | 0." in table and "(12 given) |" in table
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
