@@ -188,8 +188,8 @@ def main(argv=None):
         noisy = [(float(rate), kind or "persistent") for rate, _, kind in (r.partition(":") for r in args.noise_rows)]
     except ValueError:
         p.error("--noise-rows takes NOISE:KIND pairs such as 0.1:slip")
-    if any(kind not in ("persistent", "slip") for _, kind in noisy):
-        p.error("--noise-rows: the kind is persistent or slip")
+    if any(kind not in ("persistent", "slip") or not 0 <= rate < 1 for rate, kind in noisy):
+        p.error("--noise-rows: each NOISE is a flip rate from 0 to below 1, each KIND persistent or slip")
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
