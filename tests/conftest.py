@@ -21,6 +21,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+@pytest.fixture(autouse=True)
+def private_engine_cache(tmp_path_factory, monkeypatch):
+    """Each test its own per-machine cache (engine measurements, ONNX exports): a measurement made on a machine
+    busy with the suite must never become the user's default, and no test may read an earlier one's choice."""
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path_factory.mktemp("engine-cache")))
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory):
     """A folder with ants/ and bees/, 50 photo-like pictures each (JPEG and PNG) and a GIF placeholder in ants/.
