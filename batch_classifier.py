@@ -21,6 +21,7 @@ from importlib import metadata
 
 import numpy as np
 
+import int8_engine
 import onnx_engine
 from checkpoint import (
     CHECKPOINT_NAME,
@@ -107,15 +108,79 @@ def load_served(spec=None, backend="auto", device="cpu"):
         return clf or load_classifier(spec), "torch"
 
 
-def load_for_flags(spec=None, backend="auto", precision="auto", device="cpu"):
-    """(Classifier, engine name, precision) for inference.py's --model, --backend and --precision. ONNX Runtime
-    runs fp32, so an explicit --precision bf16 has auto pick torch."""
+def load_for_flags(spec=None, backend="auto", precision="auto", device="cpu", files=()):
+    """(Classifier, engine name, precision) for inference.py's --model, --backend and --precision, for a job of
+    `files`. ONNX Runtime runs fp32 or int8, torch fp32 or bf16: an explicit --precision bf16 has auto pick torch,
+    int8 ONNX Runtime."""
     if precision == "bf16" and backend == "onnxruntime":
-        raise InferenceError("--precision bf16 needs --backend torch (ONNX Runtime runs fp32): drop one of them")
+        raise InferenceError("--precision bf16 needs --backend torch (ONNX Runtime runs fp32 or int8): drop one "
+                             "of them")
+    if precision == "int8":
+        if backend == "torch" or device != "cpu":
+            raise InferenceError("--precision int8 runs on ONNX Runtime on the CPU: drop --backend torch and "
+                                 "--device cuda, or pass --precision fp32")
+        clf, engine = load_served(spec, "onnxruntime", device)
+        return with_int8(clf, spec, files, forced=True)
     if backend == precision == "auto" and device == "cpu":
-        return pick_engine(spec)
+        clf, engine, precision = pick_engine(spec)
+        return with_int8(clf, spec, files) if engine == "onnxruntime" else (clf, engine, precision)
     clf, engine = load_served(spec, "torch" if precision == "bf16" else backend, device)
-    return clf, engine, pick_precision(precision, clf, device) if engine == "torch" else "fp32"
+    if engine == "onnxruntime":
+        return with_int8(clf, spec, files) if precision == "auto" else (clf, engine, "fp32")
+    return clf, engine, pick_precision(precision, clf, device)
+
+
+def with_int8(clf, spec, files, forced=False):
+    """(Classifier, "onnxruntime", precision) for an ONNX Runtime job: int8 when forced, else where it measured
+    faster on this machine and its check against fp32 passed for this checkpoint (int8_engine), else fp32."""
+    fp32 = clf, "onnxruntime", "fp32"
+    checkpoint = checkpoint_file(spec)
+    enough = len(files) >= int8_engine.CALIBRATION_IMAGES + int8_engine.CHECK_IMAGES
+    path, key = os.path.join(onnx_engine.cache_dir(), PRECISION_FILE), f"int8 | {engine_key(clf.image_size)}"
+    known = _read_json(path)
+    if not forced and (not enough or checkpoint is None or _cached_choice_at(known, key) == "fp32"):
+        return fp32
+    try:
+        found = checkpoint and int8_engine.load_int8(checkpoint)
+        if checkpoint and (not found or (enough and found[1]["int8_check"]["images"] < int8_engine.CHECK_IMAGES)):
+            # none yet, or one an explicit int8 made on a short job: calibrated and checked on this job's first images
+            found = int8_engine.build_int8(checkpoint, first_readable(
+                files, clf.image_size, int8_engine.CALIBRATION_IMAGES + int8_engine.CHECK_IMAGES))
+    except Exception as err:  # the quantizer fails in many ways; any of them means fp32
+        found, why = None, f"the int8 export failed ({type(err).__name__}: {first_line(err)})"
+    else:
+        why = "the int8 export needs the checkpoint's fp32 export on disk (a writable folder beside it or the cache)"
+    if not found:
+        if forced:
+            raise InferenceError(f"--precision int8: {why}: pass --precision fp32")
+        print(f"warning: {why}; classifying in fp32", file=sys.stderr)
+        return fp32
+    int8_clf = _from_export(*found, checkpoint)
+    if forced:
+        if not int8_engine.check_passed(found[1]):
+            print(f"warning: {int8_engine.describe(found[1])}, where --precision auto asks "
+                  f"{int8_engine.CHECK_TOLERANCE}: pass --precision fp32 for fp32's probabilities", file=sys.stderr)
+        return int8_clf, "onnxruntime", "int8"
+    if not int8_engine.check_passed(found[1]):
+        return fp32
+    choice = _cached_choice_at(known, key)
+    if choice is None:
+        seconds = {"int8": measure_onnx(int8_clf), "fp32": measure_onnx(clf)}
+        choice = min(seconds, key=seconds.get)
+        remember(path, known, key, choice, seconds)
+    return (int8_clf, "onnxruntime", "int8") if choice == "int8" else fp32
+
+
+def first_readable(files, image_size, count):
+    """uint8 images (N, 3, H, W) of the first `count` files that decode, in this process (calibration, check)."""
+    images = []
+    for start in range(0, len(files), count):
+        batch, _ = load_batch(files[start:start + count], image_size)
+        if batch is not None:
+            images.extend(batch)
+        if len(images) >= count:
+            break
+    return np.stack(images[:count]) if images else np.zeros((0, 3, image_size, image_size), np.uint8)
 
 
 def pick_engine(spec):
@@ -161,7 +226,11 @@ def _onnx_won_here(known):
 
 def _cached_choice(known, image_size):
     """The engine measured faster here for this image size ("onnxruntime", "fp32" or "bf16"), or None."""
-    entry = known.get(engine_key(image_size))
+    return _cached_choice_at(known, engine_key(image_size))
+
+
+def _cached_choice_at(known, key):
+    entry = known.get(key)
     return entry.get("choice") if isinstance(entry, dict) else None
 
 

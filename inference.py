@@ -52,13 +52,16 @@ def build_parser():
                    help="image-decoding processes (default %(default)s; 0: decode in the main process)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="engine that runs the model: auto (default): on the CPU with --precision auto, ONNX Runtime "
-                   "fp32 (the model exported once per checkpoint, kept beside it) or torch, whichever measured faster "
-                   "on this machine (once, cached); ONNX Runtime with --precision fp32, torch with bf16; torch on "
-                   "CUDA, and where ONNX Runtime is missing")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="torch backend: auto (default) is bf16 where it measured faster than fp32 on this machine "
-                   "(measured once, kept in ~/.cache/rlhf-imgcls or $RLHF_CACHE_DIR). ONNX Runtime always runs fp32; "
-                   "bf16 with --backend auto picks torch")
+                   "(the model exported once per checkpoint, kept beside it; fp32 or int8, see --precision) or "
+                   "torch, whichever measured faster on this machine (once, cached); ONNX Runtime with --precision "
+                   "fp32 or int8, torch with bf16; torch on CUDA, and where ONNX Runtime is missing")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
+                   help="auto (default): on torch, bf16 where it measured faster than fp32 on this machine; on ONNX "
+                   "Runtime, int8 where it measured faster and kept every probability within 0.02 of fp32's on the 64 "
+                   "images after the job's first 32 (which calibrate it; a class may change where fp32's two "
+                   "likeliest are that close), else fp32 (measured once per machine and checkpoint, kept in "
+                   "~/.cache/rlhf-imgcls or $RLHF_CACHE_DIR; a job under 96 images runs fp32). bf16 is torch's, "
+                   "int8 ONNX Runtime's (the batch CLI's only): with --backend auto each picks its engine")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                    help="where the batch CLI runs the model (default cpu; auto: CUDA when available)")
     return p
@@ -69,13 +72,7 @@ def main(argv=None):
     if args.paths and args.open:
         raise InferenceError("--open is for the window: drop it to classify IMG_OR_DIR, or drop IMG_OR_DIR")
     if not args.paths:
-        if args.csv or args.json:
-            raise InferenceError("--csv/--json need images: python inference.py IMG_OR_DIR ... --csv out.csv")
-        if Ranks.launched():
-            raise InferenceError("the window is one process: run python inference.py without torchrun, or "
-                                 "pass IMG_OR_DIR to classify files")
-        from inference_window import run_window  # tkinter only for the window
-        return run_window(args.model, args.open, args.precision, args.backend)
+        return open_window(args)
     if args.batch_size < 1 or args.workers < 0:
         raise InferenceError("--batch-size must be at least 1 and --workers at least 0")
     files = list_inputs(args.paths)
@@ -86,7 +83,8 @@ def main(argv=None):
     if out:
         check_output_path(out, flag, files + ([args.model] if args.model and os.path.isfile(args.model) else []))
         check_writable(out, flag)
-    clf, engine, precision = load_for_flags(args.model, args.backend, args.precision, pick_device(args.device))
+    clf, engine, precision = load_for_flags(args.model, args.backend, args.precision, pick_device(args.device),
+                                          files)
     ranks = Ranks.from_environment(pick_device(args.device))
     device = pick_device(args.device, ranks)
     if device.startswith("cuda") and ranks.active:
@@ -123,6 +121,20 @@ def main(argv=None):
           + (f", {ranks.world} processes" if ranks.active else "")
           + (f"; wrote {out}" if out else ""))
     return 0
+
+
+def open_window(args):
+    """The window, for a command line without images."""
+    if args.csv or args.json:
+        raise InferenceError("--csv/--json need images: python inference.py IMG_OR_DIR ... --csv out.csv")
+    if Ranks.launched():
+        raise InferenceError("the window is one process: run python inference.py without torchrun, or "
+                             "pass IMG_OR_DIR to classify files")
+    if args.precision == "int8":
+        raise InferenceError("--precision int8 is for the batch CLI (it calibrates on a job's images): drop it "
+                             "to open the window")
+    from inference_window import run_window  # tkinter only for the window
+    return run_window(args.model, args.open, args.precision, args.backend)
 
 
 def cli():

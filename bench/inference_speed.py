@@ -97,12 +97,15 @@ def whole_process(args):
             torch.save({"format_version": 1, "policy": state, "class_names": clf.class_names, "image_size": 224,
                         "step": 0}, model)
         n = len(list_inputs([folder]))
-        cli = [sys.executable, os.path.join(ROOT, "inference.py"), folder, "--model", model, "--csv",
-               os.path.join(work, "out.csv")]
+        cli = [sys.executable, os.path.join(ROOT, "inference.py"), folder, "--model", model, "--csv"]
         cmds = {} if args.no_baseline else {"one image at a time (process)": [
             sys.executable, os.path.abspath(__file__), "--loop-app", "--images", folder, "--model", model]}
-        cmds.update({"inference.py (default flags)": cli})
-        cmds.update({f"inference.py --backend {b}": cli + ["--backend", b] for b in ("torch", "onnxruntime")})
+        variants = {"inference.py (default flags)": [], "inference.py --backend torch": ["--backend", "torch"],
+                    "inference.py --backend onnxruntime --precision fp32": ["--backend", "onnxruntime",
+                                                                           "--precision", "fp32"],
+                    "inference.py --precision int8": ["--precision", "int8"]}
+        csvs = {name: os.path.join(work, f"out{i}.csv") for i, name in enumerate(variants)}
+        cmds.update({name: cli + [csvs[name]] + flags for name, flags in variants.items()})
         times, said, loop = {name: [] for name in cmds}, {}, []
         for r in range(-1, args.repeats):  # round -1 is untimed
             for name, cmd in cmds.items():
@@ -115,6 +118,8 @@ def whole_process(args):
                     loop.append(float(said[name].split()[1]))
             if r >= 0:
                 print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+        agreed = agreement(csvs["inference.py --backend onnxruntime --precision fp32"],
+                           csvs["inference.py --precision int8"])
     base = statistics.median(times[list(cmds)[0]])
     print(f"\n| whole process ({n} images, 224 px, {machine()}) | wall (median) | images/s | "
           f"speed-up vs {list(cmds)[0]} |\n|---|---:|---:|---:|")
@@ -130,8 +135,18 @@ def whole_process(args):
     for name in cmds:
         if name.startswith("inference.py"):
             print(f"{name}: {said[name]}")
+    print(agreed)
     print(f"load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}, onnxruntime "
           f"{onnxruntime_version()}")
+
+
+def agreement(fp32_csv, int8_csv):
+    """How the int8 engine's CSV agrees with the fp32 one's: same class, largest probability change."""
+    import csv
+    rows = [list(csv.DictReader(open(path, newline="", encoding="utf-8"))) for path in (fp32_csv, int8_csv)]
+    same = sum(a["predicted"] == b["predicted"] for a, b in zip(*rows))
+    diff = max(abs(float(a[k]) - float(b[k])) for a, b in zip(*rows) for k in a if k not in ("path", "predicted"))
+    return f"int8 against fp32, all {len(rows[0])} images: the same class on {same}, probabilities within {diff:.4f}"
 
 
 def onnxruntime_version():

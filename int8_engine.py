@@ -1,0 +1,137 @@
+"""The int8 variant of inference.py's ONNX Runtime engine: the checkpoint's fp32 export with its convolutions
+quantized (weights per channel, activations calibrated on the job's first images), checked against fp32 on the
+images after those, and cached beside the fp32 export with the check's result.
+
+    net, meta = load_int8(checkpoint) or build_int8(checkpoint, images)
+    check_passed(meta)        # every probability of every check image within CHECK_TOLERANCE of fp32's
+"""
+import json
+import logging
+import os
+import re
+import tempfile
+
+import numpy as np
+
+import onnx_engine
+
+CALIBRATION_IMAGES, CHECK_IMAGES = 32, 64  # a job shorter than both together runs fp32 (the build would not pay)
+CHECK_TOLERANCE = 0.02  # the largest change of any probability against fp32 that --precision auto accepts
+CALIBRATION_BATCH = 8
+
+
+def int8_places(checkpoint, digest):
+    """Where the int8 export of this checkpoint may lie: beside the fp32 export's places, `.int8` in the name."""
+    return [place[:-len(".onnx")] + ".int8.onnx" for place in onnx_engine.export_places(checkpoint, digest)]
+
+
+def load_int8(checkpoint):
+    """(OnnxNet, metadata with "int8_check") of the checkpoint's cached int8 export, or None where there is none."""
+    try:
+        digest = onnx_engine.checkpoint_digest(checkpoint)
+    except OSError:
+        return None
+    for place in int8_places(checkpoint, digest):
+        if os.path.isfile(place):
+            try:
+                session, meta = onnx_engine._session(place)
+            except Exception:  # damaged or foreign: built again over it
+                continue
+            if isinstance(meta.get("int8_check"), dict):
+                return onnx_engine.OnnxNet(session, meta["mean"], meta["std"]), meta
+    return None
+
+
+def check_passed(meta):
+    """Whether the int8 export kept every probability of every check image within CHECK_TOLERANCE of fp32's (a
+    class may then change only where fp32's two likeliest were that close: a tie either way)."""
+    check = meta.get("int8_check") or {}
+    return check.get("images", 0) > 0 and check.get("max_diff", 1.0) <= CHECK_TOLERANCE
+
+
+def build_int8(checkpoint, images):
+    """Quantize the checkpoint's cached fp32 export, calibrated on the first CALIBRATION_IMAGES of `images` (uint8,
+    N x 3 x H x W) and checked on the rest; cache it; (OnnxNet, metadata). None where no fp32 export is on disk."""
+    digest = onnx_engine.checkpoint_digest(checkpoint)
+    source = next((p for p in onnx_engine.export_places(checkpoint, digest) if os.path.isfile(p)), None)
+    if source is None:
+        return None
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_session, meta = onnx_engine._session(source)
+    fp32 = onnx_engine.OnnxNet(fp32_session, meta["mean"], meta["std"])
+    calibration, check = images[:CALIBRATION_IMAGES], images[CALIBRATION_IMAGES:]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter({fp32.input: onnx_engine.normalize(calibration[i:i + CALIBRATION_BATCH], fp32.mean,
+                                                                   fp32.std)}
+                                for i in range(0, len(calibration), CALIBRATION_BATCH))
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice is for its developers, not our users
+    try:
+        with tempfile.TemporaryDirectory(prefix="rlhf-int8-") as tmp:
+            prepared, quantized = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, "int8.onnx")
+            # Constant folding first, so the folded BatchNorm's biases are initializers the quantizer can read.
+            quant_pre_process(source, prepared, skip_symbolic_shape=True)
+            # Convolutions only: the head's few multiplies cost nothing, and quantized they move the probabilities
+            # most.
+            quantize_static(prepared, quantized, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["Conv"])
+            proto = onnx.load(quantized)
+    finally:
+        logging.getLogger().setLevel(quiet)
+    int8_session, _ = _session_of(proto, meta)  # without the check yet: measured next
+    net = onnx_engine.OnnxNet(int8_session, meta["mean"], meta["std"])
+    want, got = fp32.probabilities(check), net.probabilities(check)
+    meta = {**meta, "int8_check": {"images": len(check), "same_class": int((want.argmax(1) == got.argmax(1)).sum()),
+                                   "max_diff": round(float(np.abs(want - got).max()), 6) if len(check) else 1.0}}
+    data = _with_meta(proto, meta)
+    places = int8_places(checkpoint, digest)
+    for place in places:
+        if onnx_engine._save(place, data):
+            break
+    _remove_older(places[0])
+    session, meta = onnx_engine._session(data)
+    return onnx_engine.OnnxNet(session, meta["mean"], meta["std"]), meta
+
+
+def _remove_older(place):
+    """int8 exports of earlier contents of the same checkpoint file: never read again."""
+    folder, name = os.path.split(place)
+    older = re.compile(re.escape(name[:-len(".0123456789abcdef.int8.onnx")]) + r"\.[0-9a-f]{16}\.int8\.onnx")
+    try:
+        for other in os.listdir(folder):
+            if other != name and older.fullmatch(other):
+                os.unlink(os.path.join(folder, other))
+    except OSError:
+        pass
+
+
+def _with_meta(proto, meta):
+    for entry in proto.metadata_props:
+        if entry.key == onnx_engine.META_KEY:
+            entry.value = json.dumps(meta)
+            break
+    else:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = onnx_engine.META_KEY, json.dumps(meta)
+    return proto.SerializeToString()
+
+
+def _session_of(proto, meta):
+    return onnx_engine._session(_with_meta(proto, meta))
+
+
+def describe(meta):
+    """The check's result in words, for the CLI's output."""
+    check = meta["int8_check"]
+    return (f"int8 against fp32 on {check['images']} check images: the same class on {check['same_class']}, "
+            f"probabilities within {check['max_diff']:.4f}")

@@ -1,0 +1,144 @@
+"""inference.py --precision int8: ONNX Runtime on the quantized export, calibrated and checked against fp32 on the
+job's first images, cached per checkpoint; --precision auto takes it only where it passed and measured faster.
+
+    python -m pytest -q tests/test_int8_engine.py
+"""
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, assert_user_error, run_cli
+from test_onnx_backend import save_checkpoint
+
+sys.path.insert(0, ROOT)
+
+import batch_classifier
+import int8_engine
+import onnx_engine
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+JOB = int8_engine.CALIBRATION_IMAGES + int8_engine.CHECK_IMAGES
+
+
+@pytest.fixture
+def files(photos):
+    """The photo-like pictures: enough for a calibration and a check."""
+    found = batch_classifier.list_inputs([str(photos)])
+    assert len(found) >= JOB
+    return found
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["path"]: row for row in csv.DictReader(f)}
+
+
+def test_int8_export_is_checked_against_fp32_and_kept(tmp_path, files):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    fp32, _ = batch_classifier.load_served(model, "onnxruntime")  # the fp32 export it quantizes, on disk
+    images = batch_classifier.first_readable(files, 32, JOB)
+    net, meta = int8_engine.build_int8(model, images)
+    # the check is what fp32 and int8 say about the images after the calibration ones
+    want, got = fp32.net.probabilities(images[32:]), net.probabilities(images[32:])
+    assert meta["int8_check"] == {"images": 64, "same_class": int((want.argmax(1) == got.argmax(1)).sum()),
+                                  "max_diff": round(float(np.abs(want - got).max()), 6)}
+    assert 0 < meta["int8_check"]["max_diff"] < 0.1  # quantized, so not fp32's to the bit, but close
+    assert int8_engine.check_passed(meta) == (meta["int8_check"]["max_diff"] <= int8_engine.CHECK_TOLERANCE)
+    assert meta["class_names"] == ["ants", "bees"] and meta["image_size"] == 32
+    # kept beside the checkpoint, read back as it was made
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n.endswith(".int8.onnx"))
+    again, kept = int8_engine.load_int8(model)
+    assert kept == meta
+    np.testing.assert_array_equal(again.probabilities(images), net.probabilities(images))
+
+
+def test_a_changed_checkpoint_gets_its_own_int8_export(tmp_path, files):
+    model = tmp_path / "run" / "checkpoint.pt"
+    save_checkpoint(model, 0)
+    batch_classifier.load_served(str(model), "onnxruntime")
+    int8_engine.build_int8(str(model), batch_classifier.first_readable(files, 32, JOB))
+    first = [n for n in os.listdir(model.parent) if n.endswith(".int8.onnx")]
+    save_checkpoint(model, 1)  # the run went on: new weights in the same file
+    assert int8_engine.load_int8(str(model)) is None
+    batch_classifier.load_served(str(model), "onnxruntime")
+    int8_engine.build_int8(str(model), batch_classifier.first_readable(files, 32, JOB))
+    now = [n for n in os.listdir(model.parent) if n.endswith(".int8.onnx")]
+    assert len(first) == len(now) == 1 and first != now  # the older one removed
+
+
+def test_precision_int8_in_the_cli_stays_close_to_fp32(tmp_path, files):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    fp32 = run_cli("inference.py", *files, "--model", model, "--precision", "fp32", "--backend", "onnxruntime",
+                   "--csv", str(tmp_path / "fp32.csv"), cwd=tmp_path)
+    int8 = run_cli("inference.py", *files, "--model", model, "--precision", "int8", "--csv",
+                   str(tmp_path / "int8.csv"), cwd=tmp_path)
+    assert fp32.returncode == 0 and int8.returncode == 0, int8.stderr
+    assert "onnxruntime int8" in int8.stdout and "onnxruntime fp32" in fp32.stdout
+    a, b = read_csv(tmp_path / "fp32.csv"), read_csv(tmp_path / "int8.csv")
+    assert list(a) == list(b) == files
+    diff = max(abs(float(a[p][k]) - float(b[p][k])) for p in a for k in a[p] if k.startswith("prob_"))
+    assert 0 < diff < 0.1
+
+
+def seed_machine_choice(cache, image_size, choice):
+    """The per-machine measurements as a machine where ONNX Runtime won, and int8 against fp32 went `choice`."""
+    key = batch_classifier.engine_key(image_size)
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / batch_classifier.PRECISION_FILE).write_text(json.dumps({
+        key: {"choice": "onnxruntime", "seconds": {}}, f"int8 | {key}": {"choice": choice, "seconds": {}}}))
+
+
+def test_precision_auto_takes_int8_only_where_it_passed_and_won(tmp_path, files, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(onnx_engine.CACHE_ENV, str(cache))
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    seed_machine_choice(cache, 32, "int8")
+    monkeypatch.setattr(int8_engine, "CHECK_TOLERANCE", 1.0)  # any check passes
+    assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[1:] == ("onnxruntime", "int8")
+    assert batch_classifier.load_for_flags(model, "onnxruntime", "auto", "cpu", files)[2] == "int8"
+    # an explicit fp32, or a job too short to calibrate and check, runs fp32
+    assert batch_classifier.load_for_flags(model, "auto", "fp32", "cpu", files)[1:] == ("onnxruntime", "fp32")
+    assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files[:JOB - 1])[2] == "fp32"
+    # a check that failed for this checkpoint: fp32, whatever the machine prefers
+    monkeypatch.setattr(int8_engine, "CHECK_TOLERANCE", 0.0)
+    assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[1:] == ("onnxruntime", "fp32")
+    # fp32 measured faster on this machine: the int8 export is not even looked for
+    monkeypatch.setattr(int8_engine, "CHECK_TOLERANCE", 1.0)
+    seed_machine_choice(cache, 32, "fp32")
+    monkeypatch.setattr(int8_engine, "load_int8", lambda path: pytest.fail("looked for the int8 export"))
+    assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[2] == "fp32"
+
+
+def test_precision_auto_measures_int8_against_fp32_once(tmp_path, files, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(onnx_engine.CACHE_ENV, str(cache))
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    seed_machine_choice(cache, 32, "unknown")
+    kept = json.loads((cache / batch_classifier.PRECISION_FILE).read_text())
+    del kept[f"int8 | {batch_classifier.engine_key(32)}"]
+    (cache / batch_classifier.PRECISION_FILE).write_text(json.dumps(kept))
+    monkeypatch.setattr(int8_engine, "CHECK_TOLERANCE", 1.0)
+    clf, engine, precision = batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)
+    key = f"int8 | {batch_classifier.engine_key(32)}"
+    entry = json.loads((cache / batch_classifier.PRECISION_FILE).read_text())[key]
+    assert set(entry["seconds"]) == {"int8", "fp32"}
+    assert entry["choice"] == min(entry["seconds"], key=entry["seconds"].get)
+    assert precision == entry["choice"]
+    monkeypatch.setattr(batch_classifier, "measure_onnx", lambda clf: pytest.fail("measured again"))
+    assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[2] == precision
+
+
+def test_int8_refuses_what_it_cannot_run(tmp_path, files):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    out = tmp_path / "out.csv"
+    assert_user_error(run_cli("inference.py", files[0], "--model", model, "--precision", "int8", "--backend", "torch",
+                              "--csv", out, cwd=tmp_path), "--precision int8", "--backend torch")
+    assert_user_error(run_cli("inference.py", "--model", model, "--precision", "int8", cwd=tmp_path),
+                      "--precision int8", "window")
+    assert not out.exists()
