@@ -12,6 +12,7 @@ import platform
 import sys
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # the instructions that make bf16 faster than fp32 on a CPU
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products: what makes ONNX Runtime int8 fast
 
 
 def bench_parser(doc, images, image_size, rounds):
@@ -37,7 +38,8 @@ def parse_bench_args(parser):
 
 
 def machine():
-    """The CPU's model, its core count and which bf16 instructions it has, from /proc/cpuinfo."""
+    """The CPU's model, its core count and which bf16 and int8 dot-product instructions it has (what decides
+    between torch bf16 and ONNX Runtime int8), from /proc/cpuinfo."""
     fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -49,4 +51,6 @@ def machine():
     model = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
     flags = set(fields.get("flags", "").split())
     bf16 = [name for name in BF16_FLAGS if name in flags]
-    return f"{model}, {os.cpu_count()} cores, bf16 instructions: {' '.join(bf16) or 'none'}"
+    int8 = [name for name in INT8_FLAGS if name in flags]
+    return (f"{model}, {os.cpu_count()} cores, bf16 instructions: {' '.join(bf16) or 'none'}, int8 dot products: "
+            f"{' '.join(int8) or 'none'}")
