@@ -143,9 +143,9 @@ def with_int8(clf, spec, files, forced=False):
     try:
         found = checkpoint and int8_engine.load_int8(checkpoint)
         if checkpoint and (not found or (enough and found[1]["int8_check"]["images"] < int8_engine.CHECK_IMAGES)):
-            # none yet, or one an explicit int8 made on a short job: calibrated and checked on this job's first images
-            found = int8_engine.build_int8(checkpoint, first_readable(
-                files, clf.image_size, int8_engine.CALIBRATION_IMAGES + int8_engine.CHECK_IMAGES))
+            # none yet, or one an explicit int8 made on a short job: calibrated and checked on this job's images
+            found = int8_engine.build_int8(checkpoint, spread_sample(
+                files, clf.image_size, int8_engine.CALIBRATION_IMAGES, int8_engine.CHECK_IMAGES))
     except Exception as err:  # the quantizer fails in many ways; any of them means fp32
         found, why = None, f"the int8 export failed ({type(err).__name__}: {first_line(err)})"
     else:
@@ -171,16 +171,15 @@ def with_int8(clf, spec, files, forced=False):
     return (int8_clf, "onnxruntime", "int8") if choice == "int8" else fp32
 
 
-def first_readable(files, image_size, count):
-    """uint8 images (N, 3, H, W) of the first `count` files that decode, in this process (calibration, check)."""
-    images = []
-    for start in range(0, len(files), count):
-        batch, _ = load_batch(files[start:start + count], image_size)
-        if batch is not None:
-            images.extend(batch)
-        if len(images) >= count:
-            break
-    return np.stack(images[:count]) if images else np.zeros((0, 3, image_size, image_size), np.uint8)
+def spread_sample(files, image_size, calibration, check):
+    """uint8 images (N, 3, H, W) of calibration + check files spread evenly over the job (a folder sorted by class
+    must not calibrate on one class), decoded in this process: the calibration ones first, unreadable ones left
+    out."""
+    count = min(len(files), calibration + check)
+    picked = [files[i * len(files) // count] for i in range(count)]
+    ordered = picked[::3][:calibration] + [f for i, f in enumerate(picked) if i % 3 or i // 3 >= calibration]
+    batch, _ = load_batch(ordered, image_size)
+    return batch if batch is not None else np.zeros((0, 3, image_size, image_size), np.uint8)
 
 
 def pick_engine(spec):

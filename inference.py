@@ -57,8 +57,8 @@ def build_parser():
                    "fp32 or int8, torch with bf16; torch on CUDA, and where ONNX Runtime is missing")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
                    help="auto (default): on torch, bf16 where it measured faster than fp32 on this machine; on ONNX "
-                   "Runtime, int8 where it measured faster and kept every probability within 0.02 of fp32's on the 64 "
-                   "images after the job's first 32 (which calibrate it; a class may change where fp32's two "
+                   "Runtime, int8 where it measured faster and kept every probability within 0.02 of fp32's on 64 "
+                   "images spread over the job (32 others calibrate it; a class may change where fp32's two "
                    "likeliest are that close), else fp32 (measured once per machine and checkpoint, kept in "
                    "~/.cache/rlhf-imgcls or $RLHF_CACHE_DIR; a job under 96 images runs fp32). bf16 is torch's, "
                    "int8 ONNX Runtime's (the batch CLI's only): with --backend auto each picks its engine")

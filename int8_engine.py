@@ -1,10 +1,12 @@
 """The int8 variant of inference.py's ONNX Runtime engine: the checkpoint's fp32 export with its convolutions
-quantized (weights per channel, activations calibrated on the job's first images), checked against fp32 on the
-images after those, and cached beside the fp32 export with the check's result.
+quantized (weights per channel, activations calibrated on images of the job), checked against fp32 on others
+of it, and cached beside the fp32 export with the check's result.
 
     net, meta = load_int8(checkpoint) or build_int8(checkpoint, images)
     check_passed(meta)        # every probability of every check image within CHECK_TOLERANCE of fp32's
 """
+import contextlib
+import io
 import json
 import logging
 import os
@@ -57,7 +59,13 @@ def build_int8(checkpoint, images):
     if source is None:
         return None
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_session, meta = onnx_engine._session(source)
@@ -82,9 +90,12 @@ def build_int8(checkpoint, images):
             quant_pre_process(source, prepared, skip_symbolic_shape=True)
             # Convolutions only: the head's few multiplies cost nothing, and quantized they move the probabilities
             # most.
-            quantize_static(prepared, quantized, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv"])
+            # Ranges from the 0.001-99.999 percentiles rather than the extremes: one odd calibration image then
+            # does not stretch a range and coarsen every other image's steps. The calibrator prints its progress.
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(prepared, quantized, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=["Conv"], calibrate_method=CalibrationMethod.Percentile)
             proto = onnx.load(quantized)
     finally:
         logging.getLogger().setLevel(quiet)

@@ -1,5 +1,5 @@
 """inference.py --precision int8: ONNX Runtime on the quantized export, calibrated and checked against fp32 on the
-job's first images, cached per checkpoint; --precision auto takes it only where it passed and measured faster.
+job's images, cached per checkpoint; --precision auto takes it only where it passed and measured faster.
 
     python -m pytest -q tests/test_int8_engine.py
 """
@@ -42,7 +42,7 @@ def read_csv(path):
 def test_int8_export_is_checked_against_fp32_and_kept(tmp_path, files):
     model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
     fp32, _ = batch_classifier.load_served(model, "onnxruntime")  # the fp32 export it quantizes, on disk
-    images = batch_classifier.first_readable(files, 32, JOB)
+    images = batch_classifier.spread_sample(files, 32, 32, 64)
     net, meta = int8_engine.build_int8(model, images)
     # the check is what fp32 and int8 say about the images after the calibration ones
     want, got = fp32.net.probabilities(images[32:]), net.probabilities(images[32:])
@@ -62,12 +62,12 @@ def test_a_changed_checkpoint_gets_its_own_int8_export(tmp_path, files):
     model = tmp_path / "run" / "checkpoint.pt"
     save_checkpoint(model, 0)
     batch_classifier.load_served(str(model), "onnxruntime")
-    int8_engine.build_int8(str(model), batch_classifier.first_readable(files, 32, JOB))
+    int8_engine.build_int8(str(model), batch_classifier.spread_sample(files, 32, 32, 64))
     first = [n for n in os.listdir(model.parent) if n.endswith(".int8.onnx")]
     save_checkpoint(model, 1)  # the run went on: new weights in the same file
     assert int8_engine.load_int8(str(model)) is None
     batch_classifier.load_served(str(model), "onnxruntime")
-    int8_engine.build_int8(str(model), batch_classifier.first_readable(files, 32, JOB))
+    int8_engine.build_int8(str(model), batch_classifier.spread_sample(files, 32, 32, 64))
     now = [n for n in os.listdir(model.parent) if n.endswith(".int8.onnx")]
     assert len(first) == len(now) == 1 and first != now  # the older one removed
 
@@ -142,3 +142,17 @@ def test_int8_refuses_what_it_cannot_run(tmp_path, files):
     assert_user_error(run_cli("inference.py", "--model", model, "--precision", "int8", cwd=tmp_path),
                       "--precision int8", "window")
     assert not out.exists()
+
+
+def test_calibration_and_check_images_span_a_folder_sorted_by_class(files, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(batch_classifier, "load_batch", lambda paths, size: decoded.append(paths) or (
+        np.zeros((len(paths), 3, size, size), np.uint8), [None] * len(paths)))
+    images = batch_classifier.spread_sample(files, 16, 32, 64)
+    paths = decoded[0]
+    assert len(images) == len(paths) == 96 and len(set(paths)) == 96
+    for part in (paths[:32], paths[32:]):  # calibration, then check: both classes in each
+        assert {os.path.basename(os.path.dirname(p)) for p in part} == {"ants", "bees"}
+    # a short job: every file once
+    batch_classifier.spread_sample(files[:10], 16, 32, 64)
+    assert sorted(decoded[1]) == sorted(files[:10])
