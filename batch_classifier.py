@@ -40,6 +40,8 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # without them a CPU emulates bf16, slower than fp32
 PRECISION_FILE = "precision.json"  # in onnx_engine.cache_dir(): the measured --precision auto, per machine
 PRECISION_BATCH, PRECISION_ROUNDS = 8, 3
+NO_FP32_FILE = ("the int8 export is made from the fp32 export's file, and neither the checkpoint's folder nor the "
+                "cache folder ($RLHF_CACHE_DIR) could take one")
 
 
 class InferenceError(UserError):
@@ -142,19 +144,21 @@ def with_int8(clf, spec, files, forced=False):
         return fp32
     try:
         found = checkpoint and int8_engine.load_int8(checkpoint)
-        if checkpoint and (not found or (enough and found[1]["int8_check"]["images"] < int8_engine.CHECK_IMAGES)):
+        short = found and found[1]["int8_check"].get("images", 0) < int8_engine.CHECK_IMAGES
+        if checkpoint and (not found or (enough and short)):
             # none yet, or one an explicit int8 made on a short job: calibrated and checked on this job's images
             found = int8_engine.build_int8(checkpoint, spread_sample(
                 files, clf.image_size, int8_engine.CALIBRATION_IMAGES, int8_engine.CHECK_IMAGES))
     except Exception as err:  # the quantizer fails in many ways; any of them means fp32
-        found, why = None, f"the int8 export failed ({type(err).__name__}: {first_line(err)})"
+        found, failed = None, f"the int8 export failed ({type(err).__name__}: {first_line(err)})"
     else:
-        why = "the int8 export needs the checkpoint's fp32 export on disk (a writable folder beside it or the cache)"
+        failed = None
     if not found:
         if forced:
-            raise InferenceError(f"--precision int8: {why}: pass --precision fp32")
-        print(f"warning: {why}; classifying in fp32", file=sys.stderr)
-        return fp32
+            raise InferenceError(f"--precision int8: {failed or NO_FP32_FILE}: pass --precision fp32")
+        if failed:
+            print(f"warning: {failed}; classifying in fp32", file=sys.stderr)
+        return fp32  # where no folder takes the fp32 export, auto runs it from memory without a word
     int8_clf = _from_export(*found, checkpoint)
     if forced:
         if not int8_engine.check_passed(found[1]):

@@ -58,47 +58,12 @@ def build_int8(checkpoint, images):
     source = next((p for p in onnx_engine.export_places(checkpoint, digest) if os.path.isfile(p)), None)
     if source is None:
         return None
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     fp32_session, meta = onnx_engine._session(source)
     fp32 = onnx_engine.OnnxNet(fp32_session, meta["mean"], meta["std"])
     calibration, check = images[:CALIBRATION_IMAGES], images[CALIBRATION_IMAGES:]
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter({fp32.input: onnx_engine.normalize(calibration[i:i + CALIBRATION_BATCH], fp32.mean,
+    proto = _quantized(source, [{fp32.input: onnx_engine.normalize(calibration[i:i + CALIBRATION_BATCH], fp32.mean,
                                                                    fp32.std)}
-                                for i in range(0, len(calibration), CALIBRATION_BATCH))
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice is for its developers, not our users
-    try:
-        with tempfile.TemporaryDirectory(prefix="rlhf-int8-") as tmp:
-            prepared, quantized = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, "int8.onnx")
-            # Constant folding first, so the folded BatchNorm's biases are initializers the quantizer can read.
-            quant_pre_process(source, prepared, skip_symbolic_shape=True)
-            # Convolutions only: the head's few multiplies cost nothing, and quantized they move the probabilities
-            # most.
-            # Ranges from the 0.001-99.999 percentiles rather than the extremes: one odd calibration image then
-            # does not stretch a range and coarsen every other image's steps. The calibrator prints its progress.
-            with contextlib.redirect_stdout(io.StringIO()):
-                quantize_static(prepared, quantized, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                op_types_to_quantize=["Conv"], calibrate_method=CalibrationMethod.Percentile)
-            proto = onnx.load(quantized)
-    finally:
-        logging.getLogger().setLevel(quiet)
+                                for i in range(0, len(calibration), CALIBRATION_BATCH)])
     int8_session, _ = _session_of(proto, meta)  # without the check yet: measured next
     net = onnx_engine.OnnxNet(int8_session, meta["mean"], meta["std"])
     want, got = fp32.probabilities(check), net.probabilities(check)
@@ -112,6 +77,44 @@ def build_int8(checkpoint, images):
     _remove_older(places[0])
     session, meta = onnx_engine._session(data)
     return onnx_engine.OnnxNet(session, meta["mean"], meta["std"]), meta
+
+
+def _quantized(source, inputs):
+    """The ONNX model in file `source` with its convolutions quantized, calibrated on `inputs` (session feeds)."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter(inputs)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice is for its developers, not our users
+    try:
+        with tempfile.TemporaryDirectory(prefix="rlhf-int8-") as tmp:
+            prepared, quantized = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, "int8.onnx")
+            # Constant folding first, so the folded BatchNorm's biases are initializers the quantizer can read.
+            quant_pre_process(source, prepared, skip_symbolic_shape=True)
+            # Convolutions only: the head's few multiplies cost nothing, and quantized they move the probabilities
+            # most. Ranges from the 0.001-99.999 percentiles rather than the extremes: one odd calibration image
+            # then does not stretch a range and coarsen every other image's steps. The calibrator prints progress.
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(prepared, quantized, Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=["Conv"], calibrate_method=CalibrationMethod.Percentile)
+            return onnx.load(quantized)
+    finally:
+        logging.getLogger().setLevel(quiet)
 
 
 def _remove_older(place):

@@ -156,3 +156,15 @@ def test_calibration_and_check_images_span_a_folder_sorted_by_class(files, monke
     # a short job: every file once
     batch_classifier.spread_sample(files[:10], 16, 32, 64)
     assert sorted(decoded[1]) == sorted(files[:10])
+
+
+def test_without_a_folder_for_the_exports_int8_is_refused_and_auto_runs_fp32(tmp_path, files, monkeypatch, capsys):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    monkeypatch.setattr(onnx_engine, "_save", lambda place, data: False)  # no folder can be written
+    with pytest.raises(batch_classifier.InferenceError, match="--precision int8: .*pass --precision fp32"):
+        batch_classifier.load_for_flags(model, "auto", "int8", "cpu", files)
+    seed_machine_choice(tmp_path / "cache", 32, "int8")
+    monkeypatch.setenv(onnx_engine.CACHE_ENV, str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[1:] == ("onnxruntime", "fp32")
+    assert capsys.readouterr().err == ""
