@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import os
-import re
 import tempfile
 
 import numpy as np
@@ -74,7 +73,7 @@ def build_int8(checkpoint, images):
     for place in places:
         if onnx_engine._save(place, data):
             break
-    _remove_older(places[0])
+    onnx_engine._remove_older_exports(places[0], ".int8.onnx")
     session, meta = onnx_engine._session(data)
     return onnx_engine.OnnxNet(session, meta["mean"], meta["std"]), meta
 
@@ -115,18 +114,6 @@ def _quantized(source, inputs):
             return onnx.load(quantized)
     finally:
         logging.getLogger().setLevel(quiet)
-
-
-def _remove_older(place):
-    """int8 exports of earlier contents of the same checkpoint file: never read again."""
-    folder, name = os.path.split(place)
-    older = re.compile(re.escape(name[:-len(".0123456789abcdef.int8.onnx")]) + r"\.[0-9a-f]{16}\.int8\.onnx")
-    try:
-        for other in os.listdir(folder):
-            if other != name and older.fullmatch(other):
-                os.unlink(os.path.join(folder, other))
-    except OSError:
-        pass
 
 
 def _with_meta(proto, meta):

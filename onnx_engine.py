@@ -171,10 +171,11 @@ def _save(place, data):
         return False
 
 
-def _remove_older_exports(place):
-    """Exports of earlier contents of the same checkpoint file: never read again, and each the model's size."""
+def _remove_older_exports(place, suffix=".onnx"):
+    """Exports of earlier contents of the same checkpoint file (`place` and those older ones named
+    CHECKPOINT.DIGEST + suffix): never read again, and each the model's size."""
     folder, name = os.path.split(place)
-    older = re.compile(re.escape(name[:-len(".0123456789abcdef.onnx")]) + r"\.[0-9a-f]{16}\.onnx")
+    older = re.compile(re.escape(name[:-len(".0123456789abcdef" + suffix)]) + r"\.[0-9a-f]{16}" + re.escape(suffix))
     try:
         for other in os.listdir(folder):
             if other != name and older.fullmatch(other):
