@@ -147,7 +147,7 @@ def with_int8(clf, spec, files, forced=False):
         short = found and found[1]["int8_check"].get("images", 0) < int8_engine.CHECK_IMAGES
         if checkpoint and (not found or (enough and short)):
             # none yet, or one an explicit int8 made on a short job: calibrated and checked on this job's images
-            found = int8_engine.build_int8(checkpoint, spread_sample(
+            found = int8_engine.build_int8(checkpoint, *spread_sample(
                 files, clf.image_size, int8_engine.CALIBRATION_IMAGES, int8_engine.CHECK_IMAGES))
     except Exception as err:  # the quantizer fails in many ways; any of them means fp32
         found, failed = None, f"the int8 export failed ({type(err).__name__}: {first_line(err)})"
@@ -176,14 +176,16 @@ def with_int8(clf, spec, files, forced=False):
 
 
 def spread_sample(files, image_size, calibration, check):
-    """uint8 images (N, 3, H, W) of calibration + check files spread evenly over the job (a folder sorted by class
-    must not calibrate on one class), decoded in this process: the calibration ones first, unreadable ones left
-    out."""
+    """(calibration images, check images): uint8 arrays (N, 3, H, W) of up to `calibration` and `check` files
+    spread evenly over the job (a folder sorted by class must not calibrate on one class), decoded in this
+    process, unreadable ones left out."""
     count = min(len(files), calibration + check)
     picked = [files[i * len(files) // count] for i in range(count)]
-    ordered = picked[::3][:calibration] + [f for i, f in enumerate(picked) if i % 3 or i // 3 >= calibration]
-    batch, _ = load_batch(ordered, image_size)
-    return batch if batch is not None else np.zeros((0, 3, image_size, image_size), np.uint8)
+    first = picked[::3][:calibration]
+    rest = [f for i, f in enumerate(picked) if i % 3 or i // 3 >= calibration]
+    empty = np.zeros((0, 3, image_size, image_size), np.uint8)
+    return tuple(empty if batch is None else batch for batch, _ in (load_batch(part, image_size) if part else
+                                                                    (None, []) for part in (first, rest)))
 
 
 def pick_engine(spec):

@@ -2,7 +2,7 @@
 quantized (weights per channel, activations calibrated on images of the job), checked against fp32 on others
 of it, and cached beside the fp32 export with the check's result.
 
-    net, meta = load_int8(checkpoint) or build_int8(checkpoint, images)
+    net, meta = load_int8(checkpoint) or build_int8(checkpoint, calibration_images, check_images)
     check_passed(meta)        # every probability of every check image within CHECK_TOLERANCE of fp32's
 """
 import contextlib
@@ -18,7 +18,6 @@ import onnx_engine
 
 CALIBRATION_IMAGES, CHECK_IMAGES = 32, 64  # a job shorter than both together runs fp32 (the build would not pay)
 CHECK_TOLERANCE = 0.02  # the largest change of any probability against fp32 that --precision auto accepts
-CALIBRATION_BATCH = 8
 
 
 def int8_places(checkpoint, digest):
@@ -50,19 +49,17 @@ def check_passed(meta):
     return check.get("images", 0) > 0 and check.get("max_diff", 1.0) <= CHECK_TOLERANCE
 
 
-def build_int8(checkpoint, images):
-    """Quantize the checkpoint's cached fp32 export, calibrated on the first CALIBRATION_IMAGES of `images` (uint8,
-    N x 3 x H x W) and checked on the rest; cache it; (OnnxNet, metadata). None where no fp32 export is on disk."""
+def build_int8(checkpoint, calibration, check):
+    """Quantize the checkpoint's cached fp32 export, calibrated on `calibration` and checked on `check` (uint8
+    images, N x 3 x H x W); cache it; (OnnxNet, metadata). None where no fp32 export is on disk."""
     digest = onnx_engine.checkpoint_digest(checkpoint)
     source = next((p for p in onnx_engine.export_places(checkpoint, digest) if os.path.isfile(p)), None)
     if source is None:
         return None
     fp32_session, meta = onnx_engine._session(source)
     fp32 = onnx_engine.OnnxNet(fp32_session, meta["mean"], meta["std"])
-    calibration, check = images[:CALIBRATION_IMAGES], images[CALIBRATION_IMAGES:]
-    proto = _quantized(source, [{fp32.input: onnx_engine.normalize(calibration[i:i + CALIBRATION_BATCH], fp32.mean,
-                                                                   fp32.std)}
-                                for i in range(0, len(calibration), CALIBRATION_BATCH)])
+    # One batch: the percentile calibrator stacks what each batch gave, so batches of unequal size break it.
+    proto = _quantized(source, [{fp32.input: onnx_engine.normalize(calibration, fp32.mean, fp32.std)}])
     int8_session, _ = _session_of(proto, meta)  # without the check yet: measured next
     net = onnx_engine.OnnxNet(int8_session, meta["mean"], meta["std"])
     want, got = fp32.probabilities(check), net.probabilities(check)

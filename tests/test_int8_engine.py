@@ -42,10 +42,10 @@ def read_csv(path):
 def test_int8_export_is_checked_against_fp32_and_kept(tmp_path, files):
     model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
     fp32, _ = batch_classifier.load_served(model, "onnxruntime")  # the fp32 export it quantizes, on disk
-    images = batch_classifier.spread_sample(files, 32, 32, 64)
-    net, meta = int8_engine.build_int8(model, images)
-    # the check is what fp32 and int8 say about the images after the calibration ones
-    want, got = fp32.net.probabilities(images[32:]), net.probabilities(images[32:])
+    calibration, check = batch_classifier.spread_sample(files, 32, 32, 64)
+    net, meta = int8_engine.build_int8(model, calibration, check)
+    # the check is what fp32 and int8 say about the check images
+    want, got = fp32.net.probabilities(check), net.probabilities(check)
     assert meta["int8_check"] == {"images": 64, "same_class": int((want.argmax(1) == got.argmax(1)).sum()),
                                   "max_diff": round(float(np.abs(want - got).max()), 6)}
     assert 0 < meta["int8_check"]["max_diff"] < 0.1  # quantized, so not fp32's to the bit, but close
@@ -55,19 +55,19 @@ def test_int8_export_is_checked_against_fp32_and_kept(tmp_path, files):
     assert sorted(n for n in os.listdir(tmp_path / "run") if n.endswith(".int8.onnx"))
     again, kept = int8_engine.load_int8(model)
     assert kept == meta
-    np.testing.assert_array_equal(again.probabilities(images), net.probabilities(images))
+    np.testing.assert_array_equal(again.probabilities(check), net.probabilities(check))
 
 
 def test_a_changed_checkpoint_gets_its_own_int8_export(tmp_path, files):
     model = tmp_path / "run" / "checkpoint.pt"
     save_checkpoint(model, 0)
     batch_classifier.load_served(str(model), "onnxruntime")
-    int8_engine.build_int8(str(model), batch_classifier.spread_sample(files, 32, 32, 64))
+    int8_engine.build_int8(str(model), *batch_classifier.spread_sample(files, 32, 32, 64))
     first = [n for n in os.listdir(model.parent) if n.endswith(".int8.onnx")]
     save_checkpoint(model, 1)  # the run went on: new weights in the same file
     assert int8_engine.load_int8(str(model)) is None
     batch_classifier.load_served(str(model), "onnxruntime")
-    int8_engine.build_int8(str(model), batch_classifier.spread_sample(files, 32, 32, 64))
+    int8_engine.build_int8(str(model), *batch_classifier.spread_sample(files, 32, 32, 64))
     now = [n for n in os.listdir(model.parent) if n.endswith(".int8.onnx")]
     assert len(first) == len(now) == 1 and first != now  # the older one removed
 
@@ -148,14 +148,15 @@ def test_calibration_and_check_images_span_a_folder_sorted_by_class(files, monke
     decoded = []
     monkeypatch.setattr(batch_classifier, "load_batch", lambda paths, size: decoded.append(paths) or (
         np.zeros((len(paths), 3, size, size), np.uint8), [None] * len(paths)))
-    images = batch_classifier.spread_sample(files, 16, 32, 64)
-    paths = decoded[0]
-    assert len(images) == len(paths) == 96 and len(set(paths)) == 96
-    for part in (paths[:32], paths[32:]):  # calibration, then check: both classes in each
+    calibration, check = batch_classifier.spread_sample(files, 16, 32, 64)
+    assert (len(calibration), len(check)) == (len(decoded[0]), len(decoded[1])) == (32, 64)
+    assert len(set(decoded[0] + decoded[1])) == 96
+    for part in decoded:  # calibration, then check: both classes in each
         assert {os.path.basename(os.path.dirname(p)) for p in part} == {"ants", "bees"}
-    # a short job: every file once
-    batch_classifier.spread_sample(files[:10], 16, 32, 64)
-    assert sorted(decoded[1]) == sorted(files[:10])
+    # a short job: every file once, a third of them to calibrate
+    decoded.clear()
+    calibration, check = batch_classifier.spread_sample(files[:10], 16, 32, 64)
+    assert (len(calibration), len(check)) == (4, 6) and sorted(decoded[0] + decoded[1]) == sorted(files[:10])
 
 
 def test_without_a_folder_for_the_exports_int8_is_refused_and_auto_runs_fp32(tmp_path, files, monkeypatch, capsys):
@@ -168,3 +169,15 @@ def test_without_a_folder_for_the_exports_int8_is_refused_and_auto_runs_fp32(tmp
     capsys.readouterr()
     assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[1:] == ("onnxruntime", "fp32")
     assert capsys.readouterr().err == ""
+
+
+def test_an_int8_export_checked_on_a_short_job_is_made_again_for_a_long_one(tmp_path, files, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(onnx_engine.CACHE_ENV, str(cache))
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    assert batch_classifier.load_for_flags(model, "auto", "int8", "cpu", files[:10])[2] == "int8"
+    assert int8_engine.load_int8(model)[1]["int8_check"]["images"] < int8_engine.CHECK_IMAGES
+    seed_machine_choice(cache, 32, "int8")
+    monkeypatch.setattr(int8_engine, "CHECK_TOLERANCE", 1.0)
+    assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[2] == "int8"
+    assert int8_engine.load_int8(model)[1]["int8_check"]["images"] == int8_engine.CHECK_IMAGES
