@@ -183,9 +183,11 @@ def spread_sample(files, image_size, calibration, check):
     picked = [files[i * len(files) // count] for i in range(count)]
     first = picked[::3][:calibration]
     rest = [f for i, f in enumerate(picked) if i % 3 or i // 3 >= calibration]
-    empty = np.zeros((0, 3, image_size, image_size), np.uint8)
-    return tuple(empty if batch is None else batch for batch, _ in (load_batch(part, image_size) if part else
-                                                                    (None, []) for part in (first, rest)))
+
+    def decoded(part):
+        batch = load_batch(part, image_size)[0] if part else None
+        return np.zeros((0, 3, image_size, image_size), np.uint8) if batch is None else batch
+    return decoded(first), decoded(rest)
 
 
 def pick_engine(spec):

@@ -60,7 +60,7 @@ def build_int8(checkpoint, calibration, check):
     fp32 = onnx_engine.OnnxNet(fp32_session, meta["mean"], meta["std"])
     # One batch: the percentile calibrator stacks what each batch gave, so batches of unequal size break it.
     proto = _quantized(source, [{fp32.input: onnx_engine.normalize(calibration, fp32.mean, fp32.std)}])
-    int8_session, _ = _session_of(proto, meta)  # without the check yet: measured next
+    int8_session, _ = onnx_engine._session(_with_meta(proto, meta))
     net = onnx_engine.OnnxNet(int8_session, meta["mean"], meta["std"])
     want, got = fp32.probabilities(check), net.probabilities(check)
     meta = {**meta, "int8_check": {"images": len(check), "same_class": int((want.argmax(1) == got.argmax(1)).sum()),
@@ -71,8 +71,7 @@ def build_int8(checkpoint, calibration, check):
         if onnx_engine._save(place, data):
             break
     onnx_engine._remove_older_exports(places[0], ".int8.onnx")
-    session, meta = onnx_engine._session(data)
-    return onnx_engine.OnnxNet(session, meta["mean"], meta["std"]), meta
+    return net, meta  # the session the check ran: the saved file differs only in the check's metadata
 
 
 def _quantized(source, inputs):
@@ -122,10 +121,6 @@ def _with_meta(proto, meta):
         entry = proto.metadata_props.add()
         entry.key, entry.value = onnx_engine.META_KEY, json.dumps(meta)
     return proto.SerializeToString()
-
-
-def _session_of(proto, meta):
-    return onnx_engine._session(_with_meta(proto, meta))
 
 
 def describe(meta):

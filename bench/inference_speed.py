@@ -143,7 +143,10 @@ def whole_process(args):
 def agreement(fp32_csv, int8_csv):
     """How the int8 engine's CSV agrees with the fp32 one's: same class, largest probability change."""
     import csv
-    rows = [list(csv.DictReader(open(path, newline="", encoding="utf-8"))) for path in (fp32_csv, int8_csv)]
+    rows = []
+    for path in (fp32_csv, int8_csv):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows.append(list(csv.DictReader(f)))
     same = sum(a["predicted"] == b["predicted"] for a, b in zip(*rows))
     diff = max(abs(float(a[k]) - float(b[k])) for a, b in zip(*rows) for k in a if k not in ("path", "predicted"))
     return f"int8 against fp32, all {len(rows[0])} images: the same class on {same}, probabilities within {diff:.4f}"
