@@ -22,10 +22,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(autouse=True)
-def private_engine_cache(tmp_path_factory, monkeypatch):
-    """Each test its own per-machine cache (engine measurements, ONNX exports): a measurement made on a machine
-    busy with the suite must never become the user's default, and no test may read an earlier one's choice."""
-    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path_factory.mktemp("engine-cache")))
+def engine_cache(tmp_path_factory, monkeypatch):
+    """Each test its own per-machine cache (engine measurements, ONNX exports), returned: a measurement made on a
+    machine busy with the suite must never become the user's default, and no test may read an earlier one's. Not
+    made yet, as on a machine where the tool never ran."""
+    folder = tmp_path_factory.mktemp("engine-cache") / "cache"
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(folder))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -87,16 +87,18 @@ def test_precision_int8_in_the_cli_stays_close_to_fp32(tmp_path, files):
 
 
 def seed_machine_choice(cache, image_size, choice):
-    """The per-machine measurements as a machine where ONNX Runtime won, and int8 against fp32 went `choice`."""
+    """The per-machine measurements as a machine where ONNX Runtime won, and int8 against fp32 went `choice` (None:
+    not measured yet)."""
     key = batch_classifier.engine_key(image_size)
+    known = {key: {"choice": "onnxruntime", "seconds": {}}}
     cache.mkdir(parents=True, exist_ok=True)
-    (cache / batch_classifier.PRECISION_FILE).write_text(json.dumps({
-        key: {"choice": "onnxruntime", "seconds": {}}, f"int8 | {key}": {"choice": choice, "seconds": {}}}))
+    if choice:
+        known[f"int8 | {key}"] = {"choice": choice, "seconds": {}}
+    (cache / batch_classifier.PRECISION_FILE).write_text(json.dumps(known))
 
 
-def test_precision_auto_takes_int8_only_where_it_passed_and_won(tmp_path, files, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(onnx_engine.CACHE_ENV, str(cache))
+def test_precision_auto_takes_int8_only_where_it_passed_and_won(tmp_path, files, monkeypatch, engine_cache):
+    cache = engine_cache
     model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
     seed_machine_choice(cache, 32, "int8")
     monkeypatch.setattr(int8_engine, "CHECK_TOLERANCE", 1.0)  # any check passes
@@ -115,14 +117,10 @@ def test_precision_auto_takes_int8_only_where_it_passed_and_won(tmp_path, files,
     assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[2] == "fp32"
 
 
-def test_precision_auto_measures_int8_against_fp32_once(tmp_path, files, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(onnx_engine.CACHE_ENV, str(cache))
+def test_precision_auto_measures_int8_against_fp32_once(tmp_path, files, monkeypatch, engine_cache):
+    cache = engine_cache
     model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
-    seed_machine_choice(cache, 32, "unknown")
-    kept = json.loads((cache / batch_classifier.PRECISION_FILE).read_text())
-    del kept[f"int8 | {batch_classifier.engine_key(32)}"]
-    (cache / batch_classifier.PRECISION_FILE).write_text(json.dumps(kept))
+    seed_machine_choice(cache, 32, None)
     monkeypatch.setattr(int8_engine, "CHECK_TOLERANCE", 1.0)
     clf, engine, precision = batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)
     key = f"int8 | {batch_classifier.engine_key(32)}"
@@ -159,21 +157,21 @@ def test_calibration_and_check_images_span_a_folder_sorted_by_class(files, monke
     assert (len(calibration), len(check)) == (4, 6) and sorted(decoded[0] + decoded[1]) == sorted(files[:10])
 
 
-def test_without_a_folder_for_the_exports_int8_is_refused_and_auto_runs_fp32(tmp_path, files, monkeypatch, capsys):
+def test_without_a_folder_for_the_exports_int8_is_refused_and_auto_runs_fp32(tmp_path, files, monkeypatch, capsys,
+                                                                             engine_cache):
     model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
     monkeypatch.setattr(onnx_engine, "_save", lambda place, data: False)  # no folder can be written
     with pytest.raises(batch_classifier.InferenceError, match="--precision int8: .*pass --precision fp32"):
         batch_classifier.load_for_flags(model, "auto", "int8", "cpu", files)
-    seed_machine_choice(tmp_path / "cache", 32, "int8")
-    monkeypatch.setenv(onnx_engine.CACHE_ENV, str(tmp_path / "cache"))
+    seed_machine_choice(engine_cache, 32, "int8")
     capsys.readouterr()
     assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[1:] == ("onnxruntime", "fp32")
     assert capsys.readouterr().err == ""
 
 
-def test_an_int8_export_checked_on_a_short_job_is_made_again_for_a_long_one(tmp_path, files, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(onnx_engine.CACHE_ENV, str(cache))
+def test_an_int8_export_checked_on_a_short_job_is_made_again_for_a_long_one(tmp_path, files, monkeypatch,
+                                                                            engine_cache):
+    cache = engine_cache
     model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
     assert batch_classifier.load_for_flags(model, "auto", "int8", "cpu", files[:10])[2] == "int8"
     assert int8_engine.load_int8(model)[1]["int8_check"]["images"] < int8_engine.CHECK_IMAGES

@@ -37,11 +37,10 @@ def save_checkpoint(path, seed):
     return path
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    """Each test's own per-machine cache, never the user's home."""
-    monkeypatch.setenv(onnx_engine.CACHE_ENV, str(tmp_path / "cache"))
-    return tmp_path / "cache"
+@pytest.fixture
+def cache(engine_cache):
+    """The test's own per-machine cache (conftest's), never the user's home."""
+    return engine_cache
 
 
 @pytest.fixture
