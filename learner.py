@@ -220,7 +220,7 @@ class Learner:
         self.changes = 0  # bumped after every change to either model: what score_cache.ScoreCache keys on
         self.rm_record = []  # (hit 1/0, answer) for each new answer the reward model predicted before fitting it
         self.verdict_record = []  # (yes 1/0, 1 / behaviour) for each fresh verdict on its top class
-        self.flip_scores = []  # (its P(proposed), verdict) for each fresh verdict: what the flip rate is read from
+        self.flip_scores = []  # (its P(proposed), verdict, its trust then) per fresh verdict: the flip rate's data
         self.estimated_flip_rate = DEFAULT_FLIP_RATE
         self.reference_kept = {}  # pool image -> log pi_ref: the reference never changes
 
@@ -315,7 +315,10 @@ class Learner:
         said_yes, top = verdicts.bool(), rewards.argmax(1) == proposed
         settled = said_yes | top
         if self.bounded_verdicts() and behaviour is not None:
-            self.flip_scores = (self.flip_scores + list(zip(p.tolist(), said_yes.long().tolist())))[-FLIP_SCORES:]
+            # an untrusted model's disagreement with a verdict is its own error as often as the person's slip
+            trust = self.rm_reliability()
+            self.flip_scores = (self.flip_scores + [(q, y, trust) for q, y in
+                                                    zip(p.tolist(), said_yes.long().tolist())])[-FLIP_SCORES:]
             self.estimated_flip_rate = estimate_flip_rate(self.flip_scores)
             weights = 1.0 / behaviour.double().clamp_min(1e-6)
             self.verdict_record = (self.verdict_record + [(int(y), float(w)) for y, w in
@@ -476,7 +479,9 @@ class Learner:
         else:  # format 1 kept hits only: the answers' classes are unknown (-1)
             self.rm_record = [(int(h), -1) for h in state.get("rm_fresh", [])]
         self.verdict_record = [(int(y), float(w)) for y, w in state.get("verdict_record", [])]
-        self.flip_scores = [(float(q), int(v)) for q, v in state.get("flip_scores", [])]
+        # before the trust was kept, each verdict counted in full
+        self.flip_scores = [(float(r[0]), int(r[1]), float(r[2]) if len(r) > 2 else 1.0)
+                            for r in state.get("flip_scores", [])]
         self.estimated_flip_rate = estimate_flip_rate(self.flip_scores) if self.flip_scores else DEFAULT_FLIP_RATE
 
 

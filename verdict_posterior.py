@@ -8,14 +8,17 @@ yes minus the no per class: one slip can never outweigh the rest, the way a hard
 
     net = net_verdicts(ledger, image)                 # yes - no per class
     posterior(prior, net, eps)                        # P(class | prior, verdicts)
-    estimate_flip_rate([(q_k, verdict), ...])         # MAP eps: q_k, the reward model's P(k) before the verdict
+    estimate_flip_rate([(q_k, verdict, trust), ...])  # MAP eps: q_k, the reward model's P(k) before the verdict
     snips_accuracy([(yes, 1 / behaviour), ...], eps)  # its top-1 accuracy from proposals of its top class
 """
 import math
 
 import numpy as np
 
-DEFAULT_FLIP_RATE = 0.05  # the estimate before the data speak: published label-error rates are 3-6%
+# The estimate before a trusted reward model has seen the person slip. Low, because a high one costs a careful
+# person most of what the first verdicts teach (a yes on a class the model finds unlikely is read as a slip),
+# while a person who slips raises it as soon as the model is trusted.
+DEFAULT_FLIP_RATE = 0.01
 FLIP_RATE_RANGE = (0.005, 0.45)  # at 0 one verdict is certain again; at 1/2 a verdict says nothing
 PRIOR_VERDICTS = 20.0  # pseudo-verdicts at DEFAULT_FLIP_RATE the estimate starts from: a few verdicts move it little
 
@@ -59,16 +62,17 @@ def flip_probability(q, verdict, eps):
 
 
 def estimate_flip_rate(scored, prior_rate=DEFAULT_FLIP_RATE, prior_weight=PRIOR_VERDICTS, iterations=200):
-    """MAP estimate of eps by EM from (q, verdict) pairs, q the reward model's probability of the proposed class
-    before it was fitted on that verdict; a Beta prior of `prior_weight` pseudo-verdicts at `prior_rate`."""
-    pairs = np.asarray(list(scored), dtype=np.float64).reshape(-1, 2)
-    q, yes = pairs[:, 0], pairs[:, 1] > 0.5
+    """MAP estimate of eps by EM from (q, verdict[, trust]) rows, q the reward model's probability of the proposed
+    class before it was fitted on that verdict, trust (default 1) how far that model was trusted then, which is
+    how much the row counts; a Beta prior of `prior_weight` pseudo-verdicts at `prior_rate`."""
+    rows = np.asarray([tuple(r) + (1.0,) * (3 - len(r)) for r in scored], dtype=np.float64).reshape(-1, 3)
+    q, yes, weight = rows[:, 0], rows[:, 1] > 0.5, rows[:, 2]
     right = np.where(yes, q, 1.0 - q)  # P(the verdict is honest | no slip) per row: the model's view
     eps = prior_rate
     for _ in range(iterations):
         slip = (1.0 - right) * eps
-        slips = float((slip / np.maximum(slip + right * (1.0 - eps), 1e-300)).sum())
-        new = (slips + prior_weight * prior_rate) / (len(q) + prior_weight)
+        slips = float((weight * slip / np.maximum(slip + right * (1.0 - eps), 1e-300)).sum())
+        new = (slips + prior_weight * prior_rate) / (float(weight.sum()) + prior_weight)
         done = abs(new - eps) < 1e-7
         eps = new
         if done:

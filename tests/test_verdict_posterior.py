@@ -11,7 +11,7 @@ from answer_ledger import AnswerLedger
 from learner import Learner, reward_model_loss, snips_reliability
 from run_config import RewardModelConfig
 from test_rlhf_run import make_run
-from verdict_posterior import estimate_flip_rate, net_verdicts, posterior, snips_accuracy
+from verdict_posterior import DEFAULT_FLIP_RATE, estimate_flip_rate, net_verdicts, posterior, snips_accuracy
 
 
 def test_the_posterior_of_a_yes_a_no_and_two_verdicts_matches_a_hand_computation():
@@ -65,6 +65,27 @@ def test_the_flip_rate_is_estimated_within_three_points_from_2000_verdicts(eps):
     assert abs(estimate_flip_rate(scored) - eps) <= 0.03
 
 
+def flipped_stream(eps, n, seed):
+    """(q, verdict) of n verdicts on proposals drawn from a calibrated model, each flipped with rate eps."""
+    rng, k, scored = random.Random(seed), 10, []
+    for _ in range(n):
+        weights = [rng.gammavariate(0.3, 1.0) for _ in range(k)]
+        q = [w / sum(weights) for w in weights]
+        truth, proposed = rng.choices(range(k), q)[0], rng.choices(range(k), q)[0]
+        scored.append((q[proposed], int((proposed == truth) != (rng.random() < eps))))
+    return scored
+
+
+def test_verdicts_an_untrusted_model_scored_leave_the_flip_rate_at_its_prior():
+    scored = flipped_stream(0.2, 2000, 7)
+    assert estimate_flip_rate([(q, v, 0.0) for q, v in scored]) == pytest.approx(DEFAULT_FLIP_RATE)
+    half = estimate_flip_rate([(q, v, 0.5) for q, v in scored])  # counted at half: the prior weighs twice as much
+    assert estimate_flip_rate(scored) > half > 0.15
+    # the trusted half of a stream decides: untrusted rows at another rate move it less than a point
+    mixed = [(q, v, 1.0) for q, v in scored] + [(q, v, 0.0) for q, v in flipped_stream(0.0, 2000, 8)]
+    assert abs(estimate_flip_rate(mixed) - estimate_flip_rate(scored)) < 0.01
+
+
 def test_snips_matches_a_hand_computation():
     # verdicts on proposals of the model's top class: yes with weights 2 and 4, no with weight 1.25
     record = [(1, 2.0), (1, 4.0), (0, 1.25)]
@@ -102,7 +123,8 @@ def test_fresh_verdicts_feed_the_flip_rate_and_the_unbiased_record():
     learner.score_verdicts(torch.zeros(4, 1), torch.tensor([0, 0, 1, 2]), torch.tensor([1, 0, 0, 0]),
                            torch.tensor([0.5, 0.25, 0.4, 0.4]))
     assert learner.verdict_record == [(1, 2.0), (0, 4.0)]  # only proposals of its top class, weighted
-    assert [q for q, _ in learner.flip_scores] == pytest.approx([0.9, 0.9, 0.2, 0.4])
+    assert [r[0] for r in learner.flip_scores] == pytest.approx([0.9, 0.9, 0.2, 0.4])
+    assert [r[2] for r in learner.flip_scores] == [0.0] * 4  # a model never measured is not trusted
     fixed = Learner(3, None, "head", seed=0, rm_cfg=RewardModelConfig(verdict_flip_rate=0.2))
     assert fixed.flip_rate() == pytest.approx(0.2)
 
@@ -208,7 +230,7 @@ def test_a_verdict_run_ends_its_epoch_with_a_remeasured_reward_model(tmp_path, d
 
 def test_a_checkpoint_from_before_the_flip_rate_resumes_with_the_default_and_empty_records():
     learner = Learner(3, None, "head", seed=0)
-    learner.flip_scores, learner.verdict_record = [(0.9, 0), (0.2, 1)], [(1, 2.0)]
+    learner.flip_scores, learner.verdict_record = [(0.9, 0, 1.0), (0.2, 1, 0.5)], [(1, 2.0)]
     state = learner.state_dict()
     resumed = Learner(3, None, "head", seed=0)
     resumed.load_state_dict(state)
@@ -217,4 +239,4 @@ def test_a_checkpoint_from_before_the_flip_rate_resumes_with_the_default_and_emp
     old = {k: v for k, v in state.items() if k not in ("verdict_record", "flip_scores")}
     before = Learner(3, None, "head", seed=0)
     before.load_state_dict(old)
-    assert before.verdict_record == [] and before.flip_scores == [] and before.flip_rate() == 0.05
+    assert before.verdict_record == [] and before.flip_scores == [] and before.flip_rate() == DEFAULT_FLIP_RATE
