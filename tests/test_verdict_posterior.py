@@ -48,32 +48,21 @@ def test_the_ledger_keeps_each_images_evidence_and_undo_takes_it_back():
     assert ledger.net_verdicts("a") == [-1, 0, 0] and ledger.net_verdicts("b") == [0, 0, 0]
 
 
-@pytest.mark.parametrize("eps", [0.05, 0.2])
-def test_the_flip_rate_is_estimated_within_three_points_from_2000_verdicts(eps):
-    rng = random.Random(int(eps * 100))
-    k, scored = 10, []
-    for _ in range(2000):
-        # a calibrated model: its probabilities, then the image's class drawn from them
-        weights = [rng.gammavariate(0.3, 1.0) for _ in range(k)]
-        q = [w / sum(weights) for w in weights]
-        truth = rng.choices(range(k), q)[0]
-        proposed = rng.choices(range(k), q)[0]
-        verdict = int(proposed == truth)
-        if rng.random() < eps:
-            verdict = 1 - verdict
-        scored.append((q[proposed], verdict))
-    assert abs(estimate_flip_rate(scored) - eps) <= 0.03
-
-
 def flipped_stream(eps, n, seed):
     """(q, verdict) of n verdicts on proposals drawn from a calibrated model, each flipped with rate eps."""
     rng, k, scored = random.Random(seed), 10, []
     for _ in range(n):
+        # a calibrated model: its probabilities, then the image's class drawn from them
         weights = [rng.gammavariate(0.3, 1.0) for _ in range(k)]
         q = [w / sum(weights) for w in weights]
         truth, proposed = rng.choices(range(k), q)[0], rng.choices(range(k), q)[0]
         scored.append((q[proposed], int((proposed == truth) != (rng.random() < eps))))
     return scored
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2])
+def test_the_flip_rate_is_estimated_within_three_points_from_2000_verdicts(eps):
+    assert abs(estimate_flip_rate(flipped_stream(eps, 2000, int(eps * 100))) - eps) <= 0.03
 
 
 def test_verdicts_an_untrusted_model_scored_leave_the_flip_rate_at_its_prior():
