@@ -30,6 +30,7 @@ from feature_cache import FeatureCache, weights_digest
 from feedback_store import FeedbackStore, StoreError
 from label_transfer import import_labels
 from learner import Learner, UpdateBatch, VerdictBatch, evaluate_accuracy
+from neighbour_vote import NeighbourVote
 from question_queue import QuestionQueue, rank_unasked
 from run_folder import RunFiles
 from score_cache import ScoreCache
@@ -69,6 +70,7 @@ class RLHFRun:
         self.ledger = AnswerLedger(dataset.num_classes)  # keyed by pool position
         self.shown_of = {}  # pool position -> class shown with the answer given in this process
         self.prior_of = {}  # pool position -> the guess its last proposal was drawn from (the posterior's prior)
+        self.neighbours = NeighbourVote.of_run(cfg, dataset)  # --neighbour-prior (None: the guess alone)
         self.questions = QuestionQueue(len(dataset), cfg.seed, cfg.order)
         self.lock = self.questions.lock  # the window's guesser asks while its run worker records
         self.training = TrainingQueue(cfg.seed)
@@ -175,7 +177,9 @@ class RLHFRun:
 
     def propose(self, index, probs):
         """(class to propose for image `index`, the probability the --propose rule gave it: logged, so the update
-        corrects for it), drawn from its verdicts' posterior (--verdict-evidence hard: never a rejected class)."""
+        corrects for it), drawn from its verdicts' posterior (--verdict-evidence hard: never a rejected class).
+        The prior is the guess `probs`, times the nearest answered images' vote (--neighbour-prior)."""
+        probs = with_neighbours(self, index, probs)
         if not self.posterior_mode():
             return self.questions.propose(probs, self.ledger.allowed(index), self.cfg.propose, self.cfg.propose_explore)
         self.prior_of[index] = [float(p) for p in probs]
@@ -345,6 +349,15 @@ class RLHFRun:
         if "rm_fitted" in ckpt:  # format 1 checkpoints were written after every update: all answers fitted
             self.training.restore_fitted(ckpt["rm_fitted"], ckpt["no_fitted"], self.ds.hashes, self.ledger)
         self.begin_epoch()
+
+
+def with_neighbours(run, index, probs):
+    """The guess `probs` for image `index` times what its nearest answered images say (--neighbour-prior)."""
+    if run.neighbours is None:
+        return probs
+    with run.lock:
+        labels = {i: c for i, c in run.answer_of.items() if c is not SKIP}
+    return run.neighbours.times(probs, index, labels)
 
 
 def shown_rewards(run, new, fresh, fresh_verdicts):

@@ -143,6 +143,10 @@ class RunConfig:
                            choices=("sample", "greedy"))
     propose_explore: float = setting(0.1, "--ask verdict: share of proposals drawn uniformly from the classes "
                                      "not rejected", lo=0.0, hi=1.0)
+    neighbour_prior: str = setting("pixels", "--ask verdict: the guess a proposal is drawn from is multiplied by "
+                                   "the classes of the image's nearest answered images (pixels: by thumbnail, "
+                                   "weighted by how often that vote was right on the answered images; none: the "
+                                   "guess alone, as before)", choices=("pixels", "none"))
     verdict_confidence: float = setting(0.95, "--ask verdict: an image is asked again until its posterior (the "
                                         "policy's guess times the verdicts' evidence) gives one class this "
                                         "much (0: a yes settles it, as before)", lo=0.0, hi=1.0)

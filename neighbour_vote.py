@@ -1,0 +1,105 @@
+"""What an image's nearest answered neighbours say it is: a prior for the class to propose (--ask verdict).
+
+Images close in pixels often share a class, and while the models are near chance that is the best guess there
+is. How far to lean on it is measured, not assumed: the vote's leave-one-out accuracy on the answered images,
+above the commonest class's share, is its weight; where it is no better than chance the prior is uniform.
+"""
+import random
+
+import torch
+
+THUMBNAIL = 32     # the side distances are taken at (larger images are average-pooled down to it)
+NEIGHBOURS = 5     # answered images that vote
+TEMPERATURE = 0.05  # of the softmax over their cosine similarities: the nearest counts most
+CHECK_SAMPLE = 256  # answered images whose leave-one-out vote measures the weight
+PSEUDO_ANSWERS = 4  # at chance, which the measured accuracy starts from (a handful of answers earns little)
+
+
+def thumbnail_features(images):
+    """(N, D) unit vectors of images (N, C, H, W): pooled to at most THUMBNAIL, each image's mean removed."""
+    x = images.float()
+    if max(x.shape[-2:]) > THUMBNAIL:
+        x = torch.nn.functional.adaptive_avg_pool2d(x, THUMBNAIL)
+    x = x.flatten(1)
+    return torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=1)
+
+
+def vote(similarities, classes, num_classes):
+    """(N, K) class shares of each row's NEIGHBOURS most similar answered images (columns), softmax-weighted."""
+    top = similarities.topk(min(NEIGHBOURS, similarities.shape[1]), dim=1)
+    weights = torch.softmax(top.values / TEMPERATURE, dim=1)
+    out = torch.zeros(similarities.shape[0], num_classes)
+    return out.scatter_add_(1, classes[top.indices], weights)
+
+
+def vote_weight(features, classes, num_classes, rng):
+    """How far the vote is trusted: its leave-one-out accuracy on (a sample of) the answered images, shrunk
+    towards chance by PSEUDO_ANSWERS, as a share of the way from the commonest class's share to 1."""
+    n = len(classes)
+    if n < 2:
+        return 0.0
+    sample = list(range(n)) if n <= CHECK_SAMPLE else rng.sample(range(n), CHECK_SAMPLE)
+    sims = features[sample] @ features.T
+    sims[torch.arange(len(sample)), torch.tensor(sample)] = -float("inf")  # not its own neighbour
+    hits = float((vote(sims, classes, num_classes).argmax(1) == classes[sample]).sum())
+    chance = 1.0 / num_classes
+    accuracy = (hits + PSEUDO_ANSWERS * chance) / (len(sample) + PSEUDO_ANSWERS)
+    return max(0.0, (accuracy - chance) / (1.0 - chance))
+
+
+class NeighbourVote:
+    """The answered images' thumbnails and the trusted vote they give any image of the pool."""
+
+    def __init__(self, num_classes, images, seed):
+        """images(indices) -> (N, C, H, W) tensor of pool images (the pool's normalised batch)."""
+        self.num_classes, self.images = num_classes, images
+        self.rng = random.Random(f"{seed}:neighbours")
+        self.features = {}  # pool position -> thumbnail feature
+        self.answered, self.matrix, self.classes, self.weight = None, None, None, 0.0
+
+    @classmethod
+    def of_run(cls, cfg, dataset):
+        """The vote a run's proposals use: --ask verdict with --neighbour-prior pixels, else None."""
+        if cfg.ask == "verdict" and cfg.neighbour_prior == "pixels":
+            return cls(dataset.num_classes, dataset.batch, cfg.seed)
+        return None
+
+    def feature_of(self, indices):
+        missing = [i for i in indices if i not in self.features]
+        if missing:
+            for i, f in zip(missing, thumbnail_features(self.images(missing))):
+                self.features[i] = f
+        return torch.stack([self.features[i] for i in indices])
+
+    def refresh(self, labels):
+        """labels: {pool position: class} of the answered images; the weight is measured again when they change."""
+        answered = tuple(sorted(labels.items()))
+        if answered == self.answered:
+            return
+        self.answered = answered
+        if not answered:
+            self.matrix, self.classes, self.weight = None, None, 0.0
+            return
+        self.matrix = self.feature_of([i for i, _ in answered])
+        self.classes = torch.tensor([c for _, c in answered], dtype=torch.long)
+        self.weight = vote_weight(self.matrix, self.classes, self.num_classes, self.rng)
+
+    def prior(self, index, labels):
+        """K probabilities for image `index`: weight * its neighbours' vote + (1 - weight) * uniform."""
+        self.refresh(labels)
+        uniform = [1.0 / self.num_classes] * self.num_classes
+        if self.matrix is None or self.weight == 0.0:
+            return uniform
+        sims = self.feature_of([index]) @ self.matrix.T
+        position = [k for k, (i, _) in enumerate(self.answered) if i == index]
+        if position:  # an image asked again after its yes: the others say what it is
+            sims[0, position[0]] = -float("inf")
+            if len(self.answered) == 1:
+                return uniform
+        shares = vote(sims, self.classes, self.num_classes)[0].tolist()
+        return [self.weight * s + (1.0 - self.weight) * u for s, u in zip(shares, uniform)]
+
+    def times(self, probs, index, labels):
+        """The guess `probs` for image `index` times its prior, normalised."""
+        product = [float(p) * v for p, v in zip(probs, self.prior(index, labels))]
+        return [p / sum(product) for p in product]
