@@ -2,7 +2,7 @@
 
 Images close in pixels often share a class, and while the models are near chance that is the best guess there
 is. How far to lean on it is measured, not assumed: the vote's leave-one-out accuracy on the answered images,
-above the commonest class's share, is its weight; where it is no better than chance the prior is uniform.
+above chance (1 / K), is its weight; where it is no better than chance the prior is uniform.
 """
 import random
 
@@ -34,7 +34,7 @@ def vote(similarities, classes, num_classes):
 
 def vote_weight(features, classes, num_classes, rng):
     """How far the vote is trusted: its leave-one-out accuracy on (a sample of) the answered images, shrunk
-    towards chance by PSEUDO_ANSWERS, as a share of the way from the commonest class's share to 1."""
+    towards chance (1 / K) by PSEUDO_ANSWERS, as a share of the way from chance to 1."""
     n = len(classes)
     if n < 2:
         return 0.0
