@@ -79,6 +79,7 @@ class UpdateBatch:
     policy_probs_new: Optional[torch.Tensor] = None  # (N, K) the policy's probabilities of the new answers' images,
     rm_rewards_new: Optional[torch.Tensor] = None    # and the reward model's rewards, when already known
     images: Optional[dict] = None  # pool images of the rows of x_new, x_replay, x_unanswered and no.x, by those names
+    prior_unanswered: Optional[torch.Tensor] = None  # (U, K) what look-alike answered images say of those rows
 
 
 def one_hot_rewards(answers, num_classes):
@@ -410,9 +411,14 @@ class Learner:
             self.reference_kept.update(zip([images[j] for j in missing], self.ranks.map_rows(forward, inputs[missing])))
         return torch.stack([self.reference_kept[i] for i in images])
 
-    def rm_probs(self, inputs):
-        """The reward model's class probabilities q (N, K): P(the person answers that class)."""
-        return (self.predicted_rewards(inputs) + 1.0) / 2.0
+    def rm_probs(self, inputs, prior=None):
+        """The reward model's class probabilities q (N, K): P(the person answers that class); times a prior (N, K)
+        and normalised when one is given (independent evidence about the same images)."""
+        q = (self.predicted_rewards(inputs) + 1.0) / 2.0
+        if prior is None:
+            return q
+        q = q * prior.to(q.dtype)
+        return q / q.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
     def optimum_step(self, x, targets, weights):
         """One --policy-update optimum fit of the policy to the targets; returns statistics."""
@@ -500,7 +506,9 @@ def ppo_rows(learner, batch):
     use_rm = unanswered is not None and unanswered.shape[0] > 0 and weight > 0
     if use_rm:
         xs.append(unanswered)
-        rewards.append(weight * learner.predicted_rewards(unanswered))
+        prior = batch.prior_unanswered
+        rewards.append(weight * (learner.predicted_rewards(unanswered) if prior is None
+                                 else 2.0 * learner.rm_probs(unanswered, prior) - 1.0))
     stats["rm_images"] = int(unanswered.shape[0]) if use_rm else 0
     logged = None
     no = batch.no
@@ -538,7 +546,7 @@ def optimum_rows(learner, batch):
         stats["replay_images"] = int(batch.x_replay.shape[0])
     unanswered = batch.x_unanswered
     if unanswered is not None and unanswered.shape[0]:  # weighted by how sure it is there, not gated
-        q = learner.rm_probs(unanswered)
+        q = learner.rm_probs(unanswered, batch.prior_unanswered)  # two independent guesses: their product
         parts.append((unanswered, reward_model_log_rewards(q), confidence(q), images.get("unanswered")))
         stats["rm_images"] = int(unanswered.shape[0])
     if no is not None and no.x.shape[0]:

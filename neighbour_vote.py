@@ -1,10 +1,12 @@
-"""What an image's nearest answered neighbours say it is: a prior for the class to propose (--ask verdict).
+"""What an image's nearest answered neighbours say it is: a prior for the class to propose and for the target of
+an unanswered image (--ask verdict).
 
 Images close in pixels often share a class, and while the models are near chance that is the best guess there
 is. How far to lean on it is measured, not assumed: the vote's leave-one-out accuracy on the answered images,
 above chance (1 / K), is its weight; where it is no better than chance the prior is uniform.
 """
 import random
+import threading
 
 import torch
 
@@ -56,6 +58,7 @@ class NeighbourVote:
         self.rng = random.Random(f"{seed}:neighbours")
         self.features = {}  # pool position -> thumbnail feature
         self.answered, self.matrix, self.classes, self.weight = None, None, None, 0.0
+        self.lock = threading.Lock()  # proposals are prepared on one thread, updates run on another
 
     @classmethod
     def of_run(cls, cfg, dataset):
@@ -86,18 +89,21 @@ class NeighbourVote:
 
     def prior(self, index, labels):
         """K probabilities for image `index`: weight * its neighbours' vote + (1 - weight) * uniform."""
-        self.refresh(labels)
-        uniform = [1.0 / self.num_classes] * self.num_classes
-        if self.matrix is None or self.weight == 0.0:
-            return uniform
-        sims = self.feature_of([index]) @ self.matrix.T
-        position = [k for k, (i, _) in enumerate(self.answered) if i == index]
-        if position:  # an image asked again after its yes: the others say what it is
-            sims[0, position[0]] = -float("inf")
-            if len(self.answered) == 1:
+        return self.priors([index], labels)[0].tolist()
+
+    def priors(self, indices, labels):
+        """(N, K) priors of pool images `indices`, as prior(); an answered image is not its own neighbour."""
+        with self.lock:
+            self.refresh(labels)
+            uniform = torch.full((len(indices), self.num_classes), 1.0 / self.num_classes, dtype=torch.float64)
+            if self.matrix is None or self.weight == 0.0 or not indices:  # the weight is 0 below two answers
                 return uniform
-        shares = vote(sims, self.classes, self.num_classes)[0].tolist()
-        return [self.weight * s + (1.0 - self.weight) * u for s, u in zip(shares, uniform)]
+            sims = self.feature_of(list(indices)) @ self.matrix.T
+            position = {i: k for k, (i, _) in enumerate(self.answered)}
+            for row, index in enumerate(indices):
+                if index in position:  # an image asked again after its yes: the others say what it is
+                    sims[row, position[index]] = -float("inf")
+            return self.weight * vote(sims, self.classes, self.num_classes).double() + (1.0 - self.weight) * uniform
 
     def times(self, probs, index, labels):
         """The guess `probs` for image `index` times its prior, normalised."""

@@ -355,9 +355,20 @@ def with_neighbours(run, index, probs):
     """The guess `probs` for image `index` times what its nearest answered images say (--neighbour-prior)."""
     if run.neighbours is None:
         return probs
+    return run.neighbours.times(probs, index, answered_labels(run))
+
+
+def answered_labels(run):
     with run.lock:
-        labels = {i: c for i, c in run.answer_of.items() if c is not SKIP}
-    return run.neighbours.times(probs, index, labels)
+        return {i: c for i, c in run.answer_of.items() if c is not SKIP}
+
+
+def neighbour_priors(run, images):
+    """(N, K) what look-alike answered images say of unanswered pool images, or None (--neighbour-targets false,
+    --neighbour-prior none, label runs)."""
+    if run.neighbours is None or not images or not run.cfg.neighbour_targets:
+        return None
+    return run.neighbours.priors(list(images), answered_labels(run))
 
 
 def shown_rewards(run, new, fresh, fresh_verdicts):
@@ -486,6 +497,8 @@ def update_batch(run, new, replay, take, fresh, nos, no_replay):
     if run.posterior_mode() and ledger.verdicts:
         add_evidence(batch, ledger, new, replay)
     batch.images = {"new": new, "replay": replay, "unanswered": take, "no": [ledger.verdicts[k].image for k in nos]}
+    if batch.x_unanswered is not None:
+        batch.prior_unanswered = neighbour_priors(run, take)
     return batch
 
 

@@ -147,6 +147,9 @@ class RunConfig:
                                    "the classes of the image's nearest answered images (pixels: by thumbnail, "
                                    "weighted by how often that vote was right on the answered images; none: the "
                                    "guess alone, as before)", choices=("pixels", "none"))
+    neighbour_targets: bool = setting(True, "--ask verdict with --neighbour-prior pixels: an unanswered image's "
+                                      "training target is the reward model's guess times that same vote, not "
+                                      "the reward model's guess alone (false: as before)")
     verdict_confidence: float = setting(0.95, "--ask verdict: an image is asked again until its posterior (the "
                                         "policy's guess times the verdicts' evidence) gives one class this "
                                         "much (0: a yes settles it, as before)", lo=0.0, hi=1.0)

@@ -96,3 +96,24 @@ def test_neighbour_prior_none_proposes_from_the_guess_alone(tmp_path, digits):
 
 def test_label_runs_keep_no_neighbour_vote(tmp_path, digits):
     assert make_run(tmp_path, digits, classes=("1", "4", "7"), ask="label").neighbours is None
+
+
+@pytest.mark.parametrize("targets", [True, False])
+def test_unanswered_images_learn_the_reward_models_guess_times_their_look_alikes(tmp_path, digits, targets):
+    from rlhf_run import update_batch
+    run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", order="sequential",
+                   neighbour_targets=targets, rm=RewardModelConfig(verdict_flip_rate=0.05))
+    answered = list(range(len(run.ds) - 3))
+    for i in answered:
+        run.record_verdict(i, run.ds.labels[i], 1.0, 1, 0)
+    unanswered = [len(run.ds) - 3, len(run.ds) - 1]
+    run.reward_model_ready = lambda: True
+    batch = update_batch(run, [], [], unanswered, [], [], [])
+    if not targets:
+        assert batch.prior_unanswered is None  # --neighbour-targets false: the reward model's guess alone
+        return
+    expected = run.neighbours.priors(unanswered, {i: run.ds.labels[i] for i in answered})
+    assert torch.equal(batch.prior_unanswered, expected)
+    assert (batch.prior_unanswered.argmax(1) == torch.tensor([run.ds.labels[i] for i in unanswered])).all()
+    labels = {i: run.ds.labels[i] for i in answered}  # the batched vote is each image's own
+    assert batch.prior_unanswered.tolist() == [pytest.approx(run.neighbours.prior(i, labels)) for i in unanswered]

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from learner import Learner, UpdateBatch, VerdictBatch
+from learner import Learner, UpdateBatch, VerdictBatch, optimum_rows
 from optimum_fit import confidence, optimum_targets, optimum_update, reward_model_log_rewards
-from run_config import PPOConfig, RunConfig
+from run_config import PPOConfig, RewardModelConfig, RunConfig
 
 
 def test_the_optimum_is_the_reference_reweighted_by_exp_reward_over_beta():
@@ -47,6 +47,29 @@ def test_the_fit_moves_the_policy_to_the_targets_on_a_fixed_batch():
     assert kl_now() < 0.02 < before
     # the reported KL is the last pass's own, read before its step: between the KL before and after that step
     assert last["kl_to_optimum"] < 0.02 < first["kl_to_optimum"] < before
+
+
+def test_a_look_alike_prior_multiplies_the_reward_models_guess_in_an_unanswered_images_target():
+    learner = Learner(3, None, "head", PPOConfig(policy_update="optimum"), RewardModelConfig(verdict_flip_rate=0.1),
+                      seed=0)
+    x = torch.randn(5, 512)
+    no = VerdictBatch(x[4:], torch.tensor([0]), torch.tensor([0.5]), x[:0], torch.tensor([], dtype=torch.long),
+                      evidence=torch.tensor([[-1.0, 0.0, 0.0]]))
+    batch = UpdateBatch(x[:2], torch.tensor([1, 2]), x_unanswered=x[2:4], no=no, yes_new=torch.tensor([True, False]),
+                        evidence_new=torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    _, plain, plain_w, _ = optimum_rows(learner, batch)
+    prior = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    batch.prior_unanswered = prior
+    _, targets, weights, _ = optimum_rows(learner, batch)
+    q, ref = learner.rm_probs(x[2:4]), learner.reference_logprobs(x[2:4])
+    assert torch.allclose(targets[2:4], torch.softmax(ref + torch.log(q * prior), dim=1), atol=1e-5)  # pi_ref q prior
+    sure = q * prior
+    assert torch.allclose(weights[2:4], confidence(sure / sure.sum(1, keepdim=True)), atol=1e-6)
+    # the answered rows keep the person's evidence alone
+    assert torch.equal(targets[[0, 1, 4]], plain[[0, 1, 4]]) and torch.equal(weights[[0, 1, 4]], plain_w[[0, 1, 4]])
+    batch.prior_unanswered = torch.full((2, 3), 1 / 3)  # a uniform prior says nothing
+    _, flat, flat_w, _ = optimum_rows(learner, batch)
+    assert torch.allclose(flat, plain, atol=1e-6) and torch.allclose(flat_w, plain_w, atol=1e-6)
 
 
 def test_the_learner_fits_labels_and_lowers_a_rejected_class():
