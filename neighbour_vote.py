@@ -14,6 +14,7 @@ THUMBNAIL = 32     # the side distances are taken at (larger images are average-
 NEIGHBOURS = 5     # answered images that vote
 TEMPERATURE = 0.05  # of the softmax over their cosine similarities: the nearest counts most
 CHECK_SAMPLE = 256  # answered images whose leave-one-out vote measures the weight
+REMEASURE_GROWTH = 1 / 16  # past CHECK_SAMPLE answers, the weight is measured again when they grow by this share
 PSEUDO_ANSWERS = 4  # at chance, which the measured accuracy starts from (a handful of answers earns little)
 
 
@@ -56,8 +57,10 @@ class NeighbourVote:
         """images(indices) -> (N, C, H, W) tensor of pool images (the pool's normalised batch)."""
         self.num_classes, self.images = num_classes, images
         self.rng = random.Random(f"{seed}:neighbours")
-        self.features = {}  # pool position -> thumbnail feature
-        self.answered, self.matrix, self.classes, self.weight = None, None, None, 0.0
+        self.labels = {}  # pool position -> class of the answered images the matrix holds
+        self.row_of = {}  # pool position -> its row of the matrix (rows in the order the answers came)
+        self.buffer, self.class_buffer = None, None  # thumbnails and classes, with room to grow
+        self.weight, self.measured_at = 0.0, 0
         self.lock = threading.Lock()  # proposals are prepared on one thread, updates run on another
 
     @classmethod
@@ -67,25 +70,50 @@ class NeighbourVote:
             return cls(dataset.num_classes, dataset.batch, cfg.seed)
         return None
 
-    def feature_of(self, indices):
-        missing = [i for i in indices if i not in self.features]
-        if missing:
-            for i, f in zip(missing, thumbnail_features(self.images(missing))):
-                self.features[i] = f
-        return torch.stack([self.features[i] for i in indices])
+    @property
+    def matrix(self):
+        return None if not self.row_of else self.buffer[:len(self.row_of)]
+
+    @property
+    def classes(self):
+        return None if not self.row_of else self.class_buffer[:len(self.row_of)]
 
     def refresh(self, labels):
-        """labels: {pool position: class} of the answered images; the weight is measured again when they change."""
-        answered = tuple(sorted(labels.items()))
-        if answered == self.answered:
+        """labels: {pool position: class} of the answered images. New answers add their thumbnails; an undone
+        one rebuilds them all. The weight is measured again on every change up to CHECK_SAMPLE answers, then
+        as they grow by REMEASURE_GROWTH (or a class changes): a sample's accuracy moves little between."""
+        if labels == self.labels:
             return
-        self.answered = answered
-        if not answered:
-            self.matrix, self.classes, self.weight = None, None, 0.0
+        removed = any(i not in labels for i in self.labels)
+        changed = removed or any(labels[i] != c for i, c in self.labels.items())
+        if removed:
+            self.row_of = {}
+        elif changed:  # an answer corrected to another class
+            for i, c in self.labels.items():
+                if labels[i] != c:
+                    self.class_buffer[self.row_of[i]] = labels[i]
+        added = [i for i in labels if i not in self.row_of]
+        self.append(added, [labels[i] for i in added])
+        self.labels = dict(labels)
+        n = len(self.row_of)
+        if changed or n <= CHECK_SAMPLE or n >= self.measured_at * (1 + REMEASURE_GROWTH):
+            self.weight = vote_weight(self.matrix, self.classes, self.num_classes, self.rng) if n else 0.0
+            self.measured_at = n
+
+    def append(self, indices, classes):
+        if not indices:
             return
-        self.matrix = self.feature_of([i for i, _ in answered])
-        self.classes = torch.tensor([c for _, c in answered], dtype=torch.long)
-        self.weight = vote_weight(self.matrix, self.classes, self.num_classes, self.rng)
+        features = thumbnail_features(self.images(indices))
+        n, need = len(self.row_of), len(self.row_of) + len(indices)
+        if self.buffer is None or need > self.buffer.shape[0]:
+            grown = torch.empty(max(need, n + n // 4, 64), features.shape[1])  # a quarter spare: copies stay rare
+            grown_classes = torch.empty(grown.shape[0], dtype=torch.long)
+            if n:
+                grown[:n], grown_classes[:n] = self.buffer[:n], self.class_buffer[:n]
+            self.buffer, self.class_buffer = grown, grown_classes
+        self.buffer[n:need] = features
+        self.class_buffer[n:need] = torch.tensor(classes, dtype=torch.long)
+        self.row_of.update((i, n + k) for k, i in enumerate(indices))
 
     def prior(self, index, labels):
         """K probabilities for image `index`: weight * its neighbours' vote + (1 - weight) * uniform."""
@@ -96,13 +124,12 @@ class NeighbourVote:
         with self.lock:
             self.refresh(labels)
             uniform = torch.full((len(indices), self.num_classes), 1.0 / self.num_classes, dtype=torch.float64)
-            if self.matrix is None or self.weight == 0.0 or not indices:  # the weight is 0 below two answers
+            if not self.row_of or self.weight == 0.0 or not indices:  # the weight is 0 below two answers
                 return uniform
-            sims = self.feature_of(list(indices)) @ self.matrix.T
-            position = {i: k for k, (i, _) in enumerate(self.answered)}
+            sims = thumbnail_features(self.images(list(indices))) @ self.matrix.T  # not kept: the pool may be huge
             for row, index in enumerate(indices):
-                if index in position:  # an image asked again after its yes: the others say what it is
-                    sims[row, position[index]] = -float("inf")
+                if index in self.row_of:  # an image asked again after its yes: the others say what it is
+                    sims[row, self.row_of[index]] = -float("inf")
             return self.weight * vote(sims, self.classes, self.num_classes).double() + (1.0 - self.weight) * uniform
 
     def times(self, probs, index, labels):

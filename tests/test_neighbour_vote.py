@@ -117,3 +117,36 @@ def test_unanswered_images_learn_the_reward_models_guess_times_their_look_alikes
     assert (batch.prior_unanswered.argmax(1) == torch.tensor([run.ds.labels[i] for i in unanswered])).all()
     labels = {i: run.ds.labels[i] for i in answered}  # the batched vote is each image's own
     assert batch.prior_unanswered.tolist() == [pytest.approx(run.neighbours.prior(i, labels)) for i in unanswered]
+
+
+def test_answers_added_one_by_one_undone_or_corrected_give_the_vote_of_those_answers_from_scratch():
+    images, classes = clustered_images(60, 4)
+    grown = NeighbourVote(4, lambda idx: images[idx], seed=0)
+    labels = {}
+    for i in range(50):
+        labels[i] = int(classes[i])
+        grown.prior(55, labels)
+    del labels[7]                     # an undo
+    labels[3] = (labels[3] + 1) % 4   # a correction
+    scratch = NeighbourVote(4, lambda idx: images[idx], seed=0)
+    for probe in (55, 3, 7):
+        assert grown.prior(probe, labels) == pytest.approx(scratch.prior(probe, labels), abs=1e-6)
+    assert grown.weight == pytest.approx(scratch.weight) and len(grown.row_of) == 49
+    # only the answered images' thumbnails are kept, whatever the pool asked about
+    grown.priors(list(range(50, 60)), labels)
+    assert set(grown.row_of) == set(labels) and grown.buffer.shape[0] == 64
+
+
+def test_past_the_check_sample_the_weight_is_measured_again_as_the_answers_grow_by_a_sixteenth(monkeypatch):
+    import neighbour_vote
+    monkeypatch.setattr(neighbour_vote, "CHECK_SAMPLE", 16)
+    images, classes = clustered_images(80, 4)
+    vote_of = NeighbourVote(4, lambda idx: images[idx], seed=0)
+    measured = []
+    monkeypatch.setattr(neighbour_vote, "vote_weight", lambda f, *a: measured.append(len(f)) or 0.5)
+    labels = {}
+    for i in range(40):
+        labels[i] = int(classes[i])
+        vote_of.refresh(labels)
+    assert measured[:16] == list(range(1, 17))  # every change while few
+    assert measured[16:] == [17, 19, 21, 23, 25, 27, 29, 31, 33, 36, 39]  # then as they grow by 1/16 (or more)
