@@ -82,6 +82,14 @@ class UpdateBatch:
     prior_unanswered: Optional[torch.Tensor] = None  # (U, K) what look-alike answered images say of those rows
 
 
+def times_prior(q, prior):
+    """Class probabilities q (N, K) times a prior (N, K) from independent evidence, normalised; q without one."""
+    if prior is None:
+        return q
+    q = q * prior.to(q.dtype)
+    return q / q.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def one_hot_rewards(answers, num_classes):
     """The +1/-1 rule for every class at once: +1 for the person's answer, -1 for every other class."""
     return 2.0 * F.one_hot(answers, num_classes).float() - 1.0
@@ -411,14 +419,9 @@ class Learner:
             self.reference_kept.update(zip([images[j] for j in missing], self.ranks.map_rows(forward, inputs[missing])))
         return torch.stack([self.reference_kept[i] for i in images])
 
-    def rm_probs(self, inputs, prior=None):
-        """The reward model's class probabilities q (N, K): P(the person answers that class); times a prior (N, K)
-        and normalised when one is given (independent evidence about the same images)."""
-        q = (self.predicted_rewards(inputs) + 1.0) / 2.0
-        if prior is None:
-            return q
-        q = q * prior.to(q.dtype)
-        return q / q.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    def rm_probs(self, inputs):
+        """The reward model's class probabilities q (N, K): P(the person answers that class)."""
+        return (self.predicted_rewards(inputs) + 1.0) / 2.0
 
     def optimum_step(self, x, targets, weights):
         """One --policy-update optimum fit of the policy to the targets; returns statistics."""
@@ -508,7 +511,7 @@ def ppo_rows(learner, batch):
         xs.append(unanswered)
         prior = batch.prior_unanswered
         rewards.append(weight * (learner.predicted_rewards(unanswered) if prior is None
-                                 else 2.0 * learner.rm_probs(unanswered, prior) - 1.0))
+                                 else 2.0 * times_prior(learner.rm_probs(unanswered), prior) - 1.0))
     stats["rm_images"] = int(unanswered.shape[0]) if use_rm else 0
     logged = None
     no = batch.no
@@ -546,7 +549,7 @@ def optimum_rows(learner, batch):
         stats["replay_images"] = int(batch.x_replay.shape[0])
     unanswered = batch.x_unanswered
     if unanswered is not None and unanswered.shape[0]:  # weighted by how sure it is there, not gated
-        q = learner.rm_probs(unanswered, batch.prior_unanswered)  # two independent guesses: their product
+        q = times_prior(learner.rm_probs(unanswered), batch.prior_unanswered)  # two independent guesses: their product
         parts.append((unanswered, reward_model_log_rewards(q), confidence(q), images.get("unanswered")))
         stats["rm_images"] = int(unanswered.shape[0])
     if no is not None and no.x.shape[0]:
