@@ -44,7 +44,7 @@ def one_size(answered, repeats, classes=10):
     out["vote after one more answer"] = statistics.median(after)
     out["8 votes of an update, after one more answer"] = statistics.median(batch)
     out["vote with no new answer"] = statistics.median(still)
-    held = getattr(vote, "buffer", None)
+    held = getattr(vote, "buffer", None)  # the code before 9b3c78d kept a dict of features instead: its "before" row
     held = held.numel() * held.element_size() if held is not None else sum(
         f.numel() * f.element_size() for f in getattr(vote, "features", {}).values())
     out["thumbnails held (MB)"] = held / 1e6
