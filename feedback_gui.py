@@ -488,7 +488,7 @@ class LabelingWindow:
         epoch = q.epoch + 1 if q else min(self.workers.epoch + 1, epochs)
         where = f"{q.left} left in epoch {epoch}/{epochs}" if q else f"epoch {epoch}/{epochs}"
         warning = balance_warning(self.tally.counts(), self.names)
-        text = (f"{self.tally.line(where)}\n{self.workers.training_text(self.cfg.batch_size)}"
+        text = (f"{self.tally.line(where)}\n{self.workers.training_text(self.cfg.answers_per_update())}"
                 + (f"\n{warning}" if warning else ""))
         if text != self.status_text:
             self.status_text = text

@@ -260,15 +260,15 @@ class RLHFRun:
 
     # --- updates ------------------------------------------------------------------------------
     def update_due(self):
-        return self.training.waiting() >= self.cfg.batch_size
+        return self.training.waiting() >= self.cfg.answers_per_update()
 
     def update(self, rm_only=False):
         """One update on the pending answers and verdicts plus some unanswered images; writes metrics and
         checkpoint."""
         self.observer.update_started(self.learner.version + 1)
         t0 = time.perf_counter()
-        new, nos, take = self.training.take(self.cfg.batch_size, rm_only,
-                                            self.cfg.batch_size if rm_only else self.cfg.rm_per_update)
+        new, nos, take = self.training.take(self.cfg.answers_per_update(), rm_only,
+                                            self.cfg.answers_per_update() if rm_only else self.cfg.rm_per_update)
         ledger = self.ledger
         replay, no_replay = self.training.replay(
             new, nos, lambda i: self.answer_of.get(i, SKIP) is not SKIP, lambda k: ledger.verdicts[k] is not None,
@@ -718,7 +718,8 @@ def run_headless(run, labeler, stop=lambda: False):
     asks the labeler about its block of them and the answers are shared. False when stopped early."""
     while run.epoch < run.cfg.epochs:
         run.refresh_ranking()
-        while not stop() and (asks := run.next_questions(max(1, run.cfg.batch_size - run.training.waiting()))):
+        while not stop() and (asks := run.next_questions(max(1, run.cfg.answers_per_update()
+                                                                 - run.training.waiting()))):
             answer_round(run, labeler, asks)
             while run.update_due() and not stop():
                 run.update()

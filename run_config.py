@@ -27,6 +27,10 @@ PER_INVOCATION = ("resume", "download", "export", "import_labels")
 
 FINETUNE_CHOICES = ("all", "layer4", "head")  # models.set_finetune: which layers train
 PPO_PASSES, OPTIMUM_PASSES = 4, 2  # --update-epochs by updater, when not given (docs/benchmarks.md)
+# --batch-size by --ask, when not given: a label names the class, so a third of the updates per answer still
+# learns the labels well, and is what keeps a headless epoch near a supervised one; a verdict's next proposals
+# come from the policy, which must move between them (docs/benchmarks.md)
+LABEL_BATCH, VERDICT_BATCH = 24, 8
 
 
 @dataclass
@@ -166,7 +170,8 @@ class RunConfig:
                               "again (persistent: an ambiguous image), or each asking draws afresh (slip)",
                               choices=("persistent", "slip"))
     epochs: int = setting(3, "passes over the image pool (total, across resumes)", lo=1)
-    batch_size: int = setting(8, "answers per PPO update", lo=1, hi=4096)
+    batch_size: int | None = setting(None, "answers per update (default: 24 with --ask label, 8 with --ask "
+                                     "verdict)", lo=1, hi=4096)
     rm_per_update: int = setting(8, "unanswered images trained with reward-model rewards in each update", lo=0,
                                  hi=4096)
     no_reward_model: bool = setting(False, "train the policy on the person's answers only (no reward-model "
@@ -231,6 +236,12 @@ class RunConfig:
         """A validated copy with some flat settings changed."""
         return RunConfig.from_flat({**self.to_flat(), **changes})
 
+    def answers_per_update(self):
+        """--batch-size, or its default for --ask when not given."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return LABEL_BATCH if self.ask == "label" else VERDICT_BATCH
+
     # --- checks -----------------------------------------------------------------------------
     def validate(self, source="command line"):
         """Raise ConfigError naming the first setting outside its valid range."""
@@ -246,9 +257,9 @@ class RunConfig:
         if self.export and self.import_labels:
             raise ConfigError("--export and --import-labels: one at a time (export writes a run's labels out "
                               "and exits; --import-labels reads labels into a run as it starts)")
-        if self.ppo.num_minibatches > self.batch_size + self.rm_per_update:
+        if self.ppo.num_minibatches > self.answers_per_update() + self.rm_per_update:
             raise ConfigError(f"--num-minibatches {self.ppo.num_minibatches} is more than the "
-                              f"{self.batch_size + self.rm_per_update} images of one update (--batch-size + "
+                              f"{self.answers_per_update() + self.rm_per_update} images of one update (--batch-size + "
                               "--rm-per-update): use at most that")
         return self
 

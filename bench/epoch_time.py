@@ -8,8 +8,9 @@ Every round runs these three commands, interleaved, and times each from launch t
   rlhf          python train_rlhf.py --images DIR --feedback folder --epochs 1 --weights none --image-size N,
                 every other flag at its default (checkpoints by time: every 60 s, and at the epoch's end)
   rlhf_no_ckpt  the same with --checkpoint-seconds 1e9: the epoch end's checkpoint alone
-  supervised    one pass of cross-entropy over the same images, one Adam step per 8 (the tool's batch), the
-                same network, optimiser and image reading (this script with --baseline-app)
+  supervised    one pass of cross-entropy over the same images, one Adam step per --batch-size images (8: the
+                baseline the speed issue set; the tool takes 24 labels per update), the same network, optimiser
+                and image reading (this script with --baseline-app)
 Medians over the rounds. Checkpointing's share is (rlhf - rlhf_no_ckpt) / rlhf plus one checkpoint write
 (timed here, from the run's own checkpoint.pt) over rlhf.
 """

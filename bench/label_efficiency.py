@@ -17,8 +17,8 @@ Methods:
                    seeded order), same network, same epochs
   supervised_uncertain
                    cross-entropy on exactly the images rlhf_uncertain asked (same seed, budget and noise)
-Fair to the baselines: both cross-entropy rows make the updates the tool makes (one per 8 new answers, then one
-per 8 unanswered images in every pass, --epochs passes), each STEPS_PER_BATCH (the tool's default --update-epochs)
+Fair to the baselines: both cross-entropy rows make the updates the tool makes (one per 24 new answers, then one
+per 24 unanswered images in every pass, --epochs passes), each STEPS_PER_BATCH (the tool's default --update-epochs)
 Adam steps on its new answers topped up to REPLAY_ROWS with replayed ones, as the tool's policy takes them; the
 tool's policy learns from its reward model on the unanswered images besides. The original design keeps its own
 update (one step per 8 answers): that is the design being reproduced. The RLHF rows' reward models are scored
@@ -46,7 +46,7 @@ from models import PolicyModel, resolve_backbone_weights
 from ppo import original_design_loss
 from question_queue import epoch_order
 from rlhf_run import open_run, run_headless
-from run_config import PPOConfig, RewardModelConfig, RunConfig
+from run_config import LABEL_BATCH, PPOConfig, RewardModelConfig, RunConfig
 from simulated_labeler import FolderLabeler
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -146,23 +146,24 @@ def with_replay(new, seen, rng, rows=REPLAY_ROWS):
     return list(new) + rng.sample(earlier, min(len(earlier), max(0, rows - len(new))))
 
 
-def tool_shaped_updates(pool_size, asked, epochs, rng, batch=8):
+def tool_shaped_updates(pool_size, asked, epochs, rng, batch=LABEL_BATCH, taken=RunConfig().rm_per_update):
     """The answers each update of the tool learns first when it asks `asked` (in order) of a pool: in epoch 1
     the new ones, `batch` per update; in later epochs every answer again (its epochs visit them again). An update
-    with answers also takes up to `batch` unanswered images (in epoch 1 only the last, as the others are visited
-    after the asking), and each `batch` unanswered images left makes an update of its own. The unanswered teach
-    the tool's policy from its reward model; a baseline's update learns from its replayed answers there."""
+    with answers also takes up to `taken` (--rm-per-update) unanswered images (in epoch 1 only the last, as the
+    others are visited after the asking), and each `batch` unanswered images left makes an update of its own. The
+    unanswered teach the tool's policy from its reward model; a baseline's update learns from its replayed
+    answers there."""
     unanswered = max(0, pool_size - len(asked))
     for epoch in range(epochs):
         again = list(asked) if epoch == 0 else rng.sample(list(asked), len(asked))
         yield from (again[s:s + batch] for s in range(0, len(again), batch))
         with_answers = (len(again) % batch > 0) if epoch == 0 else math.ceil(len(again) / batch)
-        yield from ([] for _ in range(0, max(0, unanswered - batch * with_answers), batch))
+        yield from ([] for _ in range(0, max(0, unanswered - taken * with_answers), batch))
 
 
 def run_supervised(ds, val, backbone, args, seed, budget, noise, subset=None):
     """Cross-entropy on `subset` (default: what --order random asks first), in updates shaped as the tool's
-    (tool_shaped_updates, with_replay), STEPS_PER_BATCH steps each."""
+    (tool_shaped_updates, with_replay), LABEL_BATCH answers and STEPS_PER_BATCH steps each."""
     policy, opt, labeler, first_asked = baseline_start(ds, backbone, seed, budget, noise)
     subset = first_asked if subset is None else subset
     label_of, rng, seen = {i: labeler.answer(i) for i in subset}, random.Random(seed), {}

@@ -15,9 +15,10 @@ Every method sees the same simulated person (yes when the proposal is the folder
 flipped with P(noise), either persistently, the same wrong answer when the same thing is asked again, or as an
 independent slip per asking), the same images and passes (--epochs), and is scored on a held-out validation folder
 (by default every fifth image of each class of the shared digits). The baselines make the tool's updates (one per
-8 answers, one per 8 unsettled images left over), each with the tool's default --update-epochs in Adam steps on
-the new answers topped up with replayed ones to --rm-batch-size rows, as the tool's policy takes its answers; the
-tool's policy learns from its reward model on unanswered images besides, which is the method being measured.
+8 verdicts or 24 labels, one per as many unsettled images left over), each with the tool's default --update-epochs
+in Adam steps on the new answers topped up with replayed ones to --rm-batch-size rows, as the tool's policy takes
+its answers; the tool's policy learns from its reward model on unanswered images besides, which is the method
+being measured.
 A cell whose runs could not spend the whole budget says how many answers they gave.
 Methods:
   rlhf_verdict      this tool at its defaults, --ask verdict (the served model; its reward model in its own row)
@@ -48,7 +49,7 @@ from label_efficiency import common_flags, plot, run_supervised, split_folder, s
 from learner import adam, reward_model_loss
 from models import PolicyModel, resolve_backbone_weights
 from rlhf_run import open_run, run_headless
-from run_config import PPOConfig, RunConfig
+from run_config import LABEL_BATCH, PPOConfig, RunConfig
 from simulated_labeler import FolderLabeler
 
 DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -69,7 +70,7 @@ def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
         os.makedirs(out)
         config = RunConfig(images=ds.root, feedback="folder", epochs=args.epochs, image_size=args.image_size,
                            weights=args.weights, seed=seed, max_answers=budget, feedback_noise=noise,
-                           checkpoint_every=0, val_every=0, out=out, batch_size=BATCH, **cfg)
+                           checkpoint_every=0, val_every=0, out=out, **{"batch_size": BATCH, **cfg})
         run = open_run(config, out, ds, None, backbone, origin, args.device, Ranks())
         run_headless(run, FolderLabeler(ds, noise, 0.0, seed, noise_kind=config.noise_kind))
         given = run.ledger.given()
@@ -144,7 +145,7 @@ def run_method(method, ds, val, backbone, origin, args, seed, budget, noise, kin
         return run_supervised(ds, val, backbone, args, seed, min(budget, len(ds)), noise)
     if method == "rlhf_label":
         return run_tool(ds, val, backbone, origin, args, seed, min(budget, len(ds)), noise, ask="label",
-                        noise_kind=kind)
+                        noise_kind=kind, batch_size=LABEL_BATCH)
     update = {"ppo": PPOConfig(policy_update="ppo")} if method == "rlhf_verdict_ppo" else {}
     return run_tool(ds, val, backbone, origin, args, seed, budget, noise, ask="verdict", noise_kind=kind, **update)
 

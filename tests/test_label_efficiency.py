@@ -174,16 +174,17 @@ def test_verdict_benchmark_writes_its_table_and_plot(tmp_path, digits):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("budget", [5, 12, 24])
-def test_the_supervised_baseline_makes_the_updates_the_tool_makes(tmp_path, digits, budget):
+@pytest.mark.parametrize("budget, batch", [(5, None), (12, 4), (24, None), (24, 5)])
+def test_the_supervised_baseline_makes_the_updates_the_tool_makes(tmp_path, digits, budget, batch):
     import label_efficiency
     from conftest import metrics, run_cli
     pool = make_subset(tmp_path / "pool", digits, 8, classes=["1", "4", "7"])
     proc = run_cli("train_rlhf.py", "--images", pool, "--out", tmp_path / "run", "--feedback", "folder",
                    "--image-size", "16", "--weights", "none", "--order", "random", "--max-answers", budget,
-                   "--epochs", "3", "--recheck", "0")
+                   "--epochs", "3", "--recheck", "0", *(["--batch-size", batch] if batch else []))
     assert proc.returncode == 0, proc.stderr
-    updates = list(label_efficiency.tool_shaped_updates(24, list(range(budget)), 3, random.Random(0)))
+    updates = list(label_efficiency.tool_shaped_updates(24, list(range(budget)), 3, random.Random(0),
+                                                        batch or RunConfig().answers_per_update()))
     assert len(updates) == len(metrics(tmp_path / "run"))  # as many updates, so as many gradient steps
     assert sum(len(new) for new in updates) == 3 * budget  # every answer is learnt first once per pass
     rows = label_efficiency.with_replay([7, 8], list(range(40)), random.Random(0))

@@ -31,6 +31,19 @@ def answer(run, n):
     return asked
 
 
+def test_a_label_run_updates_after_24_answers_a_verdict_run_after_8_unless_told(tmp_path, digits):
+    run = make_run(tmp_path, digits, order="random")
+    answer(run, 23)
+    assert not run.update_due()  # a label names the class: fewer updates per answer
+    answer(run, 1)
+    assert run.update_due()
+    assert RunConfig(ask="verdict").answers_per_update() == 8  # the next proposals need the policy moved
+    assert RunConfig(ask="verdict", batch_size=5).answers_per_update() == 5
+    assert RunConfig().to_flat()["batch_size"] is None  # a new run's config.json keeps the rule, not a number
+    # a run made before keeps the batch its config.json holds
+    assert RunConfig.from_flat({**RunConfig().to_flat(), "batch_size": 8}).answers_per_update() == 8
+
+
 def test_replay_draws_only_answers_the_reward_model_was_fitted_on(tmp_path, digits):
     run = make_run(tmp_path, digits, batch_size=4, order="random")
     replays = []
