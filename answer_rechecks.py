@@ -1,10 +1,11 @@
 """Rechecks (--recheck FRACTION, --ask label): the person's answers the models disagree with most, asked again.
 
 Each answer is scored by a reward model that was not fitted on it: the run's own reward model just before its
-first fit on the answer, and, each time the answers have doubled, two fresh reward models fitted on halves of
-them, each scoring the other half (cross-fitting, as confident learning does). After every update the answers
-whose score gives their class the least probability, among those whose scoring model's likeliest class is
-another, are asked again first, while rechecks stay within FRACTION of the questions asked so far. The new
+first fit on the answer, and, each time the answers have doubled until a cross-fit has scored CROSSFIT_UNTIL of
+them (in the window: always), two fresh reward models fitted on halves of them, each scoring the other half
+(cross-fitting, as confident learning does). After every update the answers whose score gives their class the
+least probability, among those whose scoring model's likeliest class is another, are asked again first, while
+rechecks stay within FRACTION of the questions asked so far. The new
 answer supersedes the old in the ledger (both stay in the store); an answer asked again is never asked a
 third time.
 
@@ -23,6 +24,10 @@ SHOWN_MAX_ERROR = 0.02  # the error bound of the window's estimate of what auto-
 COVERAGE_SAMPLE = 64   # unanswered images the estimate scores (the window only: a forward pass each)
 GROWTH = 2.0           # cross-fit again once the person's answers are this many times those last cross-fitted
 CROSSFIT_ANSWERS = 1024  # most answers one cross-fit fits and scores (a seeded sample beyond)
+# No cross-fit once one has scored this many answers: every later answer is scored by the run's own reward
+# model before it learns it, which has by then been fitted on more answers than either half was. The window
+# goes on at each doubling: its auto-label estimate reads the newest cross-fit
+CROSSFIT_UNTIL = 128
 RECHECKABLE = ("label", "correction")  # kinds of answer a person gave by choosing a class
 
 
@@ -58,7 +63,8 @@ class Rechecks:
         if self.fraction <= 0 and not self.estimate:
             return {}
         answered = [i for i, k in ledger.kind_of.items() if k in RECHECKABLE]
-        if len(answered) >= max(2 * MIN_HALF, GROWTH * self.crossfit_at):
+        grown = len(answered) >= max(2 * MIN_HALF, GROWTH * self.crossfit_at)
+        if grown and (self.estimate or self.crossfit_at < CROSSFIT_UNTIL):
             self.crossfit(run, answered)
         if self.fraction > 0 and self.room(ledger) > 0:
             self.queue(run)

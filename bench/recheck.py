@@ -4,9 +4,10 @@ policy's held-out accuracy, and the share of rechecks that found a slip against 
     python bench/recheck.py [--seeds 0,1] [--fractions 0,0.1] [--noise 0.1] [--passes 3]
 
 The shared digits split 4:1 (label_efficiency.split_folder): the fifth held out is scored, never answered.
-Every run: 32 px, random init, batches of 8, --order random, --noise-kind slip, and the same number of
-questions (--max-answers: the training images), rechecks included. A random recheck finds a slip with the
-probability that an answer is wrong, so its share is the run's own share of wrong first answers.
+Every run: 32 px, random init, the tool's batches (24 labels per update), --order random, --noise-kind slip,
+and the same number of questions (--max-answers: the training images), rechecks included. A random recheck
+finds a slip with the probability that an answer is wrong, so its share is the run's own share of wrong first
+answers.
 """
 import argparse
 import json
@@ -34,7 +35,7 @@ def one_run(ds, val, seed, fraction, noise, passes, out):
     """(figures of one run): wrong labels held, accuracy, rechecks asked, slips they found and fixed."""
     cfg = RunConfig(images=ds.root, feedback="folder", epochs=passes, image_size=32, weights="none", seed=seed,
                     max_answers=len(ds), feedback_noise=noise, noise_kind="slip", recheck=fraction,
-                    order="random", checkpoint_every=0, val_every=0, out=out, batch_size=8)
+                    order="random", checkpoint_every=0, val_every=0, out=out)
     os.makedirs(out)
     run = open_run(cfg, out, ds, None, None, "random", "cpu", Ranks())
     t = time.time()

@@ -82,6 +82,23 @@ def test_the_answers_the_models_doubt_most_are_queued_first_within_the_share_of_
     assert 3 not in rechecks.due and len(rechecks.due) == 1
 
 
+def test_cross_fits_come_at_each_doubling_until_one_has_scored_128_answers_in_the_window_at_every_one():
+    for estimate, expected in ((False, [32, 64, 128]), (True, [32, 64, 128, 256, 512])):
+        run, ledger = fake_run({i: i % 2 for i in range(600)})
+        rechecks, fitted = Rechecks(0.02, seed=0, estimate=estimate), []
+
+        def crossfit(run, answered, rechecks=rechecks, fitted=fitted):
+            fitted.append(len(answered))
+            rechecks.crossfit_at = len(answered)
+
+        rechecks.crossfit = crossfit
+        for n in range(8, 600, 8):
+            run.answer_of = {i: i % 2 for i in range(n)}
+            ledger.kind_of = dict.fromkeys(range(n), "label")
+            rechecks.plan(run)
+        assert fitted == expected, estimate
+
+
 def test_a_headless_run_rechecks_slips_within_its_share_and_counts_them_as_questions(tmp_path, digits):
     pool = make_subset(tmp_path / "pool", digits, 8)
     out = tmp_path / "run"
