@@ -99,15 +99,20 @@ def load_served(spec=None, backend="auto", device="cpu"):
         if found:
             return _from_export(*found, path), "onnxruntime"
         clf = load_classifier(spec)  # a bad checkpoint says so here, as on the torch path
-        named_by = "folder" if clf.name == os.path.basename(os.path.dirname(os.path.abspath(path))) else "file"
-        meta = {"class_names": clf.class_names, "image_size": clf.image_size, "mean": list(clf.mean),
-                "std": list(clf.std), "step": clf.step, "named_by": named_by}
-        return _from_export(*onnx_engine.export_policy(clf.net, meta, path), path), "onnxruntime"
+        return export_served(clf, path), "onnxruntime"
     except onnx_engine.OnnxUnavailable as err:
         if backend == "onnxruntime":
             raise InferenceError(f"--backend onnxruntime: {err}; or pass --backend torch") from None
         print(f"warning: {err}; classifying with torch instead", file=sys.stderr)
         return clf or load_classifier(spec), "torch"
+
+
+def export_served(clf, path):
+    """The ONNX Runtime Classifier of torch Classifier `clf`, loaded from checkpoint `path`: exported and cached."""
+    named_by = "folder" if clf.name == os.path.basename(os.path.dirname(os.path.abspath(path))) else "file"
+    meta = {"class_names": clf.class_names, "image_size": clf.image_size, "mean": list(clf.mean),
+            "std": list(clf.std), "step": clf.step, "named_by": named_by}
+    return _from_export(*onnx_engine.export_policy(clf.net, meta, path), path)
 
 
 def load_for_flags(spec=None, backend="auto", precision="auto", device="cpu", files=()):
@@ -122,33 +127,54 @@ def load_for_flags(spec=None, backend="auto", precision="auto", device="cpu", fi
             raise InferenceError("--precision int8 runs on ONNX Runtime on the CPU: drop --backend torch and "
                                  "--device cuda, or pass --precision fp32")
         clf, engine = load_served(spec, "onnxruntime", device)
-        return with_int8(clf, spec, files, forced=True)
+        return with_int8(clf, engine, "fp32", spec, files, forced=True)
     if backend == precision == "auto" and device == "cpu":
-        clf, engine, precision = pick_engine(spec)
-        return with_int8(clf, spec, files) if engine == "onnxruntime" else (clf, engine, precision)
+        # int8 is weighed against whichever of ONNX Runtime fp32 and torch won here, so the default is the fastest
+        return cached_int8(spec, files) or with_int8(*pick_engine(spec), spec, files)
     clf, engine = load_served(spec, "torch" if precision == "bf16" else backend, device)
     if engine == "onnxruntime":
-        return with_int8(clf, spec, files) if precision == "auto" else (clf, engine, "fp32")
+        return with_int8(clf, engine, "fp32", spec, files) if precision == "auto" else (clf, engine, "fp32")
     return clf, engine, pick_precision(precision, clf, device)
 
 
-def with_int8(clf, spec, files, forced=False):
-    """(Classifier, "onnxruntime", precision) for an ONNX Runtime job: int8 when forced, else where it measured
-    faster on this machine and its check against fp32 passed for this checkpoint (int8_engine), else fp32."""
-    fp32 = clf, "onnxruntime", "fp32"
+def cached_int8(spec, files):
+    """(Classifier, "onnxruntime", "int8") where int8 measured faster here than the engine it was weighed against,
+    and this checkpoint's int8 export is cached with a full check that passed; else None. Torch is not imported."""
+    checkpoint = checkpoint_file(spec)
+    known = _read_json(os.path.join(onnx_engine.cache_dir(), PRECISION_FILE))
+    if (checkpoint is None or len(files) < int8_engine.CALIBRATION_IMAGES + int8_engine.CHECK_IMAGES
+            or not any(k.startswith("int8 | ") and _cached_choice_at(known, k) == "int8" for k in known)):
+        return None
+    found = int8_engine.load_int8(checkpoint)
+    if (not found or found[1]["int8_check"].get("images", 0) < int8_engine.CHECK_IMAGES
+            or not int8_engine.check_passed(found[1])
+            or _cached_choice_at(known, f"int8 | {engine_key(found[1]['image_size'])}") != "int8"):
+        return None
+    return _from_export(*found, checkpoint), "onnxruntime", "int8"
+
+
+def with_int8(clf, engine, precision, spec, files, forced=False):
+    """(Classifier, engine, precision) for the job: int8 when forced, else where it measured faster on this machine
+    than `engine` at `precision` (what the job runs otherwise) and its check against fp32 passed for this
+    checkpoint (int8_engine), else what it was weighed against."""
+    fallback = clf, engine, precision
     checkpoint = checkpoint_file(spec)
     enough = len(files) >= int8_engine.CALIBRATION_IMAGES + int8_engine.CHECK_IMAGES
     path, key = os.path.join(onnx_engine.cache_dir(), PRECISION_FILE), f"int8 | {engine_key(clf.image_size)}"
     known = _read_json(path)
-    if not forced and (not enough or checkpoint is None or _cached_choice_at(known, key) == "fp32"):
-        return fp32
+    if not forced and (not enough or checkpoint is None or _cached_choice_at(known, key) not in (None, "int8")):
+        return fallback
     try:
         found = checkpoint and int8_engine.load_int8(checkpoint)
+        if checkpoint and not found and engine == "torch" and not onnx_engine.load_export(checkpoint):
+            export_served(clf, checkpoint)  # the fp32 export that int8 is quantized from
         short = found and found[1]["int8_check"].get("images", 0) < int8_engine.CHECK_IMAGES
         if checkpoint and (not found or (enough and short)):
             # none yet, or one an explicit int8 made on a short job: calibrated and checked on this job's images
             found = int8_engine.build_int8(checkpoint, *spread_sample(
                 files, clf.image_size, int8_engine.CALIBRATION_IMAGES, int8_engine.CHECK_IMAGES))
+    except onnx_engine.OnnxUnavailable:
+        return fallback  # no ONNX Runtime, or none for this model: torch runs it, as measured or warned
     except Exception as err:  # the quantizer fails in many ways; any of them means fp32
         found, failed = None, f"the int8 export failed ({type(err).__name__}: {first_line(err)})"
     else:
@@ -157,8 +183,8 @@ def with_int8(clf, spec, files, forced=False):
         if forced:
             raise InferenceError(f"--precision int8: {failed or NO_FP32_FILE}: pass --precision fp32")
         if failed:
-            print(f"warning: {failed}; classifying in fp32", file=sys.stderr)
-        return fp32  # where no folder takes the fp32 export, auto runs it from memory without a word
+            print(f"warning: {failed}; classifying in {precision}", file=sys.stderr)
+        return fallback  # where no folder takes the fp32 export, auto runs it from memory without a word
     int8_clf = _from_export(*found, checkpoint)
     if forced:
         if not int8_engine.check_passed(found[1]):
@@ -166,13 +192,14 @@ def with_int8(clf, spec, files, forced=False):
                   f"{int8_engine.CHECK_TOLERANCE}: pass --precision fp32 for fp32's probabilities", file=sys.stderr)
         return int8_clf, "onnxruntime", "int8"
     if not int8_engine.check_passed(found[1]):
-        return fp32
+        return fallback
     choice = _cached_choice_at(known, key)
     if choice is None:
-        seconds = {"int8": measure_onnx(int8_clf), "fp32": measure_onnx(clf)}
+        seconds = {"int8": measure_onnx(int8_clf), precision: measure_onnx(clf) if engine == "onnxruntime"
+                   else measure_precision(clf, kinds=(precision,))[precision]}
         choice = min(seconds, key=seconds.get)
         remember(path, known, key, choice, seconds)
-    return (int8_clf, "onnxruntime", "int8") if choice == "int8" else fp32
+    return (int8_clf, "onnxruntime", "int8") if choice == "int8" else fallback
 
 
 def spread_sample(files, image_size, calibration, check):

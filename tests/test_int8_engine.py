@@ -6,6 +6,7 @@ job's images, cached per checkpoint; --precision auto takes it only where it pas
 import csv
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -179,3 +180,61 @@ def test_an_int8_export_checked_on_a_short_job_is_made_again_for_a_long_one(tmp_
     monkeypatch.setattr(int8_engine, "CHECK_TOLERANCE", 1.0)
     assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[2] == "int8"
     assert int8_engine.load_int8(model)[1]["int8_check"]["images"] == int8_engine.CHECK_IMAGES
+
+
+def seed_torch_won(cache, image_size, precision):
+    """The per-machine measurements as a machine where torch at `precision` beat ONNX Runtime fp32."""
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / batch_classifier.PRECISION_FILE).write_text(json.dumps(
+        {batch_classifier.engine_key(image_size): {"choice": precision, "seconds": {}}}))
+
+
+@pytest.mark.parametrize("int8_seconds, wanted", [(0.5, ("onnxruntime", "int8")), (2.0, ("torch", "bf16"))])
+def test_precision_auto_weighs_int8_against_torch_where_torch_won(tmp_path, files, monkeypatch, engine_cache,
+                                                                   int8_seconds, wanted):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    seed_torch_won(engine_cache, 32, "bf16")  # torch bf16 beat ONNX Runtime fp32 here, as on some CPUs
+    monkeypatch.setattr(int8_engine, "CHECK_TOLERANCE", 1.0)
+    calls = []
+    monkeypatch.setattr(batch_classifier, "measure_onnx", lambda clf: calls.append("int8") or int8_seconds)
+    monkeypatch.setattr(batch_classifier, "measure_precision", lambda clf, device="cpu", kinds=("fp32", "bf16"):
+                        calls.append(kinds) or {k: 1.0 for k in kinds})
+    clf, engine, precision = batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)
+    assert (engine, precision) == wanted and calls == ["int8", ("bf16",)]  # int8 against torch bf16, not fp32
+    assert isinstance(clf.net, onnx_engine.OnnxNet) == (engine == "onnxruntime")
+    key = f"int8 | {batch_classifier.engine_key(32)}"
+    kept = json.loads((engine_cache / batch_classifier.PRECISION_FILE).read_text())[key]
+    assert kept == {"choice": wanted[1], "seconds": {"int8": int8_seconds, "bf16": 1.0}}
+    # measured once; where int8 won, the next job takes it without loading the model into torch
+    load_classifier, load_int8 = batch_classifier.load_classifier, int8_engine.load_int8
+    if engine == "onnxruntime":
+        monkeypatch.setattr(batch_classifier, "load_classifier", lambda spec: pytest.fail("loaded into torch"))
+    else:
+        monkeypatch.setattr(int8_engine, "load_int8", lambda path: pytest.fail("looked for the int8 export"))
+    assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[1:] == wanted
+    assert len(calls) == 2
+    # a job too short to calibrate and check runs what torch won with
+    monkeypatch.setattr(batch_classifier, "load_classifier", load_classifier)
+    monkeypatch.setattr(int8_engine, "load_int8", load_int8)
+    assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files[:JOB - 1])[1:] == ("torch", "bf16")
+
+
+def test_default_flags_run_a_cached_int8_export_without_importing_torch(tmp_path, files, engine_cache):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    first = run_cli("inference.py", *files, "--model", model, "--precision", "int8", "--csv",
+                    str(tmp_path / "first.csv"), cwd=tmp_path)  # builds and checks the int8 export on this job
+    assert first.returncode == 0, first.stderr
+    assert int8_engine.check_passed(int8_engine.load_int8(model)[1]), "the check failed: no auto int8 to test"
+    seed_torch_won(engine_cache, 32, "fp32")
+    known = json.loads((engine_cache / batch_classifier.PRECISION_FILE).read_text())
+    known[f"int8 | {batch_classifier.engine_key(32)}"] = {"choice": "int8", "seconds": {}}  # int8 won here
+    (engine_cache / batch_classifier.PRECISION_FILE).write_text(json.dumps(known))
+    code = ("import sys, inference; code = inference.main(sys.argv[1:]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
+    out = tmp_path / "again.csv"
+    done = subprocess.run([sys.executable, "-c", code, *files, "--model", model, "--csv", str(out), "--workers", "2"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "no torch" in done.stdout and "onnxruntime int8" in done.stdout
+    assert out.read_text() == (tmp_path / "first.csv").read_text()
