@@ -142,13 +142,12 @@ def cached_int8(spec, files):
     and this checkpoint's int8 export is cached with a full check that passed; else None. Torch is not imported."""
     checkpoint = checkpoint_file(spec)
     known = _read_json(os.path.join(onnx_engine.cache_dir(), PRECISION_FILE))
-    if (checkpoint is None or len(files) < int8_engine.CALIBRATION_IMAGES + int8_engine.CHECK_IMAGES
+    if (checkpoint is None or not int8_engine.job_long_enough(files)
             or not any(k.startswith("int8 | ") and _cached_choice_at(known, k) == "int8" for k in known)):
         return None
     found = int8_engine.load_int8(checkpoint)
-    if (not found or found[1]["int8_check"].get("images", 0) < int8_engine.CHECK_IMAGES
-            or not int8_engine.check_passed(found[1])
-            or _cached_choice_at(known, f"int8 | {engine_key(found[1]['image_size'])}") != "int8"):
+    if (not found or not int8_engine.fully_checked(found[1]) or not int8_engine.check_passed(found[1])
+            or _cached_choice_at(known, int8_key(found[1]["image_size"])) != "int8"):
         return None
     return _from_export(*found, checkpoint), "onnxruntime", "int8"
 
@@ -159,8 +158,8 @@ def with_int8(clf, engine, precision, spec, files, forced=False):
     checkpoint (int8_engine), else what it was weighed against."""
     fallback = clf, engine, precision
     checkpoint = checkpoint_file(spec)
-    enough = len(files) >= int8_engine.CALIBRATION_IMAGES + int8_engine.CHECK_IMAGES
-    path, key = os.path.join(onnx_engine.cache_dir(), PRECISION_FILE), f"int8 | {engine_key(clf.image_size)}"
+    enough = int8_engine.job_long_enough(files)
+    path, key = os.path.join(onnx_engine.cache_dir(), PRECISION_FILE), int8_key(clf.image_size)
     known = _read_json(path)
     if not forced and (not enough or checkpoint is None or _cached_choice_at(known, key) not in (None, "int8")):
         return fallback
@@ -168,14 +167,14 @@ def with_int8(clf, engine, precision, spec, files, forced=False):
         found = checkpoint and int8_engine.load_int8(checkpoint)
         if checkpoint and not found and engine == "torch" and not onnx_engine.load_export(checkpoint):
             export_served(clf, checkpoint)  # the fp32 export that int8 is quantized from
-        short = found and found[1]["int8_check"].get("images", 0) < int8_engine.CHECK_IMAGES
+        short = found and not int8_engine.fully_checked(found[1])
         if checkpoint and (not found or (enough and short)):
             # none yet, or one an explicit int8 made on a short job: calibrated and checked on this job's images
             found = int8_engine.build_int8(checkpoint, *spread_sample(
                 files, clf.image_size, int8_engine.CALIBRATION_IMAGES, int8_engine.CHECK_IMAGES))
     except onnx_engine.OnnxUnavailable:
         return fallback  # no ONNX Runtime, or none for this model: torch runs it, as measured or warned
-    except Exception as err:  # the quantizer fails in many ways; any of them means fp32
+    except Exception as err:  # the quantizer fails in many ways; any of them means running without int8
         found, failed = None, f"the int8 export failed ({type(err).__name__}: {first_line(err)})"
     else:
         failed = None
@@ -266,6 +265,11 @@ def _cached_choice(known, image_size):
 def _cached_choice_at(known, key):
     entry = known.get(key)
     return entry.get("choice") if isinstance(entry, dict) else None
+
+
+def int8_key(image_size):
+    """What an int8 measurement holds for: the engine measurement's key it was weighed beside."""
+    return f"int8 | {engine_key(image_size)}"
 
 
 def engine_key(image_size):

@@ -16,7 +16,7 @@ import numpy as np
 
 import onnx_engine
 
-CALIBRATION_IMAGES, CHECK_IMAGES = 32, 64  # a job shorter than both together runs fp32 (the build would not pay)
+CALIBRATION_IMAGES, CHECK_IMAGES = 32, 64  # a job shorter than both runs without int8: the build would not pay
 CHECK_TOLERANCE = 0.02  # the largest change of any probability against fp32 that --precision auto accepts
 
 
@@ -40,6 +40,16 @@ def load_int8(checkpoint):
             if isinstance(meta.get("int8_check"), dict):
                 return onnx_engine.OnnxNet(session, meta["mean"], meta["std"]), meta
     return None
+
+
+def job_long_enough(files):
+    """Whether a job of `files` can calibrate int8 and check it in full (--precision auto weighs int8 only then)."""
+    return len(files) >= CALIBRATION_IMAGES + CHECK_IMAGES
+
+
+def fully_checked(meta):
+    """Whether the export's check ran on CHECK_IMAGES images (an explicit int8 on a short job checks fewer)."""
+    return meta["int8_check"].get("images", 0) >= CHECK_IMAGES
 
 
 def check_passed(meta):
