@@ -268,7 +268,7 @@ class RLHFRun:
         self.observer.update_started(self.learner.version + 1)
         t0 = time.perf_counter()
         new, nos, take = self.training.take(self.cfg.answers_per_update(), rm_only,
-                                            self.cfg.answers_per_update() if rm_only else self.cfg.rm_per_update)
+                                            self.cfg.unanswered_batch if rm_only else self.cfg.rm_per_update)
         ledger = self.ledger
         replay, no_replay = self.training.replay(
             new, nos, lambda i: self.answer_of.get(i, SKIP) is not SKIP, lambda k: ledger.verdicts[k] is not None,

@@ -31,6 +31,9 @@ PPO_PASSES, OPTIMUM_PASSES = 4, 2  # --update-epochs by updater, when not given 
 # learns the labels well, and is what keeps a headless epoch near a supervised one; a verdict's next proposals
 # come from the policy, which must move between them (docs/benchmarks.md)
 LABEL_BATCH, VERDICT_BATCH = 24, 8
+# --unanswered-batch: once no answers wait (an epoch's end), nothing new is asked and the reward model learns
+# nothing new, so small updates there only repeat the same rewards at a higher cost (docs/benchmarks.md)
+UNANSWERED_BATCH = 24
 
 
 @dataclass
@@ -174,6 +177,9 @@ class RunConfig:
                                      "verdict)", lo=1, hi=4096)
     rm_per_update: int = setting(8, "unanswered images trained with reward-model rewards in each update", lo=0,
                                  hi=4096)
+    unanswered_batch: int = setting(UNANSWERED_BATCH, "unanswered images per update once no answers wait (the "
+                                    "rest of an epoch after its last answer), each trained with reward-model "
+                                    "rewards", lo=1, hi=4096)
     no_reward_model: bool = setting(False, "train the policy on the person's answers only (no reward-model "
                                     "rewards; for comparisons)", flag=True)
     max_answers: int | None = setting(None, "most questions the run may ask (default: no limit)", lo=1)

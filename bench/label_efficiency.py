@@ -146,11 +146,13 @@ def with_replay(new, seen, rng, rows=REPLAY_ROWS):
     return list(new) + rng.sample(earlier, min(len(earlier), max(0, rows - len(new))))
 
 
-def tool_shaped_updates(pool_size, asked, epochs, rng, batch=LABEL_BATCH, taken=RunConfig().rm_per_update):
+def tool_shaped_updates(pool_size, asked, epochs, rng, batch=LABEL_BATCH, taken=RunConfig().rm_per_update,
+                        tail=RunConfig().unanswered_batch):
     """The answers each update of the tool learns first when it asks `asked` (in order) of a pool: in epoch 1
     the new ones, `batch` per update; in later epochs every answer again (its epochs visit them again). An update
     with answers also takes up to `taken` (--rm-per-update) unanswered images (in epoch 1 only the last, as the
-    others are visited after the asking), and each `batch` unanswered images left makes an update of its own. The
+    others are visited after the asking), and each `tail` (--unanswered-batch) unanswered images left makes an
+    update of its own. The
     unanswered teach the tool's policy from its reward model; a baseline's update learns from its replayed
     answers there."""
     unanswered = max(0, pool_size - len(asked))
@@ -158,7 +160,7 @@ def tool_shaped_updates(pool_size, asked, epochs, rng, batch=LABEL_BATCH, taken=
         again = list(asked) if epoch == 0 else rng.sample(list(asked), len(asked))
         yield from (again[s:s + batch] for s in range(0, len(again), batch))
         with_answers = (len(again) % batch > 0) if epoch == 0 else math.ceil(len(again) / batch)
-        yield from ([] for _ in range(0, max(0, unanswered - taken * with_answers), batch))
+        yield from ([] for _ in range(0, max(0, unanswered - taken * with_answers), tail))
 
 
 def run_supervised(ds, val, backbone, args, seed, budget, noise, subset=None):

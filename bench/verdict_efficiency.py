@@ -15,10 +15,10 @@ Every method sees the same simulated person (yes when the proposal is the folder
 flipped with P(noise), either persistently, the same wrong answer when the same thing is asked again, or as an
 independent slip per asking), the same images and passes (--epochs), and is scored on a held-out validation folder
 (by default every fifth image of each class of the shared digits). The baselines make the tool's updates (one per
-8 verdicts or 24 labels, one per as many unsettled images left over), each with the tool's default --update-epochs
-in Adam steps on the new answers topped up with replayed ones to --rm-batch-size rows, as the tool's policy takes
-its answers; the tool's policy learns from its reward model on unanswered images besides, which is the method
-being measured.
+8 verdicts or 24 labels, one per 24 unsettled images left over once no answers come), each with the tool's
+default --update-epochs in Adam steps on the new answers topped up with replayed ones to --rm-batch-size rows,
+as the tool's policy takes its answers; the tool's policy learns from its reward model on unanswered images
+besides, which is the method being measured.
 A cell whose runs could not spend the whole budget says how many answers they gave.
 Methods:
   rlhf_verdict      this tool at its defaults, --ask verdict (the served model; its reward model in its own row)
@@ -60,6 +60,7 @@ NOISE_ROWS = ("0.1:persistent", "0.1:slip", "0.2:persistent")
 GRID = 2  # the level grid: cells of the earlier, unlevel grid (its baselines without replay) are not reused
 STEPS_PER_BATCH = PPOConfig().passes()  # the tool's passes per batch: the complementary learner's steps
 BATCH = 8
+TAIL_BATCH = RunConfig().unanswered_batch  # the tool's updates once no answers wait: unanswered images each
 
 
 def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
@@ -81,7 +82,8 @@ def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
 def run_complementary(ds, val, backbone, args, seed, budget, noise, noise_kind="persistent"):
     """Supervised learning from complementary labels on `budget` verdicts (see the module docstring), in updates
     shaped as the tool's: each pass its verdicts so far again, BATCH per update, then its unsettled images (no
-    yes, a class left), BATCH per update, each asked a verdict while the budget lasts; every update
+    yes, a class left), BATCH per update, each asked a verdict while the budget lasts, and once no verdict comes
+    one update per TAIL_BATCH of them left over; every update
     STEPS_PER_BATCH steps on its rows topped up with replayed verdicts (label_efficiency.with_replay)."""
     torch.manual_seed(seed)
     policy = PolicyModel(ds.num_classes, backbone).to(args.device)
@@ -101,12 +103,20 @@ def run_complementary(ds, val, backbone, args, seed, budget, noise, noise_kind="
             learn(again[start:start + BATCH], range(len(verdicts)))
         open_images = [i for i in pool if i not in settled and len(rejected.get(i, ())) < ds.num_classes - 1]
         covered = len(again)  # the tool's updates on its verdicts also take its unsettled images, BATCH each
+        idle = 0  # unsettled images left over since the last update, once no verdict comes
         for start in range(0, len(open_images), BATCH):
             new = [ask_verdict(policy, ds, labeler, rng, i, rejected, settled, verdicts, args.device)
                    for i in open_images[start:start + BATCH] if len(verdicts) < budget]
             covered -= BATCH
-            if new or covered < 0:
+            if new:
                 learn(new, range(len(verdicts) - len(new)))
+            elif covered < 0:
+                idle += min(BATCH, len(open_images) - start)
+                if idle >= TAIL_BATCH:
+                    learn([], range(len(verdicts)))
+                    idle = 0
+        if idle:
+            learn([], range(len(verdicts)))
     return val_accuracy(policy, val), len(verdicts), None
 
 

@@ -44,6 +44,24 @@ def test_a_label_run_updates_after_24_answers_a_verdict_run_after_8_unless_told(
     assert RunConfig.from_flat({**RunConfig().to_flat(), "batch_size": 8}).answers_per_update() == 8
 
 
+@pytest.mark.parametrize("told, sizes", [(None, [22]), (5, [5, 5, 5, 5, 2])])
+def test_the_epochs_end_trains_its_unanswered_images_24_per_update_unless_told(tmp_path, digits, told, sizes):
+    run = make_run(tmp_path, digits, batch_size=2, order="random",
+                   **({"unanswered_batch": told} if told else {}))
+    answer(run, 2)
+    run.update()
+    taken, take = [], run.training.take
+
+    def spy(batch_size, rm_only, unanswered):
+        out = take(batch_size, rm_only, unanswered)
+        if rm_only:
+            taken.append(len(out[2]))
+        return out
+    run.training.take = spy
+    assert run.finish_epoch()
+    assert taken == sizes  # no answer waits, so fewer, bigger updates; each unanswered image trained once
+
+
 def test_replay_draws_only_answers_the_reward_model_was_fitted_on(tmp_path, digits):
     run = make_run(tmp_path, digits, batch_size=4, order="random")
     replays = []
