@@ -164,9 +164,9 @@ WORKER = {}  # per process: the split's datasets and the backbone, made once
 
 
 def start_worker(train_dir, val_dir, args):
-    """Load the split once in this process (one thread each when several cells run at once)."""
-    if args.jobs > 1:
-        torch.set_num_threads(1)
+    """Load the split once in this process, on one thread: a cell's result moves with the thread count, so cells
+    kept in one cells.jsonl must not depend on the --jobs of the sitting that ran them."""
+    torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     ds = ImagePool(train_dir, args.image_size)
     val = ImagePool(val_dir, args.image_size, ds.class_names)
