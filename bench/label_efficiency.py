@@ -152,9 +152,8 @@ def tool_shaped_updates(pool_size, asked, epochs, rng, batch=LABEL_BATCH, taken=
     the new ones, `batch` per update; in later epochs every answer again (its epochs visit them again). An update
     with answers also takes up to `taken` (--rm-per-update) unanswered images (in epoch 1 only the last, as the
     others are visited after the asking), and each `tail` (--unanswered-batch) unanswered images left makes an
-    update of its own. The
-    unanswered teach the tool's policy from its reward model; a baseline's update learns from its replayed
-    answers there."""
+    update of its own. The unanswered teach the tool's policy from its reward model; a baseline's update learns
+    from its replayed answers there."""
     unanswered = max(0, pool_size - len(asked))
     for epoch in range(epochs):
         again = list(asked) if epoch == 0 else rng.sample(list(asked), len(asked))
