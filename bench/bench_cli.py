@@ -38,8 +38,8 @@ def parse_bench_args(parser):
 
 
 def machine():
-    """The CPU's model, its core count and which bf16 and int8 dot-product instructions it has (what decides
-    between torch bf16 and ONNX Runtime int8), from /proc/cpuinfo."""
+    """The CPU's model (with its family and model numbers), its core count and which bf16 and int8 dot-product
+    instructions it has (what decides between torch bf16 and ONNX Runtime int8), from /proc/cpuinfo."""
     fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -49,6 +49,8 @@ def machine():
     except OSError:
         pass
     model = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if fields.get("cpu family") and fields.get("model"):  # one brand name covers generations that differ
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
     flags = set(fields.get("flags", "").split())
     bf16 = [name for name in BF16_FLAGS if name in flags]
     int8 = [name for name in INT8_FLAGS if name in flags]

@@ -7,8 +7,9 @@ again, so the grid's reported split is never tuned on): the tool's settings agai
     python bench/optimum_quick.py 300 0,1,2 verdict optimum 0 --set update_epochs=1 --set rm_steps=1 --jobs 2
 
 Prints one JSON line per cell: the policy's and its reward model's accuracy on the tuning split's held-out
-fifth, the answers given and the seconds taken. Every cell: 32 px, random init, 3 passes, batches of 8, one
-thread per cell (--jobs cells at once, each in its own process); --set overrides any run setting by name.
+fifth, the answers given, the seconds taken and the machine (a run's result moves with it). Every cell: 32 px,
+random init, 3 passes, batches of 8, one thread per cell (--jobs cells at once, each in its own process); --set
+overrides any run setting by name.
 """
 import argparse
 import itertools
@@ -23,6 +24,7 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
+from bench_cli import machine
 from dataset import ImagePool
 from label_efficiency import run_supervised, split_folder
 from run_config import PPOConfig, RewardModelConfig, RunConfig, parser_type
@@ -68,7 +70,7 @@ def one_cell(task):
                                       rm=RewardModelConfig(verdict_evidence=evidence, **sets["rm"]), **sets["run"])
         return json.dumps({"ask": ask, "update": update, "evidence": evidence, "noise": noise, "kind": kind,
                            "budget": budget, "seed": seed, "set": {k: v for s in sets.values() for k, v in s.items()},
-                           "acc": acc, "rm_acc": rm, "given": given, "s": round(time.time() - t)})
+                           "acc": acc, "rm_acc": rm, "given": given, "s": round(time.time() - t), "machine": machine()})
 
 
 def main():

@@ -43,6 +43,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_cli import machine
 from dataset import ImagePool
 from ddp import Ranks
 from label_efficiency import common_flags, plot, run_supervised, split_folder, summarize, val_accuracy, with_replay
@@ -226,7 +227,8 @@ def main(argv=None):
                 r = finished[name, b, seed]
                 record(results, name, b, r["acc"], r["given"], r["rm_acc"])
         cells = [c for c in cells if (c[0], c[4], c[5]) not in finished]
-        t0, header, ran = time.time(), None, 0
+        t0, header, ran, here = time.time(), None, 0, machine()
+        print(f"machine: {here}", flush=True)
         pool = (multiprocessing.get_context("spawn").Pool(args.jobs, start_worker, (train_dir, val_dir, args))
                 if args.jobs > 1 and len(cells) > 1 else None)
         done = pool.imap_unordered(run_cell, cells) if pool else map(run_cell, cells)
@@ -235,7 +237,7 @@ def main(argv=None):
             ran += 1
             with open(cells_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({**setting, "name": name, "budget": b, "seed": seed, "acc": acc, "given": given,
-                                    "rm_acc": rm_acc, "seconds": seconds}) + "\n")
+                                    "rm_acc": rm_acc, "seconds": seconds, "machine": here}) + "\n")
             print(f"{name:34s} budget {b:5d} seed {seed}: val_acc {acc:.3f}  given {given}  reward model "
                   f"{'-' if rm_acc is None else f'{rm_acc:.3f}'}  {seconds:.0f}s  [{time.time() - t0:.0f}s]",
                   flush=True)
@@ -283,7 +285,17 @@ def describe(n_train, n_val, origin, args, t0, cells_path, ran):
             f"{origin}, seeds {args.seeds}; same images, passes, replay and {STEPS_PER_BATCH} steps per batch of "
             f"{BATCH} for every method; mean ± std of val accuracy (answers given, where short of the budget); "
             f"{len(cells)} cells, {sum(r['seconds'] for r in cells) / 60:.0f} min of "
-            f"runs in all{sitting}")
+            f"runs in all{sitting}; {machines_of(cells)}")
+
+
+def machines_of(cells):
+    """Which machines ran the cells, with how many each: one run's result moves with the machine, so a table
+    whose cells came from several says so."""
+    counts = {}
+    for r in cells:
+        name = r.get("machine", "a machine not recorded")
+        counts[name] = counts.get(name, 0) + 1
+    return "cells from " + "; ".join(f"{name}: {n}" for name, n in counts.items())
 
 
 def write_table(results, args, header):

@@ -1,4 +1,5 @@
 """Which image is asked next, the frozen-feature cache, and a tiny run of the label-efficiency benchmark."""
+import json
 import os
 import random
 import shutil
@@ -166,6 +167,9 @@ def test_verdict_benchmark_writes_its_table_and_plot(tmp_path, digits):
         assert f"| {name} |" in table
     assert "| method | 6 |" in table
     assert "given)" not in table  # each run spent its budget
+    # one run's result moves with the machine: each cell names the one that ran it, and so does the header
+    here = json.loads(cells[0])["machine"]
+    assert here and "cores" in here and f"cells from {here}: 11" in (out / "results.md").read_text()
     # a budget larger than the pool: the table says how many answers the runs gave
     assert verdict_efficiency.main(flags[:2] + ["--budgets", "20", "--seeds", "0", "--epochs", "1", "--out",
                                    str(out), "--methods", "supervised", "--noise-rows"]) == 0
