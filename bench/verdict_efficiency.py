@@ -29,6 +29,7 @@ Methods:
   supervised        cross-entropy on the labels of the images --order random asks first: the labels' baseline
 """
 import argparse
+import collections
 import contextlib
 import io
 import json
@@ -291,10 +292,7 @@ def describe(n_train, n_val, origin, args, t0, cells_path, ran):
 def machines_of(cells):
     """Which machines ran the cells, with how many each: one run's result moves with the machine, so a table
     whose cells came from several says so."""
-    counts = {}
-    for r in cells:
-        name = r.get("machine", "a machine not recorded")
-        counts[name] = counts.get(name, 0) + 1
+    counts = collections.Counter(r.get("machine", "a machine not recorded") for r in cells)
     return "cells from " + "; ".join(f"{name}: {n}" for name, n in counts.items())
 
 
