@@ -31,6 +31,7 @@ from feedback_store import FeedbackStore, StoreError
 from label_transfer import import_labels
 from learner import Learner, UpdateBatch, VerdictBatch, evaluate_accuracy
 from neighbour_vote import NeighbourVote
+from pool_coverage import PoolCoverage
 from question_queue import QuestionQueue, rank_unasked
 from run_folder import RunFiles
 from score_cache import ScoreCache
@@ -71,6 +72,7 @@ class RLHFRun:
         self.shown_of = {}  # pool position -> class shown with the answer given in this process
         self.prior_of = {}  # pool position -> the guess its last proposal was drawn from (the posterior's prior)
         self.neighbours = NeighbourVote.of_run(cfg, dataset)  # --neighbour-prior (None: the guess alone)
+        self.coverage = PoolCoverage.of_run(cfg, dataset)  # --cover-first (None: uncertainty alone)
         self.questions = QuestionQueue(len(dataset), cfg.seed, cfg.order)
         self.lock = self.questions.lock  # the window's guesser asks while its run worker records
         self.training = TrainingQueue(cfg.seed)
@@ -158,12 +160,19 @@ class RLHFRun:
             return max(0, min(len(q.unasked), room))
 
     def refresh_ranking(self):
-        """--order uncertain: rank the unasked images (not before the first update: nothing learnt yet)."""
-        if self.cfg.order != "uncertain" or self.learner.version == 0 or not self.can_ask():
+        """--order uncertain: rank the unasked images (before the first update only by --cover-first: the models
+        have learnt nothing yet)."""
+        if self.cfg.order != "uncertain" or not self.can_ask():
+            return
+        if self.learner.version == 0 and self.coverage is None:
             return
         with self.lock:
             unasked = list(self.questions.unasked)
-        self.questions.set_ranking(self.rank_questions(unasked, self.questions.rank_rng))
+            asked = set(self.ledger.verdict_keys) | set(self.answer_of) | set(self.questions.outstanding)
+        first = [] if self.coverage is None else self.coverage.first(asked, unasked)
+        if self.learner.version > 0:
+            first += self.rank_questions(unasked, self.questions.rank_rng)
+        self.questions.set_ranking(first)
 
     def rank_questions(self, unasked, rng):
         """Score a sample of the unasked images with the current models; most informative first."""

@@ -66,7 +66,7 @@ def test_uncertain_ranking_uses_the_policy_margins(tmp_path, digits):
 
 
 def test_before_the_first_update_questions_follow_the_epochs_order(tmp_path, digits):
-    run = make_run(tmp_path, digits, explore=0.5)
+    run = make_run(tmp_path, digits, explore=0.5, cover_first=0)
     run.rank_questions = lambda unasked, rng: pytest.fail("an untrained policy ranked the pool")
     run.refresh_ranking()
     assert run.next_questions(len(run.ds)) == run.questions.order
