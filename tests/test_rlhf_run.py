@@ -237,7 +237,9 @@ def test_an_image_that_stops_decoding_after_the_scan_is_never_asked(tmp_path, di
 
 def test_with_frozen_features_a_ranking_computes_features_for_a_bounded_sample_only(tmp_path, digits):
     ds = ImagePool(make_subset(tmp_path / "pool", digits, 20), image_size=32)  # 200 images, 10 classes
-    config = RunConfig(images=ds.root, seed=3, out=str(tmp_path), checkpoint_every=0, batch_size=4, finetune="head")
+    # the uncertainty ranking alone: --cover-first's head reads thumbnails, not features
+    config = RunConfig(images=ds.root, seed=3, out=str(tmp_path), checkpoint_every=0, batch_size=4, finetune="head",
+                       cover_first=0)
     learner = Learner(ds.num_classes, None, "head", config.ppo, config.rm, seed=0)
     run = RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
     answer(run, 4)
