@@ -169,10 +169,10 @@ class RLHFRun:
         with self.lock:
             unasked = list(self.questions.unasked)
             asked = set(self.ledger.verdict_keys) | set(self.answer_of) | set(self.questions.outstanding)
-        first = [] if self.coverage is None else self.coverage.first(asked, unasked)
+        ranking = [] if self.coverage is None else self.coverage.first(asked, unasked)
         if self.learner.version > 0:
-            first += self.rank_questions(unasked, self.questions.rank_rng)
-        self.questions.set_ranking(first)
+            ranking += self.rank_questions(unasked, self.questions.rank_rng)
+        self.questions.set_ranking(ranking)
 
     def rank_questions(self, unasked, rng):
         """Score a sample of the unasked images with the current models; most informative first."""
