@@ -160,19 +160,9 @@ class RLHFRun:
             return max(0, min(len(q.unasked), room))
 
     def refresh_ranking(self):
-        """--order uncertain: rank the unasked images (before the first update only by --cover-first: the models
-        have learnt nothing yet)."""
-        if self.cfg.order != "uncertain" or not self.can_ask():
-            return
-        if self.learner.version == 0 and self.coverage is None:
-            return
-        with self.lock:
-            unasked = list(self.questions.unasked)
-            asked = set(self.ledger.verdict_keys) | set(self.answer_of) | set(self.questions.outstanding)
-        ranking = [] if self.coverage is None else self.coverage.first(asked, unasked)
-        if self.learner.version > 0:
-            ranking += self.rank_questions(unasked, self.questions.rank_rng)
-        self.questions.set_ranking(ranking)
+        """--order uncertain: rank the unasked images (ranked_questions)."""
+        if self.cfg.order == "uncertain" and self.can_ask() and (self.learner.version > 0 or self.coverage is not None):
+            self.questions.set_ranking(ranked_questions(self))
 
     def rank_questions(self, unasked, rng):
         """Score a sample of the unasked images with the current models; most informative first."""
@@ -358,6 +348,18 @@ class RLHFRun:
         if "rm_fitted" in ckpt:  # format 1 checkpoints were written after every update: all answers fitted
             self.training.restore_fitted(ckpt["rm_fitted"], ckpt["no_fitted"], self.ds.hashes, self.ledger)
         self.begin_epoch()
+
+
+def ranked_questions(run):
+    """The unasked images in the order to ask them: --cover-first's covering head, then the uncertainty ranking
+    (not before the first update: the models have learnt nothing yet)."""
+    with run.lock:
+        unasked = list(run.questions.unasked)
+        asked = set(run.ledger.verdict_keys) | set(run.answer_of) | set(run.questions.outstanding)
+    ranking = [] if run.coverage is None else run.coverage.first(asked, unasked)
+    if run.learner.version > 0:
+        ranking += run.rank_questions(unasked, run.questions.rank_rng)
+    return ranking
 
 
 def with_neighbours(run, index, probs):
