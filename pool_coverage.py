@@ -53,10 +53,9 @@ class PoolCoverage:
         self.graph = sims >= self.threshold
         self.graph.fill_diagonal_(True)  # an asked image covers itself
 
-    def covers(self, position):
-        """(S,) bool: the sample images that pool image `position` covers."""
-        if position in self.row_of:
-            return self.graph[self.row_of[position]]
+    def outside_covers(self, position):
+        """(S,) bool: the sample images that pool image `position`, one outside the sample, covers (an image in it:
+        its row of the graph)."""
         if position not in self.outside:
             sims = thumbnail_features(self.images([position])) @ self.features.T
             self.outside[position] = sims[0] >= self.threshold
@@ -70,7 +69,7 @@ class PoolCoverage:
             out |= self.graph[torch.tensor(inside)].any(0)
         for p in asked:
             if p not in self.row_of:
-                out |= self.covers(p)
+                out |= self.outside_covers(p)
         return out
 
     def first(self, asked, unasked, picks=PICKS):
