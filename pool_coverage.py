@@ -22,9 +22,10 @@ BATCH = 256     # images decoded at once while the thumbnails are built
 class PoolCoverage:
     """The look-alike graph of (a sample of) the pool and the greedy pick of the images that cover most of it."""
 
-    def __init__(self, images, pool_size, neighbours, seed):
-        """images(indices) -> (N, C, H, W) tensor of pool images; neighbours: the K that sets the radius."""
-        self.images, self.neighbours = images, neighbours
+    def __init__(self, images, pool_size, neighbours, seed, unreadable=()):
+        """images(indices) -> (N, C, H, W) tensor of pool images; neighbours: the K that sets the radius;
+        unreadable: the positions (a set the pool fills as it decodes) whose files do not decode."""
+        self.images, self.neighbours, self.unreadable = images, neighbours, unreadable
         positions = list(range(pool_size))
         if pool_size > SAMPLE:
             positions = sorted(random.Random(f"{seed}:coverage").sample(positions, SAMPLE))
@@ -37,7 +38,7 @@ class PoolCoverage:
     def of_run(cls, cfg, dataset):
         """The coverage a run's questions start from: --order uncertain with --cover-first K > 0, else None."""
         if cfg.order == "uncertain" and cfg.cover_first > 0:
-            return cls(dataset.batch, len(dataset), cfg.cover_first, cfg.seed)
+            return cls(dataset.batch, len(dataset), cfg.cover_first, cfg.seed, dataset.unreadable)
         return None
 
     def build(self):
@@ -48,10 +49,20 @@ class PoolCoverage:
                                    for s in range(0, len(self.positions), BATCH)])
         sims = self.features @ self.features.T
         sims.fill_diagonal_(-float("inf"))
-        k = min(self.neighbours, len(self.positions) - 1)
-        self.threshold = float(sims.topk(k, dim=1).values[:, -1].median()) if k > 0 else float("inf")
+        # Files that do not decode are blank pictures, all alike: they are never asked, so they neither cover nor
+        # wait to be covered, nor set the radius (the sample was just decoded, so the pool knows them all).
+        blank = [r for r, p in enumerate(self.positions) if p in self.unreadable]
+        sims[blank] = -float("inf")
+        sims[:, blank] = -float("inf")
+        readable = len(self.positions) - len(blank)
+        k = min(self.neighbours, readable - 1)
+        self.threshold = float("inf")
+        if k > 0:
+            kth = sims.topk(k, dim=1).values[:, -1]
+            self.threshold = float(kth[kth > -float("inf")].median())
         self.graph = sims >= self.threshold
         self.graph.fill_diagonal_(True)  # an asked image covers itself
+        self.graph[blank, blank] = False
 
     def outside_covers(self, position):
         """(S,) bool: the sample images that pool image `position`, one outside the sample, covers (an image in it:

@@ -1,4 +1,6 @@
 """--cover-first: the first questions go to images that stand for the most of the pool, one per group of look-alikes."""
+import os
+
 import pytest
 import torch
 
@@ -76,3 +78,24 @@ def test_after_an_update_the_uncertainty_ranking_follows_the_covering_images(tmp
     head = run.coverage.first(set(), list(range(len(run.ds))))
     assert run.questions.ranking[:len(head)] == head
     assert run.questions.ranking[len(head):] == tail
+
+
+def test_files_that_do_not_decode_neither_cover_nor_wait_to_be_covered():
+    images, group = grouped_images([30, 20, 10])
+    blank = list(range(len(group), len(group) + 5))  # blank pictures, all alike: what the pool shows for them
+    pixels = torch.cat([images(range(len(group))), torch.full((len(blank), 3, 8, 8), 0.3)])
+    cover = PoolCoverage(lambda indices: pixels[list(indices)], len(pixels), 5, seed=0, unreadable=set(blank))
+    picks = cover.first(asked=set(), unasked=range(len(pixels)))
+    assert picks and not set(picks) & set(blank)
+    assert sorted(group[p] for p in picks[:3]) == [0, 1, 2]
+    assert cover.first(set(range(len(group))), blank) == []
+
+
+def test_a_run_covers_with_the_pools_own_record_of_files_that_do_not_decode(tmp_path, digits):
+    run = make_run(tmp_path, digits)
+    os.unlink(run.ds.paths[5])  # a link of the subset: now a file that no longer decodes
+    with open(run.ds.paths[5], "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n cut short")
+    with pytest.warns(UserWarning, match="cannot be decoded any more"):
+        picks = run.coverage.first(set(), list(range(len(run.ds))))
+    assert run.coverage.unreadable is run.ds.unreadable and run.ds.unreadable == {5} and 5 not in picks
