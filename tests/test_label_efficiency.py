@@ -4,6 +4,7 @@ import os
 import random
 import shutil
 import sys
+import types
 
 import pytest
 import torch
@@ -193,3 +194,17 @@ def test_the_supervised_baseline_makes_the_updates_the_tool_makes(tmp_path, digi
     assert sum(len(new) for new in updates) == 3 * budget  # every answer is learnt first once per pass
     rows = label_efficiency.with_replay([7, 8], list(range(40)), random.Random(0))
     assert rows[:2] == [7, 8] and len(rows) == label_efficiency.REPLAY_ROWS and len(set(rows)) == len(rows)
+
+
+def test_verdict_errors_counts_flipped_yes_answers_and_wrong_labels_against_the_folders():
+    from verdict_errors import ledger_counts
+    V = types.SimpleNamespace
+    verdicts = [V(image=0, proposed=3, verdict=0), V(image=0, proposed=1, verdict=1),   # a no, then the true yes
+                V(image=1, proposed=2, verdict=1),                                      # a flipped yes
+                V(image=2, proposed=2, verdict=0), V(image=2, proposed=2, verdict=0)]   # the same no twice
+    run = types.SimpleNamespace(ds=types.SimpleNamespace(labels=[1, 0, 2]), ledger=types.SimpleNamespace(
+        verdicts=verdicts), answer_of={0: 1, 1: 2})
+    counts = ledger_counts(run)
+    assert counts["yes"] == 2 and counts["false_yes"] == 1 and counts["wrong_labels"] == 1
+    assert counts["repeated_questions"] == 1 and counts["images"] == 3
+    assert counts["verdicts_per_image"] == {2: 2, 1: 1} and counts["first_third_yes"] == 0  # the first verdict: a no
