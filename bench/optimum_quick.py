@@ -48,15 +48,21 @@ def overrides(pairs):
     return out
 
 
+def tuning_split(tmp):
+    """(pool, held-out fifth) of the tuning split, made under folder `tmp`: the shared digits' training part of the
+    grid's split, split 4:1 again, at 32 px."""
+    split_folder(DIGITS, os.path.join(tmp, "outer"))
+    split_folder(os.path.join(tmp, "outer", "train"), os.path.join(tmp, "tune"))
+    ds = ImagePool(os.path.join(tmp, "tune", "train"), 32)
+    return ds, ImagePool(os.path.join(tmp, "tune", "val"), 32, ds.class_names)
+
+
 def one_cell(task):
     """(the cell's JSON line) of one run: a fresh split in a temporary folder, one thread."""
     budget, seed, ask, update, noise, evidence, kind, sets = task
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        split_folder(DIGITS, os.path.join(tmp, "outer"))
-        split_folder(os.path.join(tmp, "outer", "train"), os.path.join(tmp, "tune"))
-        ds = ImagePool(os.path.join(tmp, "tune", "train"), 32)
-        val = ImagePool(os.path.join(tmp, "tune", "val"), 32, ds.class_names)
+        ds, val = tuning_split(tmp)
         args = types.SimpleNamespace(epochs=3, image_size=32, weights="none", device="cpu")
         t = time.time()
         if update == "baseline":  # the grid's cross-entropy learner, in updates shaped as the tool's

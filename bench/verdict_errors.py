@@ -15,14 +15,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from bench_cli import machine
-from dataset import ImagePool
 from ddp import Ranks
-from label_efficiency import split_folder, val_accuracy
-from optimum_quick import overrides
+from label_efficiency import val_accuracy
+from optimum_quick import overrides, tuning_split
 from rlhf_run import open_run, run_headless
 from run_config import PPOConfig, RewardModelConfig, RunConfig
 from simulated_labeler import FolderLabeler
-from verdict_efficiency import BATCH, DIGITS
+from verdict_efficiency import BATCH
 
 
 def ledger_counts(run):
@@ -48,10 +47,7 @@ def ledger_counts(run):
 def one_run(budget, seed, noise, kind, sets):
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        split_folder(DIGITS, os.path.join(tmp, "outer"))
-        split_folder(os.path.join(tmp, "outer", "train"), os.path.join(tmp, "tune"))
-        ds = ImagePool(os.path.join(tmp, "tune", "train"), 32)
-        val = ImagePool(os.path.join(tmp, "tune", "val"), 32, ds.class_names)
+        ds, val = tuning_split(tmp)
         out = os.path.join(tmp, "run")
         os.makedirs(out)
         config = RunConfig(images=ds.root, feedback="folder", epochs=3, image_size=32, weights="none", seed=seed,
