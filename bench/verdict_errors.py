@@ -1,6 +1,6 @@
 """Where a verdict run's budget went, on the TUNING split (as optimum_quick.py): per run, the images asked, the yes
 answers and how many of them were the simulated person's flips, the wrong labels left at the end, and how many
-verdicts each image took. For reading a cell, not for the tables: its accuracy is optimum_quick.py's.
+verdicts each image took. Its accuracy is the one optimum_quick.py gives for the same cell.
 
     python bench/verdict_errors.py 150 0,1,2 0.1 persistent          # BUDGET SEEDS NOISE [KIND] [--set KEY=VALUE]
 """
@@ -45,6 +45,7 @@ def ledger_counts(run):
 
 
 def one_run(budget, seed, noise, kind, sets):
+    """One headless verdict run on a fresh tuning split, one thread: its counts and its served model's accuracy."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         ds, val = tuning_split(tmp)
