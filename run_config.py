@@ -185,10 +185,11 @@ class RunConfig:
     max_answers: int | None = setting(None, "most questions the run may ask (default: no limit)", lo=1)
     order: str = setting("uncertain", "which image to ask next: the policy's least sure first (uncertain), or "
                          "the epoch's random or folder order", choices=("uncertain", "random", "sequential"))
-    cover_first: int = setting(10, "--order uncertain: first ask the unasked images that stand for the most pool "
+    cover_first: int = setting(0, "--order uncertain: first ask the unasked images that stand for the most pool "
                                "images no asked image resembles yet (look-alikes by thumbnail, within the "
-                               "similarity of the median image's N-th nearest neighbour); once none stands for "
-                               "two more, the policy's least sure first (0: never, as before)", lo=0)
+                               "similarity of the median image's N-th nearest neighbour, e.g. 10); once none "
+                               "stands for two more, the policy's least sure first. Helps a careful person's "
+                               "first few hundred verdicts, hurts one who often answers wrongly (0: never)", lo=0)
     explore: float = setting(0.1, "--order uncertain: share of questions picked at random from the unasked "
                              "images", lo=0.0, hi=1.0)
     score_pool: int | None = setting(None, "--order uncertain: unasked images scored after each update "

@@ -46,7 +46,7 @@ def test_a_large_pool_is_covered_through_a_sample_and_asked_images_outside_it_co
 def make_run(tmp_path, digits, **cfg):
     ds = ImagePool(make_subset(tmp_path / "pool", digits, 8, classes=["0", "1", "7"]), image_size=16)
     config = RunConfig(images=ds.root, order="uncertain", explore=0.0, seed=3, out=str(tmp_path), weights="none",
-                       ask="verdict", **cfg)
+                       ask="verdict", **{"cover_first": 10, **cfg})
     learner = Learner(3, None, "all", seed=0)
     return RLHFRun(config, ds, learner, FeedbackStore(str(tmp_path / "f.sqlite")), str(tmp_path), "random")
 
@@ -60,13 +60,15 @@ def test_before_the_first_update_the_run_asks_the_covering_images_first(tmp_path
     assert len({run.ds.labels[i] for i in expected[:3]}) >= 2  # not three look-alikes of one digit
 
 
-def test_cover_first_zero_keeps_the_epochs_order_and_a_saved_config_without_it_covers(tmp_path, digits):
+def test_cover_first_zero_keeps_the_epochs_order_and_is_the_default(tmp_path, digits):
     run = make_run(tmp_path, digits, cover_first=0)
     assert run.coverage is None
     run.refresh_ranking()
     assert run.next_questions(5) == run.questions.order[:5]
     saved = {k: v for k, v in run.cfg.to_flat().items() if k != "cover_first"}  # a config.json from before it
-    assert RunConfig.from_flat(saved).cover_first == 10
+    assert RunConfig.from_flat(saved).cover_first == 0 and RunConfig().cover_first == 0
+    covering = make_run(tmp_path / "c", digits).cfg.to_flat()  # a run that covered resumes covering
+    assert RunConfig.from_flat(covering).cover_first == 10
 
 
 def test_after_an_update_the_uncertainty_ranking_follows_the_covering_images(tmp_path, digits):
