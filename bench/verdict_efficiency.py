@@ -65,9 +65,9 @@ BATCH = 8
 TAIL_BATCH = RunConfig().unanswered_batch  # the tool's updates once no answers wait: unanswered images each
 
 
-def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
+def run_tool(ds, val, backbone, origin, args, seed, budget, noise, inspect=None, **cfg):
     """This tool, headless, with the simulated person; (val accuracy, verdicts or answers given, the reward
-    model's own val accuracy)."""
+    model's own val accuracy). inspect(run), when given, reads the finished run before it is closed."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "run")  # its `latest` link is made beside it: inside the temporary folder
         os.makedirs(out)
@@ -76,6 +76,8 @@ def run_tool(ds, val, backbone, origin, args, seed, budget, noise, **cfg):
                            checkpoint_every=0, val_every=0, out=out, **{"batch_size": BATCH, **cfg})
         run = open_run(config, out, ds, None, backbone, origin, args.device, Ranks())
         run_headless(run, FolderLabeler(ds, noise, 0.0, seed, noise_kind=config.noise_kind))
+        if inspect is not None:
+            inspect(run)
         given = run.ledger.given()
         run.store.close()
         return val_accuracy(run.learner.average.served(), val), given, val_accuracy(run.learner.reward_model, val)

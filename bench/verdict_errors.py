@@ -1,6 +1,6 @@
 """Where a verdict run's budget went, on the TUNING split (as optimum_quick.py): per run, the images asked, the yes
 answers and how many of them were the simulated person's flips, the wrong labels left at the end, and how many
-verdicts each image took. Its accuracy is the one optimum_quick.py gives for the same cell.
+verdicts each image took. The run is optimum_quick.py's cell (the same run_tool call), so its accuracy is too.
 
     python bench/verdict_errors.py 150 0,1,2 0.1 persistent          # BUDGET SEEDS NOISE [KIND] [--set KEY=VALUE]
 """
@@ -10,18 +10,15 @@ import json
 import os
 import sys
 import tempfile
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from bench_cli import machine
-from ddp import Ranks
-from label_efficiency import val_accuracy
 from optimum_quick import overrides, tuning_split
-from rlhf_run import open_run, run_headless
-from run_config import PPOConfig, RewardModelConfig, RunConfig
-from simulated_labeler import FolderLabeler
-from verdict_efficiency import BATCH
+from run_config import PPOConfig, RewardModelConfig
+from verdict_efficiency import run_tool
 
 
 def ledger_counts(run):
@@ -45,21 +42,15 @@ def ledger_counts(run):
 
 
 def one_run(budget, seed, noise, kind, sets):
-    """One headless verdict run on a fresh tuning split, one thread: its counts and its served model's accuracy."""
+    """optimum_quick.py's verdict cell, one thread: its counts and its served model's accuracy."""
     torch.set_num_threads(1)
+    counts = {}
     with tempfile.TemporaryDirectory() as tmp:
         ds, val = tuning_split(tmp)
-        out = os.path.join(tmp, "run")
-        os.makedirs(out)
-        config = RunConfig(images=ds.root, feedback="folder", epochs=3, image_size=32, weights="none", seed=seed,
-                           max_answers=budget, feedback_noise=noise, noise_kind=kind, checkpoint_every=0, val_every=0,
-                           out=out, ask="verdict", batch_size=BATCH, ppo=PPOConfig(**sets["ppo"]),
-                           rm=RewardModelConfig(**sets["rm"]), **sets["run"])
-        run = open_run(config, out, ds, None, None, "random", "cpu", Ranks())
-        run_headless(run, FolderLabeler(ds, noise, 0.0, seed, noise_kind=kind))
-        counts = ledger_counts(run)
-        acc = val_accuracy(run.learner.average.served(), val)
-        run.store.close()
+        args = types.SimpleNamespace(epochs=3, image_size=32, weights="none", device="cpu")
+        acc, _, _ = run_tool(ds, val, None, "random", args, seed, budget, noise, ask="verdict", noise_kind=kind,
+                             inspect=lambda run: counts.update(ledger_counts(run)), ppo=PPOConfig(**sets["ppo"]),
+                             rm=RewardModelConfig(**sets["rm"]), **sets["run"])
     return {"budget": budget, "seed": seed, "noise": noise, "kind": kind, "acc": acc, **counts, "machine": machine()}
 
 
