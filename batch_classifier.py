@@ -146,7 +146,8 @@ def cached_int8(spec, files):
             or not any(k.startswith("int8 | ") and _cached_choice_at(known, k) == "int8" for k in known)):
         return None
     found = int8_engine.load_int8(checkpoint)
-    if (not found or not int8_engine.fully_checked(found[1]) or not int8_engine.check_passed(found[1])
+    if (not found or not int8_engine.built_for(found[1], int8_reduce_range())
+            or not int8_engine.fully_checked(found[1]) or not int8_engine.check_passed(found[1])
             or _cached_choice_at(known, int8_key(found[1]["image_size"])) != "int8"):
         return None
     return _from_export(*found, checkpoint), "onnxruntime", "int8"
@@ -165,13 +166,16 @@ def with_int8(clf, engine, precision, spec, files, forced=False):
         return fallback
     try:
         found = checkpoint and int8_engine.load_int8(checkpoint)
+        if found and not int8_engine.built_for(found[1], int8_reduce_range()):
+            found = None  # quantized for another kind of CPU (a run folder shared between machines): made again
         if checkpoint and not found and engine == "torch" and not onnx_engine.load_export(checkpoint):
             export_served(clf, checkpoint)  # the fp32 export that int8 is quantized from
         short = found and not int8_engine.fully_checked(found[1])
         if checkpoint and (not found or (enough and short)):
             # none yet, or one an explicit int8 made on a short job: calibrated and checked on this job's images
             found = int8_engine.build_int8(checkpoint, *spread_sample(
-                files, clf.image_size, int8_engine.CALIBRATION_IMAGES, int8_engine.CHECK_IMAGES))
+                files, clf.image_size, int8_engine.CALIBRATION_IMAGES, int8_engine.CHECK_IMAGES),
+                reduce_range=int8_reduce_range())
     except onnx_engine.OnnxUnavailable:
         return fallback  # no ONNX Runtime, or none for this model: torch runs it, as measured or warned
     except Exception as err:  # the quantizer fails in many ways; any of them means running without int8
@@ -310,6 +314,11 @@ def pick_precision(choice, clf=None, device="cpu"):
     choice = "bf16" if seconds["bf16"] < seconds["fp32"] else "fp32"
     remember(path, known, key, choice, seconds)
     return choice
+
+
+def int8_reduce_range():
+    """Whether int8 exports made here take 7-bit weights (a CPU without int8 dot products, int8_engine)."""
+    return int8_engine.reduce_range_here(cpu_info()[1])
 
 
 def has_bf16():

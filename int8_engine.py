@@ -18,6 +18,7 @@ import onnx_engine
 
 CALIBRATION_IMAGES, CHECK_IMAGES = 32, 64  # a job shorter than both runs without int8: the build would not pay
 CHECK_TOLERANCE = 0.02  # the largest change of any probability against fp32 that --precision auto accepts
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # instructions that add uint8 x int8 products in int32
 
 
 def int8_places(checkpoint, digest):
@@ -59,9 +60,10 @@ def check_passed(meta):
     return check.get("images", 0) > 0 and check.get("max_diff", 1.0) <= CHECK_TOLERANCE
 
 
-def build_int8(checkpoint, calibration, check):
+def build_int8(checkpoint, calibration, check, reduce_range=False):
     """Quantize the checkpoint's cached fp32 export, calibrated on `calibration` and checked on `check` (uint8
-    images, N x 3 x H x W); cache it; (OnnxNet, metadata). None where no fp32 export is on disk."""
+    images, N x 3 x H x W); cache it; (OnnxNet, metadata). None where no fp32 export is on disk. reduce_range:
+    7-bit weights, for a CPU without int8 dot products (reduce_range_here)."""
     digest = onnx_engine.checkpoint_digest(checkpoint)
     source = next((p for p in onnx_engine.export_places(checkpoint, digest) if os.path.isfile(p)), None)
     if source is None:
@@ -69,12 +71,14 @@ def build_int8(checkpoint, calibration, check):
     fp32_session, meta = onnx_engine._session(source)
     fp32 = onnx_engine.OnnxNet(fp32_session, meta["mean"], meta["std"])
     # One batch: the percentile calibrator stacks what each batch gave, so batches of unequal size break it.
-    proto = _quantized(source, [{fp32.input: onnx_engine.normalize(calibration, fp32.mean, fp32.std)}])
+    proto = _quantized(source, [{fp32.input: onnx_engine.normalize(calibration, fp32.mean, fp32.std)}],
+                       reduce_range)
     int8_session, _ = onnx_engine._session(_with_meta(proto, meta))
     net = onnx_engine.OnnxNet(int8_session, meta["mean"], meta["std"])
     want, got = fp32.probabilities(check), net.probabilities(check)
-    meta = {**meta, "int8_check": {"images": len(check), "same_class": int((want.argmax(1) == got.argmax(1)).sum()),
-                                   "max_diff": round(float(np.abs(want - got).max()), 6) if len(check) else 1.0}}
+    meta = {**meta, "int8_reduce_range": bool(reduce_range),
+            "int8_check": {"images": len(check), "same_class": int((want.argmax(1) == got.argmax(1)).sum()),
+                           "max_diff": round(float(np.abs(want - got).max()), 6) if len(check) else 1.0}}
     data = _with_meta(proto, meta)
     places = int8_places(checkpoint, digest)
     for place in places:
@@ -84,7 +88,20 @@ def build_int8(checkpoint, calibration, check):
     return net, meta  # the session the check ran: the saved file differs only in the check's metadata
 
 
-def _quantized(source, inputs):
+def built_for(meta, reduce_range):
+    """Whether a cached int8 export was quantized as this machine needs (exports made before the choice existed
+    took 8-bit weights)."""
+    return bool(meta.get("int8_reduce_range", False)) == bool(reduce_range)
+
+
+def reduce_range_here(cpu_flags):
+    """Whether int8 weights should take 7 bits on a CPU with these /proc/cpuinfo flags. Without int8 dot
+    products ONNX Runtime adds pairs of uint8 x int8 products in int16, where two 8-bit weights can overflow and
+    saturate; 7 bits cannot."""
+    return not any(flag in cpu_flags for flag in INT8_DOT_FLAGS)
+
+
+def _quantized(source, inputs, reduce_range=False):
     """The ONNX model in file `source` with its convolutions quantized, calibrated on `inputs` (session feeds)."""
     import onnx
     from onnxruntime.quantization import (
@@ -115,6 +132,7 @@ def _quantized(source, inputs):
             # then does not stretch a range and coarsen every other image's steps. The calibrator prints progress.
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(prepared, quantized, Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                reduce_range=reduce_range,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 op_types_to_quantize=["Conv"], calibrate_method=CalibrationMethod.Percentile)
             return onnx.load(quantized)

@@ -182,6 +182,40 @@ def test_an_int8_export_checked_on_a_short_job_is_made_again_for_a_long_one(tmp_
     assert int8_engine.load_int8(model)[1]["int8_check"]["images"] == int8_engine.CHECK_IMAGES
 
 
+def test_seven_bit_weights_only_where_the_cpu_lacks_int8_dot_products():
+    assert int8_engine.reduce_range_here({"avx2", "fma"})  # pairs of products added in int16: 8 bits overflow
+    for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert not int8_engine.reduce_range_here({"avx2", flag})
+
+
+def int8_weights(path):
+    """The quantized convolution weights of an int8 export, as integers."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(path)
+    return [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+
+
+@pytest.mark.parametrize("dot_products", [False, True])
+def test_an_int8_export_is_made_for_the_cpu_it_runs_on(tmp_path, files, monkeypatch, engine_cache, dot_products):
+    model = str(save_checkpoint(tmp_path / "run" / "checkpoint.pt", 0))
+    flags = {"avx2", "avx512_vnni"} if dot_products else {"avx2"}
+    monkeypatch.setattr(batch_classifier, "cpu_info", lambda: ("Test CPU", flags))
+    assert batch_classifier.load_for_flags(model, "auto", "int8", "cpu", files)[2] == "int8"
+    _, meta = int8_engine.load_int8(model)
+    assert meta["int8_reduce_range"] == (not dot_products)
+    assert 0 < meta["int8_check"]["max_diff"] < 0.1
+    (export,) = [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".int8.onnx")]
+    widest = max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights(str(export)))
+    assert widest <= 64 if not dot_products else widest > 64  # 7 bits where products would saturate
+    # the same run folder on the other kind of CPU: quantized again for it, in place of the first
+    other = {"avx2"} if dot_products else {"avx2", "avx512_vnni"}
+    monkeypatch.setattr(batch_classifier, "cpu_info", lambda: ("Test CPU", other))
+    assert batch_classifier.load_for_flags(model, "auto", "int8", "cpu", files)[2] == "int8"
+    assert int8_engine.load_int8(model)[1]["int8_reduce_range"] == dot_products
+    assert len([p for p in (tmp_path / "run").iterdir() if p.name.endswith(".int8.onnx")]) == 1
+
+
 def seed_torch_won(cache, image_size, precision):
     """The per-machine measurements as a machine where torch at `precision` beat ONNX Runtime fp32."""
     cache.mkdir(parents=True, exist_ok=True)
