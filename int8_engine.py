@@ -97,7 +97,7 @@ def built_for(meta, reduce_range):
 def reduce_range_here(cpu_flags):
     """Whether int8 weights should take 7 bits on a CPU with these /proc/cpuinfo flags. Without int8 dot
     products ONNX Runtime adds pairs of uint8 x int8 products in int16, where two 8-bit weights can overflow and
-    saturate; 7 bits cannot."""
+    saturate; 7 bits cannot. Unknown flags (another architecture or OS) take 7 bits too: the safe side."""
     return not any(flag in cpu_flags for flag in INT8_DOT_FLAGS)
 
 
