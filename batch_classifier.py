@@ -145,9 +145,8 @@ def cached_int8(spec, files):
     if (checkpoint is None or not int8_engine.job_long_enough(files)
             or not any(k.startswith("int8 | ") and _cached_choice_at(known, k) == "int8" for k in known)):
         return None
-    found = int8_engine.load_int8(checkpoint)
-    if (not found or not int8_engine.built_for(found[1], int8_reduce_range())
-            or not int8_engine.fully_checked(found[1]) or not int8_engine.check_passed(found[1])
+    found = int8_engine.load_int8(checkpoint, int8_reduce_range())
+    if (not found or not int8_engine.fully_checked(found[1]) or not int8_engine.check_passed(found[1])
             or _cached_choice_at(known, int8_key(found[1]["image_size"])) != "int8"):
         return None
     return _from_export(*found, checkpoint), "onnxruntime", "int8"
@@ -164,10 +163,10 @@ def with_int8(clf, engine, precision, spec, files, forced=False):
     known = _read_json(path)
     if not forced and (not enough or checkpoint is None or _cached_choice_at(known, key) not in (None, "int8")):
         return fallback
+    reduce_range = int8_reduce_range()
     try:
-        found = checkpoint and int8_engine.load_int8(checkpoint)
-        if found and not int8_engine.built_for(found[1], int8_reduce_range()):
-            found = None  # quantized for another kind of CPU (a run folder shared between machines): made again
+        # one quantized for another kind of CPU (a run folder shared between machines) is not found: made again
+        found = checkpoint and int8_engine.load_int8(checkpoint, reduce_range)
         if checkpoint and not found and engine == "torch" and not onnx_engine.load_export(checkpoint):
             export_served(clf, checkpoint)  # the fp32 export that int8 is quantized from
         short = found and not int8_engine.fully_checked(found[1])
@@ -175,7 +174,7 @@ def with_int8(clf, engine, precision, spec, files, forced=False):
             # none yet, or one an explicit int8 made on a short job: calibrated and checked on this job's images
             found = int8_engine.build_int8(checkpoint, *spread_sample(
                 files, clf.image_size, int8_engine.CALIBRATION_IMAGES, int8_engine.CHECK_IMAGES),
-                reduce_range=int8_reduce_range())
+                reduce_range=reduce_range)
     except onnx_engine.OnnxUnavailable:
         return fallback  # no ONNX Runtime, or none for this model: torch runs it, as measured or warned
     except Exception as err:  # the quantizer fails in many ways; any of them means running without int8

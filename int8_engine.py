@@ -26,8 +26,9 @@ def int8_places(checkpoint, digest):
     return [place[:-len(".onnx")] + ".int8.onnx" for place in onnx_engine.export_places(checkpoint, digest)]
 
 
-def load_int8(checkpoint):
-    """(OnnxNet, metadata with "int8_check") of the checkpoint's cached int8 export, or None where there is none."""
+def load_int8(checkpoint, reduce_range=None):
+    """(OnnxNet, metadata with "int8_check") of the checkpoint's cached int8 export, or None where there is none.
+    reduce_range True or False: only an export quantized so (one made for another kind of CPU is built again)."""
     try:
         digest = onnx_engine.checkpoint_digest(checkpoint)
     except OSError:
@@ -38,7 +39,7 @@ def load_int8(checkpoint):
                 session, meta = onnx_engine._session(place)
             except Exception:  # damaged or foreign: built again over it
                 continue
-            if isinstance(meta.get("int8_check"), dict):
+            if isinstance(meta.get("int8_check"), dict) and (reduce_range is None or built_for(meta, reduce_range)):
                 return onnx_engine.OnnxNet(session, meta["mean"], meta["std"]), meta
     return None
 

@@ -114,7 +114,7 @@ def test_precision_auto_takes_int8_only_where_it_passed_and_won(tmp_path, files,
     # fp32 measured faster on this machine: the int8 export is not even looked for
     monkeypatch.setattr(int8_engine, "CHECK_TOLERANCE", 1.0)
     seed_machine_choice(cache, 32, "fp32")
-    monkeypatch.setattr(int8_engine, "load_int8", lambda path: pytest.fail("looked for the int8 export"))
+    monkeypatch.setattr(int8_engine, "load_int8", lambda path, *how: pytest.fail("looked for the int8 export"))
     assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[2] == "fp32"
 
 
@@ -244,7 +244,7 @@ def test_precision_auto_weighs_int8_against_torch_where_torch_won(tmp_path, file
     if engine == "onnxruntime":
         monkeypatch.setattr(batch_classifier, "load_classifier", lambda spec: pytest.fail("loaded into torch"))
     else:
-        monkeypatch.setattr(int8_engine, "load_int8", lambda path: pytest.fail("looked for the int8 export"))
+        monkeypatch.setattr(int8_engine, "load_int8", lambda path, *how: pytest.fail("looked for the int8 export"))
     assert batch_classifier.load_for_flags(model, "auto", "auto", "cpu", files)[1:] == wanted
     assert len(calls) == 2
     # a job too short to calibrate and check runs what torch won with
