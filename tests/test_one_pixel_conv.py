@@ -43,3 +43,20 @@ def test_the_networks_use_it_and_keep_torchvisions_state_dict():
     plain.load_state_dict(policy.state_dict())
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(policy.eval()(x), plain.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_eval_forward_in_channels_last_gives_the_default_layouts_scores(size):
+    torch.manual_seed(0)
+    net = PolicyModel(3).eval()
+    seen = []
+    net.model.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    x = torch.randn(5, 3, size, size)
+    with torch.no_grad():
+        scores, plain = net(x), net.model(x)  # net.model: the layout it is given
+    assert seen == [True, False]
+    assert torch.allclose(scores, plain, atol=1e-5)
+    net.train()
+    net(x)
+    assert seen[-1] is False  # training keeps the default layout
