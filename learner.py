@@ -211,7 +211,8 @@ class Learner:
             use_global_batchnorm(self.policy), use_global_batchnorm(self.reward_model)
         backbone = {k: v for k, v in self.policy.state_dict().items() if not k.startswith("model.fc.")}
         self.reward_model.load_state_dict(backbone, strict=False)  # same start, so frozen layers are shared
-        self.average = PolicyAverage(self.policy, self.ppo_cfg.policy_ema)  # the served model (--policy-ema)
+        # the served model (--policy-ema)
+        self.average = PolicyAverage(self.policy, self.ppo_cfg.policy_ema, self.ppo_cfg.policy_ema_debias)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
         for m in self.reference.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

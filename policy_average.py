@@ -1,7 +1,9 @@
 """The model a person takes home: an exponential moving average of the policy's weights over its updates
 (`--policy-ema`, Polyak averaging), not the last update's weights, which carry the noise of the last few batches.
+With `debias` (`--policy-ema-debias`, Adam's bias correction) the t-th update weighs (1 - decay) / (1 - decay^t):
+an equal average of the updates so far while t is small, so a long horizon does not keep the first update's weights.
 
-    average = PolicyAverage(policy, decay=0.98)   # decay 0: the policy itself is served
+    average = PolicyAverage(policy, decay=0.995, debias=True)   # decay 0: the policy itself is served
     average.update()                              # after every policy update
     average.served()                              # the model checkpoint.pt's "policy", inference and export use
 
@@ -11,13 +13,22 @@ recomputed over the pool at every epoch end with the policy's (Learner.recompute
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
+def debiased_ema(decay):
+    """The multi_avg_fn of an exponential moving average whose t-th update weighs (1 - decay) / (1 - decay^t)."""
+    def update(averaged, current, num_averaged):
+        rate = (1.0 - decay) / (1.0 - decay ** (int(num_averaged) + 1))
+        get_ema_multi_avg_fn(1.0 - rate)(averaged, current, num_averaged)
+    return update
+
+
 class PolicyAverage:
     """An exponential moving average of a policy's weights and BatchNorm buffers, or the policy itself (decay 0)."""
 
-    def __init__(self, policy, decay):
+    def __init__(self, policy, decay, debias=False):
         self.policy, self.average = policy, None
         if decay > 0:
-            self.average = AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True)
+            rule = debiased_ema(float(decay)) if debias else get_ema_multi_avg_fn(float(decay))
+            self.average = AveragedModel(policy, multi_avg_fn=rule, use_buffers=True)
             self.average.requires_grad_(False).eval()
 
     def update(self):

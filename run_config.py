@@ -23,6 +23,9 @@ from user_errors import UserError
 RUN_SHAPE = ("images", "classes", "image_size", "weights", "finetune")
 # Flags that act on one invocation only and are never taken from a saved config.json.
 PER_INVOCATION = ("resume", "download", "export", "import_labels")
+# Settings a config.json written before they existed reads as this value: what those runs did, so they resume
+# unchanged although a new run's default differs.
+BEFORE_THE_SETTING = {"policy_ema_debias": False}
 
 
 FINETUNE_CHOICES = ("all", "layer4", "head")  # models.set_finetune: which layers train
@@ -70,10 +73,14 @@ class PPOConfig:
     policy_replay: bool = field(default=True, metadata={
         "help": "each update also trains the policy on the answers it replays to the reward model, not on the new "
                 "ones alone (either --policy-update; false: as before)"})
-    policy_ema: float = field(default=0.98, metadata={
+    policy_ema: float = field(default=0.995, metadata={
         "help": "the model served (checkpoint.pt's policy: inference, export, auto-labels, val_acc) is an exponential "
                 "moving average of the policy's weights over its updates, with this decay per update (0: the policy "
                 "as the last update left it)", "lo": 0.0, "hi": 1.0, "open_hi": True})
+    policy_ema_debias: bool = field(default=True, metadata={
+        "help": "the t-th update weighs (1 - decay) / (1 - decay^t) in that average (Adam's bias correction): an "
+                "equal average of the updates so far while they are few (false: the first update's copy, then a "
+                "weight of 1 - decay each, as before)"})
     optimum_beta: float = field(default=0.25, metadata={
         "help": "--policy-update optimum: beta of the person's +1/-1 rewards (smaller: closer to their class)",
         "lo": 0.001})
@@ -230,7 +237,9 @@ class RunConfig:
 
     @classmethod
     def from_flat(cls, values, source="config"):
-        """A validated RunConfig from a flat dict (missing settings take their defaults)."""
+        """A validated RunConfig from a flat dict (missing settings take their defaults, or what runs did before
+        the setting existed: BEFORE_THE_SETTING)."""
+        values = {**BEFORE_THE_SETTING, **values}
         known = {f.name: (owner, hint) for owner, f, hint in cls.sections()}
         unknown = sorted(set(values) - set(known))
         if unknown:

@@ -8,7 +8,7 @@ import torch
 from conftest import make_subset
 from dataset import ImagePool
 from learner import Learner, UpdateBatch, one_hot_rewards, reliability, reward_model_loss
-from run_config import PPOConfig, RewardModelConfig
+from run_config import PPOConfig, RewardModelConfig, RunConfig
 
 
 def test_one_hot_rewards_follow_the_plus_minus_one_rule():
@@ -176,7 +176,7 @@ def head_weights(model):
 
 def test_the_served_model_is_the_moving_average_of_the_policys_weights_and_resumes_with_it():
     torch.manual_seed(0)
-    cfg = PPOConfig(policy_ema=0.5, learning_rate=1e-2)
+    cfg = PPOConfig(policy_ema=0.5, policy_ema_debias=False, learning_rate=1e-2)
     learner = Learner(3, None, "head", cfg, seed=0)
     x, labels = torch.randn(6, 512), torch.tensor([0, 1, 2, 0, 1, 2])
     trail = []
@@ -197,6 +197,36 @@ def test_the_served_model_is_the_moving_average_of_the_policys_weights_and_resum
     again.update(UpdateBatch(x, labels))                            # and the average goes on from where it was
     assert torch.allclose(head_weights(again.average.served()),
                           0.5 * expected + 0.5 * head_weights(again.policy), atol=1e-6)
+
+
+def test_the_debiased_average_weighs_each_update_by_the_decay_powers_and_goes_on_after_a_resume():
+    torch.manual_seed(0)
+    cfg = PPOConfig(policy_ema=0.9, learning_rate=1e-2)             # --policy-ema-debias is the default
+    learner = Learner(3, None, "head", cfg, seed=0)
+    x, labels = torch.randn(6, 512), torch.tensor([0, 1, 2, 0, 1, 2])
+    trail = []
+
+    def expected():                                                 # sum 0.9^(t-i) w_i / sum 0.9^(t-i)
+        powers = [0.9 ** (len(trail) - 1 - i) for i in range(len(trail))]
+        return sum(p * w for p, w in zip(powers, trail)) / sum(powers)
+    for _ in range(3):
+        learner.update(UpdateBatch(x, labels))
+        trail.append(head_weights(learner.policy))
+    assert torch.allclose(head_weights(learner.average.served()), expected(), atol=1e-6)
+    plain = 0.81 * trail[0] + 0.09 * trail[1] + 0.1 * trail[2]      # the rule before: the first update copied
+    assert not torch.allclose(expected(), plain, atol=1e-4)
+    again = Learner(3, None, "head", cfg, seed=1)
+    again.load_state_dict(learner.state_dict())
+    again.update(UpdateBatch(x, labels))
+    trail.append(head_weights(again.policy))
+    assert torch.allclose(head_weights(again.average.served()), expected(), atol=1e-6)
+
+
+def test_a_run_saved_before_the_debiased_average_resumes_with_the_plain_one():
+    saved = {k: v for k, v in RunConfig().to_flat().items() if k != "policy_ema_debias"}
+    assert RunConfig.from_flat(saved).ppo.policy_ema_debias is False
+    assert RunConfig().ppo.policy_ema_debias is True and RunConfig().ppo.policy_ema == 0.995
+    assert RunConfig.from_args(["--policy-ema-debias", "false"]).ppo.policy_ema_debias is False
 
 
 def test_without_an_average_or_from_an_older_checkpoint_the_policy_itself_is_served():
