@@ -4,8 +4,8 @@ With `debias` (`--policy-ema-debias`, Adam's bias correction) the t-th update we
 an equal average of the updates so far while t is small, so a long horizon does not keep the first update's weights.
 
     average = PolicyAverage(policy, decay=0.995, debias=True)   # decay 0: the policy itself is served
-    average.update()                              # after every policy update
-    average.served()                              # the model checkpoint.pt's "policy", inference and export use
+    average.update()                                            # after every policy update
+    average.served()                                            # checkpoint.pt's "policy", inference and export
 
 BatchNorm buffers are averaged with the weights (so a checkpoint written mid-epoch holds sane statistics) and are
 recomputed over the pool at every epoch end with the policy's (Learner.recompute_batchnorm).
