@@ -23,11 +23,6 @@ from user_errors import UserError
 RUN_SHAPE = ("images", "classes", "image_size", "weights", "finetune")
 # Flags that act on one invocation only and are never taken from a saved config.json.
 PER_INVOCATION = ("resume", "download", "export", "import_labels")
-# Settings a config.json written before they existed reads as this value: what those runs did, so they resume
-# unchanged although a new run's default differs.
-BEFORE_THE_SETTING = {"policy_ema_debias": False}
-
-
 FINETUNE_CHOICES = ("all", "layer4", "head")  # models.set_finetune: which layers train
 PPO_PASSES, OPTIMUM_PASSES = 4, 2  # --update-epochs by updater, when not given (docs/benchmarks.md)
 # --batch-size by --ask, when not given: a label names the class, so a third of the updates per answer still
@@ -37,6 +32,16 @@ LABEL_BATCH, VERDICT_BATCH = 24, 8
 # --unanswered-batch: once no answers wait (an epoch's end), nothing new is asked and the reward model learns
 # nothing new, so small updates there only repeat the same rewards at a higher cost (docs/benchmarks.md)
 UNANSWERED_BATCH = 24
+# Settings a config.json written before they existed reads as this value: what those runs did, so they resume
+# unchanged although a new run's default differs (a function reads it from the run's other settings).
+BEFORE_THE_SETTING = {
+    "policy_update": "ppo", "policy_replay": False, "policy_ema": 0.0, "policy_ema_debias": False,
+    "verdict_evidence": "hard", "reask": "later", "recheck": 0.0, "neighbour_prior": "none",
+    "neighbour_targets": False,
+    # an epoch's end trained its unanswered images one update's worth of answers at a time
+    "unanswered_batch": lambda saved: saved.get("batch_size") or (
+        VERDICT_BATCH if saved.get("ask") == "verdict" else LABEL_BATCH),
+}
 
 
 @dataclass
@@ -239,7 +244,8 @@ class RunConfig:
     def from_flat(cls, values, source="config"):
         """A validated RunConfig from a flat dict (missing settings take their defaults, or what runs did before
         the setting existed: BEFORE_THE_SETTING)."""
-        values = {**BEFORE_THE_SETTING, **values}
+        values = {**{name: value(values) if callable(value) else value
+                     for name, value in BEFORE_THE_SETTING.items() if name not in values}, **values}
         known = {f.name: (owner, hint) for owner, f, hint in cls.sections()}
         unknown = sorted(set(values) - set(known))
         if unknown:

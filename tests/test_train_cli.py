@@ -226,3 +226,45 @@ def test_a_saved_config_out_of_range_is_refused_on_resume_and_names_the_file(tmp
     (out / "config.json").write_text(json.dumps({**saved, "surprise": 1}))
     assert_user_error(run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "2"), "config.json", "surprise")
     assert store_rows(out) == before
+
+
+# settings added by the learning issue and after it, each with what a run did before it existed
+ADDED_LATER = {"policy_update": "ppo", "policy_replay": False, "policy_ema": 0.0, "policy_ema_debias": False,
+               "verdict_evidence": "hard", "reask": "later", "recheck": 0.0, "neighbour_prior": "none",
+               "neighbour_targets": False}
+
+
+def test_a_config_saved_before_the_newer_settings_reads_as_the_rules_that_run_had():
+    for ask, batch, expected in (("label", 8, 8), ("label", None, 24), ("verdict", None, 8)):
+        flat = RunConfig.from_args(["--ask", ask] + (["--batch-size", str(batch)] if batch else [])).to_flat()
+        saved = {k: v for k, v in flat.items() if k not in ADDED_LATER and k != "unanswered_batch"}
+        old = RunConfig.from_flat(saved).to_flat()
+        assert {k: old[k] for k in ADDED_LATER} == ADDED_LATER
+        assert old["unanswered_batch"] == expected  # its epoch's end trained one update's worth at a time
+    new = RunConfig()  # a new run takes today's defaults, and a saved one keeps what it holds
+    assert (new.ppo.policy_update, new.rm.verdict_evidence, new.unanswered_batch) == ("optimum", "posterior", 24)
+    assert RunConfig.from_flat(new.to_flat()).to_flat() == new.to_flat()
+
+
+def test_a_run_saved_before_the_newer_settings_resumes_with_its_own_rules_unless_told(tmp_path, digits):
+    out = tmp_path / "run"
+    args = ["--images", digits, "--feedback", "folder", "--image-size", "16", "--weights", "none", "--batch-size",
+            "8", "--max-answers", "16", "--rm-min-answers", "8"]
+    assert run_cli("train_rlhf.py", *args, "--out", out, "--epochs", "1", "--policy-update", "ppo",
+                   "--policy-ema", "0").returncode == 0
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({k: v for k, v in saved.items()
+                                                 if k not in ADDED_LATER and k != "unanswered_batch"}))
+    before = store_rows(out)
+    proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "2", "--max-answers", "32")
+    assert proc.returncode == 0, proc.stderr
+    resumed = json.loads((out / "config.json").read_text())
+    assert {k: resumed[k] for k in ADDED_LATER} == ADDED_LATER and resumed["unanswered_batch"] == 8
+    later = [m for m in metrics(out) if m.get("epoch") == 2 and "policy_loss" in m]
+    assert later and all("clipfrac" in m and "kl_to_optimum" not in m for m in later)  # PPO's steps, not the fit
+    assert store_rows(out)[:len(before)] == before
+    # a flag given on resume still wins
+    proc = run_cli("train_rlhf.py", "--out", out, "--resume", "--epochs", "3", "--max-answers", "48",
+                   "--policy-update", "optimum")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["policy_update"] == "optimum"
