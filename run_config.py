@@ -32,6 +32,15 @@ LABEL_BATCH, VERDICT_BATCH = 24, 8
 # --unanswered-batch: once no answers wait (an epoch's end), nothing new is asked and the reward model learns
 # nothing new, so small updates there only repeat the same rewards at a higher cost (docs/benchmarks.md)
 UNANSWERED_BATCH = 24
+
+
+def batch_for(ask, batch_size):
+    """Answers per update: --batch-size, or its default for --ask when not given."""
+    if batch_size is not None:
+        return batch_size
+    return LABEL_BATCH if ask == "label" else VERDICT_BATCH
+
+
 # Settings a config.json written before they existed reads as this value: what those runs did, so they resume
 # unchanged although a new run's default differs (a function reads it from the run's other settings).
 BEFORE_THE_SETTING = {
@@ -39,8 +48,7 @@ BEFORE_THE_SETTING = {
     "verdict_evidence": "hard", "reask": "later", "recheck": 0.0, "neighbour_prior": "none",
     "neighbour_targets": False,
     # an epoch's end trained its unanswered images one update's worth of answers at a time
-    "unanswered_batch": lambda saved: saved.get("batch_size") or (
-        VERDICT_BATCH if saved.get("ask") == "verdict" else LABEL_BATCH),
+    "unanswered_batch": lambda saved: batch_for(saved.get("ask", "label"), saved.get("batch_size")),
 }
 
 
@@ -264,9 +272,7 @@ class RunConfig:
 
     def answers_per_update(self):
         """--batch-size, or its default for --ask when not given."""
-        if self.batch_size is not None:
-            return self.batch_size
-        return LABEL_BATCH if self.ask == "label" else VERDICT_BATCH
+        return batch_for(self.ask, self.batch_size)
 
     # --- checks -----------------------------------------------------------------------------
     def validate(self, source="command line"):
