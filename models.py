@@ -23,6 +23,29 @@ class WeightsError(UserError):
     """Weights that cannot be loaded; the message names the file and the fix."""
 
 
+class KernelTaps(torch.autograd.Function):
+    """The kernel taps [ph:ph+h, pw:pw+w] of a conv weight as one contiguous (Cout, h*w*Cin) matrix, taps-major.
+
+    Autograd's own slice and reshape copy runs of two floats (a 2x2 box) and fill the whole gradient twice, which on
+    some CPUs costs more than the matrix product they feed; copying Cin-long runs both ways does not."""
+
+    @staticmethod
+    def forward(ctx, weight, ph, pw, h, w):
+        ctx.shape, ctx.box = weight.shape, (ph, pw, h, w)
+        return weight.permute(0, 2, 3, 1)[:, ph:ph + h, pw:pw + w, :].reshape(weight.shape[0], -1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ph, pw, h, w), (cout, cin, kh, kw) = ctx.box, ctx.shape
+        if h * w == 1:
+            out = grad.new_zeros(ctx.shape)
+            out[:, :, ph, pw] = grad
+            return out, None, None, None, None
+        out = grad.new_zeros((cout, kh, kw, cin))
+        out[:, ph:ph + h, pw:pw + w, :] = grad.view(cout, h, w, cin)
+        return out.permute(0, 3, 1, 2).contiguous(), None, None, None, None
+
+
 class OnePixelConv2d(nn.Conv2d):
     """nn.Conv2d that computes an output of one pixel as one matrix product with the kernel taps the input meets.
 
@@ -38,8 +61,9 @@ class OnePixelConv2d(nn.Conv2d):
         if not (0 <= h + 2 * ph - kh < sh and 0 <= w + 2 * pw - kw < sw):  # an output of more than one pixel
             return super().forward(x)
         h, w = min(h, kh - ph), min(w, kw - pw)  # input rows (columns) that the one output's window covers
-        weight = self.weight[:, :, ph:ph + h, pw:pw + w].reshape(self.out_channels, -1)
-        return F.linear(x[:, :, :h, :w].reshape(x.shape[0], -1), weight, self.bias)[:, :, None, None]
+        taps = KernelTaps.apply(self.weight, ph, pw, h, w)
+        # the input in the taps' order (row, column, channel): a view of eval's channels-last maps
+        return F.linear(x[:, :, :h, :w].permute(0, 2, 3, 1).reshape(x.shape[0], -1), taps, self.bias)[:, :, None, None]
 
 
 def cpu_eval_layout(x, training):

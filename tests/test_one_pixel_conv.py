@@ -13,13 +13,15 @@ from models import OnePixelConv2d, PolicyModel
     (5, 3, 2, 1),   # an output of 3x3: nn.Conv2d's own path
     (5, 3, 1, "valid"),  # padding by name: nn.Conv2d's own path
     (3, 3, 1, "valid"),  # the same, where the output is one pixel
+    ((1, 2), 3, (1, 2), 1),  # a one-pixel output from a row of two
 ])
 def test_outputs_and_gradients_match_nn_conv2d(size, kernel, stride, padding):
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(6, 5, kernel, stride, padding, bias=True)
     fast = OnePixelConv2d(6, 5, kernel, stride, padding, bias=True)
     fast.load_state_dict(plain.state_dict())
-    x = torch.randn(4, 6, size, size, requires_grad=True)
+    size = size if isinstance(size, tuple) else (size, size)
+    x = torch.randn(4, 6, *size, requires_grad=True)
     x_fast = x.detach().clone().requires_grad_(True)
     out, out_fast = plain(x), fast(x_fast)
     assert out_fast.shape == out.shape
@@ -60,3 +62,15 @@ def test_eval_forward_in_channels_last_gives_the_default_layouts_scores(size):
     net.train()
     net(x)
     assert seen[-1] is False  # training keeps the default layout
+
+
+def test_a_channels_last_weight_gives_the_same_outputs():
+    """batch_classifier keeps its folded network's weights channels-last."""
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(6, 5, 3, 2, 1)
+    fast = OnePixelConv2d(6, 5, 3, 2, 1).to(memory_format=torch.channels_last)
+    fast.load_state_dict(plain.state_dict())
+    assert fast.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 6, 2, 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), plain(x), atol=1e-5)
