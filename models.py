@@ -37,7 +37,7 @@ class KernelTaps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (ph, pw, h, w), (cout, cin, kh, kw) = ctx.box, ctx.shape
-        if h * w == 1:
+        if h * w == 1:  # one tap: a strided write into the weight's own layout beats a permuted copy back
             out = grad.new_zeros(ctx.shape)
             out[:, :, ph, pw] = grad
             return out, None, None, None, None
