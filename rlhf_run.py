@@ -81,6 +81,7 @@ class RLHFRun:
         # every process reads the store before rank 0 can write it: the broadcast waits for all of them
         self.stored = StoredRows(*self.ranks.broadcast(StoredRows.read(store)))
         self.linked = 0  # how many of dataset.arrived have been linked
+        self.remeasured = None  # the rows the last epoch end's re-measure read (remeasure_reward_model)
         link_stored(self, [(i, h) for i, h in enumerate(dataset.hashes) if h is not None])
         self.begin_epoch()
 
@@ -566,6 +567,9 @@ def remeasure_reward_model(run):
     if run.cfg.ask != "verdict" or run.cfg.no_reward_model or not run.posterior_mode():
         return
     rows = ledger_rows(run.ledger)
+    if rows == run.remeasured:
+        return  # nothing said since the last re-measure: fitting the same rows again would only redraw its noise
+    run.remeasured = rows
     rng = random.Random(f"{run.cfg.seed}:crossfit:{run.epoch}")
     if len(rows) > CROSSFIT_ROWS:
         rows = rng.sample(rows, CROSSFIT_ROWS)

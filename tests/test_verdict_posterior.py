@@ -217,6 +217,24 @@ def test_a_verdict_run_ends_its_epoch_with_a_remeasured_reward_model(tmp_path, d
     assert rates and all(0.0 < r < 0.5 for r in rates)  # the flip rate, as estimated, in every update's line
 
 
+def test_an_epoch_end_with_nothing_new_said_keeps_the_last_remeasure(tmp_path, digits, monkeypatch):
+    import rlhf_run
+    from simulated_labeler import FolderLabeler
+    fits = []
+    real = rlhf_run.crossfit_records
+    monkeypatch.setattr(rlhf_run, "crossfit_records", lambda *a, **k: fits.append(1) or real(*a, **k))
+    run = make_run(tmp_path, digits, classes=("1", "4", "7"), ask="verdict", epochs=2, image_size=32,
+                   max_answers=40)
+    rlhf_run.run_headless(run, FolderLabeler(run.ds, 0.0, 0.0, 0))
+    # the budget was spent in the first epoch: the second epoch's end would refit the very same rows
+    assert run.epoch == 2 and run.ledger.given() == 40 and len(fits) == 1 and run.learner.verdict_record
+    unasked = next(i for i in range(len(run.ds)) if not run.ledger.verdict_count(i))
+    rlhf_run.give_verdict(run, unasked, 0, 1.0 / 3, run.ds.labels[unasked] == 0)
+    rlhf_run.remeasure_reward_model(run)  # a verdict since: measured again
+    rlhf_run.remeasure_reward_model(run)
+    assert len(fits) == 2
+
+
 def test_a_checkpoint_from_before_the_flip_rate_resumes_with_the_default_and_empty_records():
     learner = Learner(3, None, "head", seed=0)
     learner.flip_scores, learner.verdict_record = [(0.9, 0, 1.0), (0.2, 1, 0.5)], [(1, 2.0)]
